@@ -1,0 +1,6 @@
+// Placeholder so that the skeleton builds; replaced by the component's real bindings.
+#include <pybind11/pybind11.h>
+namespace py = pybind11;
+namespace tierrt {
+void bind_host_arena(py::module_& m) {}
+}  // namespace tierrt

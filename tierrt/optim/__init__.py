@@ -1,0 +1,1 @@
+"""Optimizers that run over state homed in tierrt's tiers."""
