@@ -343,6 +343,9 @@ std::shared_ptr<HostArena> HostArena::create(const HostArenaOptions& in) {
 
   std::shared_ptr<HostArena> arena(new HostArena(options));
   arena->map_region();
+  // Children of fork() (DataLoader workers) do not inherit the arena: otherwise every page the
+  // parent writes afterwards is copied, and pages pinned for DMA are copied into the child at fork.
+  madvise(arena->base_, arena->map_len_, MADV_DONTFORK);
   arena->apply_numa_policy();
   if (options.hugepages) arena->hugepages_ = madvise(arena->base_, arena->map_len_, MADV_HUGEPAGE) == 0;
   if (options.populate) arena->populate_region();

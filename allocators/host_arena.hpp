@@ -5,7 +5,8 @@
 // populated (every page faulted in, in parallel, so that the budget is really reserved and later use
 // never faults) and mlock'ed. It never grows: allocations come from an Allocator over the region and
 // a request that does not fit raises TierCapacityError. Optionally the region is registered once with
-// CUDA as pinned memory (libcudart is loaded at run time; nothing CUDA at build time).
+// CUDA as pinned memory (libcudart is loaded at run time; nothing CUDA at build time). The region is
+// not inherited across fork() (MADV_DONTFORK): a forked child must not touch arena memory.
 //
 // Ownership: a HostArena lives in a shared_ptr; every ArenaBuffer handed out holds one, so the region
 // is unmapped only when the arena and every buffer are gone. An owning ArenaBuffer returns its range

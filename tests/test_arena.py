@@ -386,6 +386,19 @@ def test_buffer_at_is_a_bounds_checked_view(arena):
         arena.page_nodes(17 * MiB)
 
 
+def test_forked_children_do_not_inherit_the_arena():
+    """MADV_DONTFORK: a DataLoader worker forked after the arena exists neither copies nor pins it."""
+    a = HostArena("8MiB", name="dram")
+    buf = a.alloc(4096)
+    memoryview(buf)[0] = 1
+    pid = os.fork()
+    if pid == 0:  # child: report through the exit status, never return into pytest
+        os._exit(10 if is_mapped(buf.address) else 20)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 20
+    assert memoryview(buf)[0] == 1  # the parent is unaffected
+
+
 # --- threads ----------------------------------------------------------------------------------
 
 
