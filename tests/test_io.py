@@ -34,7 +34,8 @@ MiB = 1 << 20
 
 def _backend_param(name: str):
     if name == "io_uring" and not io_uring_status()[0]:
-        return pytest.param(name, marks=pytest.mark.skip(reason=f"io_uring unavailable: {io_uring_status()[1]}"))
+        reason = f"io_uring unavailable: {io_uring_status()[1]}"
+        return pytest.param(name, marks=pytest.mark.skip(reason=reason))
     return pytest.param(name)
 
 
@@ -182,7 +183,8 @@ def test_aligned_round_trip_uses_o_direct(backend, tmp_path):
         src = aligned(size)
         src[:] = data
         req = eng.write(fs, 0, src)
-        assert req.op == "write" and req.nbytes == size and req.chunks == (size + 256 * KiB - 1) // (256 * KiB)
+        assert req.op == "write" and req.nbytes == size
+        assert req.chunks == (size + 256 * KiB - 1) // (256 * KiB)
         assert req.wait() == size and req.done()
         dst = aligned(size)
         assert eng.read(fs, 0, dst).wait() == size
@@ -213,7 +215,8 @@ def test_random_offsets_and_sizes(backend, nfiles, tmp_path):
         fs = eng.open(paths, size, stripe="64KiB")
         staging = aligned(size + 8 * KiB)
         landing = aligned(size + 8 * KiB)
-        offsets = st.one_of(st.integers(0, size // 4096 - 1).map(lambda k: k * 4096), st.integers(0, size - 1))
+        pages = st.integers(0, size // 4096 - 1).map(lambda k: k * 4096)
+        offsets = st.one_of(pages, st.integers(0, size - 1))
         lengths = st.one_of(st.integers(1, 64).map(lambda k: k * 4096), st.integers(1, 300_000))
         shifts = st.one_of(st.just(0), st.integers(0, 4 * KiB))
 
@@ -362,7 +365,8 @@ def test_read_past_end_of_file(backend, tmp_path):
         err = info.value
         assert err.path == path and err.op == "read" and err.errno is None
         assert err.offset == 8 * KiB and err.nbytes == 4 * KiB and err.transferred == 10_000 - 8 * KiB
-        assert f"short read: {10_000 - 8 * KiB} of 4096 bytes at offset 8192 of {path}, end of file" in str(err)
+        expected = f"short read: {10_000 - 8 * KiB} of 4096 bytes at offset 8192 of {path}, end of file"
+        assert expected in str(err)
         fs.close()
     assert len(file_bytes(path)) == 10_000  # create=False never extends or truncates
 
@@ -441,7 +445,7 @@ def test_enospc_at_preallocation(backend, tmp_path):
                 eng.open(a, 16 * MiB)
             err = info.value
             assert err.errno == errno.ENOSPC and err.is_no_space and err.path == a
-            assert a in str(err) and "16MiB" in str(err).replace(".00", "") and "nothing was written" in str(err)
+            assert a in str(err) and "16.00MiB" in str(err) and "nothing was written" in str(err)
             assert not os.path.exists(a)
             # Two files of 6MiB: the first fits, the second does not; neither is left behind.
             with pytest.raises(IOEngineError) as info:
@@ -495,7 +499,8 @@ def test_injected_eio_names_the_chunk(backend, tmp_path):
         with pytest.raises(IOEngineError) as info:
             eng.read(fs, 0, aligned(MiB)).wait()
         err = info.value
-        assert (err.errno, err.path, err.offset, err.nbytes, err.op) == (errno.EIO, path, 512 * KiB, 256 * KiB, "read")
+        assert (err.errno, err.path, err.op) == (errno.EIO, path, "read")
+        assert (err.offset, err.nbytes) == (512 * KiB, 256 * KiB)
         assert err.injected == 1
         text = str(err)
         assert "Input/output error (errno 5)" in text and path in text and "offset 524288" in text
