@@ -1,0 +1,454 @@
+"""The pipeline: which block is where, when it moves, and what waits for what.
+
+Compute asks for a block with :meth:`Pipeline.acquire` (made resident on the compute tier and its
+parameters attached) and gives it back with :meth:`Pipeline.release`. Released blocks stay attached
+as a cache until their memory is needed; then they are *evicted*: parameters detached (pointed at a
+zero-size placeholder), dirty state written home, the copy dropped.
+
+After each acquisition the pipeline looks up the next blocks in the learned trace and starts their
+fetches, as far ahead as ``depth`` blocks and only into free memory (or memory held by released
+blocks that are not needed sooner): a fetch never waits for room, so a window of one block cannot
+deadlock. A block needed but not fetched in time is fetched synchronously (a *miss*).
+
+Other kinds of state (gradients, master weights, optimizer states) move through the same
+primitives: :meth:`ensure_host` brings a kind into DRAM, :meth:`flush` writes it home.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from tierrt.errors import TierCapacityError
+from tierrt.report import Counters
+from tierrt.sizes import format_size
+from tierrt.store import BlockState, KindState, TensorStore
+
+from .trace import Event, SuccessorTrace
+from .transfer import Span, SpanLog, Transfer, TransferWorker
+
+log = logging.getLogger("tierrt.scheduler")
+
+__all__ = ["Pipeline", "Placeholders"]
+
+OnReap = Callable[[BaseException | None], None]
+
+
+class Placeholders:
+    """Zero-memory stand-ins for detached parameters: the right shape, dtype and device, backed by
+    a single NaN element (so a use outside tierrt's hooks shows up as NaN, not as silent zeros)."""
+
+    def __init__(self) -> None:
+        self._bases: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def get(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        key = (device, dtype)
+        base = self._bases.get(key)
+        if base is None:
+            fill = float("nan") if dtype.is_floating_point else 0
+            base = torch.full((), fill, dtype=dtype, device=device)
+            self._bases[key] = base
+        return base.expand(shape)
+
+
+class Pipeline:
+    """Residency, prefetch, eviction and the transfers between tiers for one offloaded model."""
+
+    def __init__(
+        self,
+        store: TensorStore,
+        compute_tier: str,
+        compute_device: torch.device,
+        depth: int,
+        counters: Counters,
+        spans: SpanLog,
+    ) -> None:
+        self.store = store
+        self.compute = compute_tier  # "dram" or "gpuN"
+        self.device = compute_device
+        self.depth = max(0, int(depth))
+        self.counters = counters
+        self.spans = spans
+        self.trace = SuccessorTrace()
+        self.placeholders = Placeholders()
+        self.fetcher = TransferWorker("fetch", spans)
+        self.flusher = TransferWorker("flush", spans)
+        self._inflight: dict[int, tuple[BlockState, str]] = {}
+        self._clock = 0
+        self.closed = False
+        # Called after a block's parameters are attached / before they are detached (the saved-tensor
+        # hooks keep an index of which storage belongs to which block).
+        self.on_attach: Callable[[BlockState], None] | None = None
+        self.on_detach: Callable[[BlockState], None] | None = None
+
+    @property
+    def blocks(self) -> list[BlockState]:
+        return self.store.blocks
+
+    # ---- transfers -------------------------------------------------------------------------------
+    def _submit(
+        self,
+        bs: BlockState,
+        kind: str,
+        steps: list[Callable[[], Any]],
+        link: str,
+        on_reap: OnReap,
+        worker: TransferWorker,
+    ) -> Transfer:
+        ks = bs.kinds[kind]
+        assert ks.inflight is None, f"{bs.name}.{kind}: a transfer is already in flight"
+        transfer = Transfer(f"{bs.name}.{kind}", link, ks.nbytes, steps)
+        ks.inflight = transfer
+        ks.on_reap = on_reap
+        self._inflight[id(ks)] = (bs, kind)
+        worker.submit(transfer)
+        return transfer
+
+    def _reap(self, bs: BlockState, kind: str, wait: bool) -> bool:
+        """Apply a finished transfer of ``bs.kind``; with ``wait``, wait for it first (a stall).
+
+        Returns False when a transfer is still running (only without ``wait``). Re-raises the
+        transfer's error after undoing its effect."""
+        ks = bs.kinds[kind]
+        transfer = ks.inflight
+        if transfer is None:
+            return True
+        if not transfer.done():
+            if not wait:
+                return False
+            start = time.perf_counter()
+            transfer._done.wait()
+            end = time.perf_counter()
+            self.counters.stall_seconds += end - start
+            self.counters.stall_events += 1
+            self.spans.add(Span(f"wait {bs.name}.{kind}", "wait", "compute", start, end))
+        ks.inflight = None
+        on_reap, ks.on_reap = ks.on_reap, None
+        self._inflight.pop(id(ks), None)
+        hops = transfer.link.split("->")
+        for src, dst in zip(hops, hops[1:]):
+            self.counters.record_transfer(
+                f"{src}->{dst}", kind, transfer.nbytes, transfer.finished - transfer.started
+            )
+        if on_reap is not None:
+            on_reap(transfer.error)
+        if transfer.error is not None:
+            raise transfer.error
+        return True
+
+    def reap_all(self) -> None:
+        """Apply every finished transfer (cheap; called at each acquisition)."""
+        for bs, kind in list(self._inflight.values()):
+            self._reap(bs, kind, wait=False)
+
+    def wait(self, bs: BlockState, kind: str) -> None:
+        """Wait for the transfer of ``bs.kind`` in flight, if any."""
+        self._reap(bs, kind, wait=True)
+
+    def drain(self) -> None:
+        """Wait for every transfer in flight; raise the first error after applying all of them."""
+        first: BaseException | None = None
+        while self._inflight:
+            bs, kind = next(iter(self._inflight.values()))
+            try:
+                self._reap(bs, kind, wait=True)
+            except BaseException as exc:  # noqa: BLE001
+                first = first or exc
+        if first is not None:
+            raise first
+
+    # ---- weights on the compute tier ------------------------------------------------------------
+    def resident(self, bs: BlockState) -> bool:
+        return self.compute in bs.kinds["weight"].valid
+
+    def acquire(self, bs: BlockState, phase: str) -> None:
+        """Make ``bs`` resident and attached; count a hit or a miss; prefetch what comes next."""
+        self.reap_all()
+        event: Event = (phase, bs.index)
+        self.trace.observe(event)
+        self._clock += 1
+        bs.last_use = self._clock
+        bs.refcount += 1
+        ks = bs.kinds["weight"]
+        if not bs.pinned:
+            if self.compute in ks.valid and ks.inflight is None:
+                self.counters.prefetch_hits += 1
+            elif ks.inflight is not None and self._is_fetch(ks):
+                self.counters.prefetch_hits += 1
+            else:
+                self.counters.prefetch_misses += 1
+        try:
+            self._make_resident(bs)
+        except BaseException:
+            bs.refcount -= 1
+            raise
+        if not bs.attached:
+            self._attach(bs)
+        self._prefetch_after(event)
+
+    def release(self, bs: BlockState) -> None:
+        """Give ``bs`` back; it stays attached as a cache until its memory is needed."""
+        if bs.refcount > 0:
+            bs.refcount -= 1
+
+    def _is_fetch(self, ks: KindState) -> bool:
+        transfer = ks.inflight
+        return transfer is not None and transfer.link.endswith(self.compute)
+
+    def _make_resident(self, bs: BlockState) -> None:
+        ks = bs.kinds["weight"]
+        if ks.inflight is not None:
+            self.wait(bs, "weight")
+        if self.compute in ks.valid:
+            return
+        if not self._start_weight_fetch(bs, demand=True):
+            raise AssertionError("demand fetch did not start")
+        self.wait(bs, "weight")
+        assert self.compute in ks.valid
+
+    def _start_weight_fetch(self, bs: BlockState, demand: bool, protect: Iterable[int] = ()) -> bool:
+        """Start bringing ``bs``'s weights to the compute tier. Without ``demand`` only into room that
+        is free or held by blocks outside ``protect``; returns False when there is none."""
+        ks = bs.kinds["weight"]
+        if self.compute in ks.valid or ks.inflight is not None:
+            return True
+        protect = set(protect) | {bs.index}
+        if self.compute == "dram":
+            if not self._room_for(ks, "dram", demand, protect):
+                return False
+            steps = self.store.read_steps(ks)
+            link = f"{ks.home}->dram"
+        else:
+            need_stage = "dram" not in ks.valid
+            if need_stage and not self._room_for(ks, "dram", demand, protect):
+                return False
+            if not self._room_for(ks, self.compute, demand, protect):
+                if need_stage and ks.host is not None and ks.home != "dram":
+                    self.store.drop(ks, "dram")
+                return False
+            steps = (self.store.read_steps(ks) if need_stage else []) + self.store.h2d_steps(ks)
+            link = f"{ks.home}->dram->{self.compute}" if need_stage else f"dram->{self.compute}"
+
+        def on_reap(
+            error: BaseException | None, ks: KindState = ks, need_dram: bool = self.compute == "dram"
+        ) -> None:
+            if error is not None:
+                # The destination holds nothing usable; the home copy is untouched.
+                if self.compute != "dram" and ks.gpu is not None:
+                    self.store.drop(ks, self.compute)
+                if ks.host is not None and ks.home != "dram" and "dram" not in ks.valid:
+                    ks.host = None
+                return
+            if need_dram:
+                ks.valid.add("dram")
+            else:
+                if ks.host is not None:
+                    ks.valid.add("dram")
+                ks.valid.add(self.compute)
+
+        self._submit(bs, "weight", steps, link, on_reap, self.fetcher)
+        return True
+
+    def _prefetch_after(self, event: Event) -> None:
+        if self.depth == 0:
+            return
+        upcoming = self.trace.predict(event, self.depth)
+        window = [b for _, b in upcoming]
+        protect = set(window) | {event[1]}
+        for block_index in window:
+            bs = self.blocks[block_index]
+            if bs.pinned:
+                continue
+            if not self._start_weight_fetch(bs, demand=False, protect=protect):
+                break
+
+    def _attach(self, bs: BlockState) -> None:
+        ks = bs.kinds["weight"]
+        views = self.store.host_views(bs, ks) if self.compute == "dram" else self.store.gpu_views(bs, ks)
+        for pos, slot_index in enumerate(ks.layout.slots):
+            param = bs.spec.slots[slot_index].param
+            param.data = views[pos]
+        bs.attached = True
+        if self.on_attach is not None:
+            self.on_attach(bs)
+
+    def detach(self, bs: BlockState) -> None:
+        """Point ``bs``'s parameters at placeholders (no memory); the block's copy can then go."""
+        if self.on_detach is not None:
+            self.on_detach(bs)
+        ks = bs.kinds["weight"]
+        for pos, slot_index in enumerate(ks.layout.slots):
+            slot = bs.spec.slots[slot_index]
+            slot.param.data = self.placeholders.get(slot.shape, ks.layout.dtypes[pos], self.device)
+        bs.attached = False
+
+    # ---- room ------------------------------------------------------------------------------------
+    def _room_for(self, ks: KindState, tier: str, demand: bool, protect: set[int]) -> bool:
+        """Give ``ks`` a buffer on ``tier`` ("dram" or the GPU), evicting if needed."""
+        alloc = self.store.try_host if tier == "dram" else self.store.try_gpu
+        if alloc(ks):
+            return True
+        if self.make_room(tier, ks.nbytes, protect, demand=demand) and alloc(ks):
+            return True
+        if demand:
+            self._raise_no_room(tier, ks)
+        return False
+
+    def make_room(self, tier: str, nbytes: int, protect: set[int], demand: bool = True) -> bool:
+        """Evict copies on ``tier`` until ``nbytes`` fit. Without ``demand``, only released blocks
+        outside ``protect`` are evicted and nothing is waited for."""
+        while not self._fits(tier, nbytes):
+            victim = self._pick_victim(tier, protect, demand)
+            if victim is not None:
+                self._evict(victim[0], victim[1], tier)
+                continue
+            if not demand:
+                return False
+            pending = [(bs, kind) for bs, kind in self._inflight.values()]
+            if not pending:
+                return False
+            for bs, kind in pending:  # finished flushes free their DRAM copies
+                self.wait(bs, kind)
+        return True
+
+    def _fits(self, tier: str, nbytes: int) -> bool:
+        if tier == "dram":
+            return self.store.dram.largest_free() >= nbytes
+        assert self.store.gpu is not None
+        return self.store.gpu.free_bytes() >= nbytes
+
+    def _pick_victim(self, tier: str, protect: set[int], demand: bool) -> tuple[BlockState, str] | None:
+        """The copy on ``tier`` to evict: released blocks not about to be used, least recently used
+        first; with ``demand`` also blocks in the prefetch window (farthest first) and dirty copies
+        (they are written home first)."""
+        best: tuple[tuple[int, int], BlockState, str] | None = None
+        for bs in self.blocks:
+            for kind, ks in bs.kinds.items():
+                if not self._holds(ks, tier) or ks.home == tier or ks.inflight is not None:
+                    continue
+                if kind == "weight" and (bs.refcount > 0 or bs.pinned):
+                    continue
+                if ks.pins > 0:
+                    continue
+                clean = bool(ks.valid - {tier})
+                if not clean and not demand:
+                    continue
+                protected = bs.index in protect
+                if protected and not demand:
+                    continue
+                # rank: unprotected before protected, clean before dirty, then least recently used
+                rank = (int(protected) * 2 + int(not clean), bs.last_use)
+                if best is None or rank < best[0]:
+                    best = (rank, bs, kind)
+        return None if best is None else (best[1], best[2])
+
+    def _holds(self, ks: KindState, tier: str) -> bool:
+        return (ks.host is not None) if tier == "dram" else (ks.gpu is not None)
+
+    def _evict(self, bs: BlockState, kind: str, tier: str) -> None:
+        """Drop ``bs.kind``'s copy on ``tier``, detaching parameters and writing it home first if it
+        is the only current copy."""
+        ks = bs.kinds[kind]
+        if kind == "weight" and bs.attached and tier == self.compute:
+            self.detach(bs)
+        if ks.valid == {tier}:
+            self.flush(bs, kind, drop=False)
+            self.wait(bs, kind)
+        self.store.drop(ks, tier)
+        self.counters.evictions += 1
+
+    def _raise_no_room(self, tier: str, ks: KindState) -> None:
+        stats = self.store.dram.stats() if tier == "dram" else self.store.gpu.stats()  # type: ignore[union-attr]
+        held = [bs.name for bs in self.blocks if bs.refcount > 0]
+        raise TierCapacityError(
+            f"{tier}: no room for {format_size(ks.nbytes)} of {ks.layout.kind} "
+            f"(budget {format_size(stats.get('capacity', stats.get('budget', 0)))}, "
+            f"free {format_size(stats.get('free', 0))}, largest free extent "
+            f"{format_size(stats.get('largest_free', stats.get('free', 0)))}); blocks in use now: "
+            f"{', '.join(held) or 'none'}. Raise the {tier} budget or split the model into smaller blocks",
+            tier=tier,
+            requested=ks.nbytes,
+            free=stats.get("free"),
+            largest_free=stats.get("largest_free"),
+        )
+
+    # ---- other kinds -----------------------------------------------------------------------------
+    def ensure_host(
+        self, bs: BlockState, kind: str, *, demand: bool = True, protect: Iterable[int] = ()
+    ) -> bool:
+        """Make ``bs.kind`` current in DRAM (reading it from home if needed). Without ``demand`` it
+        only starts the read when there is room, and returns at once."""
+        ks = bs.kinds[kind]
+        if ks.inflight is not None and demand:
+            self.wait(bs, kind)
+        if "dram" in ks.valid:
+            return True
+        if ks.inflight is not None:
+            return True
+        if not self._room_for(ks, "dram", demand, set(protect) | {bs.index}):
+            return False
+        if not ks.valid:  # never written: nothing to read (fresh gradients, new optimizer state)
+            return True
+
+        def on_reap(error: BaseException | None, ks: KindState = ks) -> None:
+            if error is None:
+                ks.valid.add("dram")
+            elif ks.home != "dram":
+                ks.host = None
+
+        self._submit(bs, kind, self.store.read_steps(ks), f"{ks.home}->dram", on_reap, self.fetcher)
+        if demand:
+            self.wait(bs, kind)
+        return True
+
+    def flush(self, bs: BlockState, kind: str, drop: bool) -> None:
+        """Write the DRAM copy of ``bs.kind`` home when it is the only current copy; with ``drop``,
+        free the DRAM copy once it is safely home."""
+        ks = bs.kinds[kind]
+        if ks.inflight is not None:
+            self.wait(bs, kind)
+        if ks.home == "dram" or ks.host is None:
+            return
+        if ks.home in ks.valid:
+            if drop:
+                self.store.drop(ks, "dram")
+            return
+        steps, new_extent = self.store.write_steps(ks)
+
+        def on_reap(
+            error: BaseException | None, ks: KindState = ks, new_extent: int | None = new_extent
+        ) -> None:
+            if error is not None:
+                self.store.abort_write(new_extent)  # old home copy untouched; DRAM copy kept
+                return
+            self.store.commit_write(ks, new_extent)
+            if drop and ks.host is not None:
+                self.store.drop(ks, "dram")
+
+        self._submit(bs, kind, steps, f"dram->{ks.home}", on_reap, self.flusher)
+
+    def mark_modified(self, bs: BlockState, kind: str, tier: str = "dram") -> None:
+        """The copy on ``tier`` was changed in place: it is now the only current copy."""
+        ks = bs.kinds[kind]
+        ks.valid = {tier}
+        ks.version += 1
+        if kind == "weight" and self.compute != tier and self.store.gpu is not None and ks.gpu is not None:
+            if bs.attached and bs.refcount == 0:
+                self.detach(bs)
+            if not bs.attached:
+                self.store.gpu.release(ks.nbytes)
+                ks.gpu = None
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.drain()
+        finally:
+            self.fetcher.close()
+            self.flusher.close()

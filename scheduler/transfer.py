@@ -1,0 +1,156 @@
+"""Transfers: chains of copy steps run on worker threads while the model computes.
+
+A :class:`Transfer` is a list of steps (each a callable that starts a copy and may return something
+with a ``wait()`` method: an I/O request, a CUDA event). A :class:`TransferWorker` thread runs the
+steps of each transfer in order and waits on what they return; the GIL is released while it waits,
+so compute goes on. Workers never allocate tier memory and never change block state: the scheduler
+allocates destinations before it submits, and applies a transfer's effect when it *reaps* it on the
+thread that runs the model. So there is no lock shared between compute and transfers, and a failed
+transfer changes nothing but its own error, which the reaping thread raises.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Transfer", "TransferWorker", "Span", "SpanLog"]
+
+Step = Callable[[], Any]
+
+
+@dataclass
+class Span:
+    """One timed interval, for reports and Chrome traces."""
+
+    name: str
+    category: str  # "transfer", "compute", "wait", "optimizer"
+    lane: str  # e.g. "nvme->dram", "compute"
+    start: float
+    end: float
+    nbytes: int = 0
+
+
+class SpanLog:
+    """A bounded list of spans, thread-safe. ``enabled=False`` keeps nothing."""
+
+    def __init__(self, limit: int = 200_000) -> None:
+        self.enabled = True
+        self.limit = limit
+        self._spans: list[Span] = []
+        self._lock = threading.Lock()
+        self.dropped = 0
+
+    def add(self, span: Span) -> None:
+        if not self.enabled:
+            return
+        with self._lock:
+            if len(self._spans) < self.limit:
+                self._spans.append(span)
+            else:
+                self.dropped += 1
+
+    def snapshot(self) -> list[Span]:
+        with self._lock:
+            return list(self._spans)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._spans.clear()
+            self.dropped = 0
+
+
+@dataclass(eq=False)
+class Transfer:
+    """A chain of copy steps moving ``nbytes`` over ``link`` (e.g. "nvme->dram").
+
+    ``wait()`` blocks until every step finished and re-raises the first error. ``keep`` holds
+    objects (buffers, tensors) that must stay alive until the transfer is done.
+    """
+
+    label: str
+    link: str
+    nbytes: int
+    steps: list[Step]
+    keep: list[Any] = field(default_factory=list)
+    error: BaseException | None = None
+    submitted: float = 0.0
+    started: float = 0.0
+    finished: float = 0.0
+    reaped: bool = False
+    _done: threading.Event = field(default_factory=threading.Event)
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> None:
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"transfer {self.label} ({self.link}) did not finish in {timeout}s")
+        if self.error is not None:
+            raise self.error
+
+    def run(self) -> None:
+        """Run every step in order on the calling thread, waiting on what each returns."""
+        self.started = time.perf_counter()
+        try:
+            for step in self.steps:
+                pending = step()
+                if pending is not None and hasattr(pending, "wait"):
+                    pending.wait()
+        except BaseException as exc:  # noqa: BLE001 - re-raised by wait() on the reaping thread
+            self.error = exc
+        finally:
+            self.finished = time.perf_counter()
+            self.steps = []  # drop closures (and the buffers they hold) as soon as possible
+            self._done.set()
+
+
+class TransferWorker:
+    """One thread running transfers in submission order."""
+
+    def __init__(self, name: str, spans: SpanLog | None = None) -> None:
+        self.name = name
+        self.spans = spans
+        self._queue: queue.SimpleQueue[Transfer | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name=f"tierrt-{name}", daemon=True)
+        self._closed = False
+        self.busy_seconds = 0.0
+        self._thread.start()
+
+    def submit(self, transfer: Transfer) -> Transfer:
+        if self._closed:
+            raise RuntimeError(f"transfer worker {self.name} is closed")
+        transfer.submitted = time.perf_counter()
+        self._queue.put(transfer)
+        return transfer
+
+    def _loop(self) -> None:
+        while True:
+            transfer = self._queue.get()
+            if transfer is None:
+                return
+            transfer.run()
+            self.busy_seconds += transfer.finished - transfer.started
+            if self.spans is not None:
+                self.spans.add(
+                    Span(
+                        transfer.label,
+                        "transfer",
+                        transfer.link,
+                        transfer.started,
+                        transfer.finished,
+                        transfer.nbytes,
+                    )
+                )
+
+    def close(self, timeout: float | None = 60.0) -> None:
+        """Finish queued transfers, then stop the thread."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(None)
+        self._thread.join(timeout)

@@ -1,0 +1,190 @@
+"""Bad input to tierrt.offload(): a clear tierrt error before anything moves, model untouched."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+
+import models
+import pytest
+import torch
+from torch import nn
+
+import tierrt
+
+
+def snapshot(model: nn.Module) -> list[tuple[str, int, torch.Tensor]]:
+    return [(n, p.data_ptr(), p.detach().clone()) for n, p in model.named_parameters()]
+
+
+def assert_untouched(model: nn.Module, before) -> None:
+    after = snapshot(model)
+    assert [n for n, _, _ in after] == [n for n, _, _ in before]
+    for (name, ptr, value), (_, ptr2, value2) in zip(before, after):
+        assert ptr == ptr2, f"{name} was moved"
+        assert torch.equal(value, value2), f"{name} changed"
+
+
+@contextlib.contextmanager
+def tiny_mount(path: str, size: str = "1M"):
+    os.makedirs(path, exist_ok=True)
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "none", path], capture_output=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", path], check=False)
+
+
+@contextlib.contextmanager
+def immutable_dir(path: str):
+    os.makedirs(path, exist_ok=True)
+    if subprocess.run(["chattr", "+i", path], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not available here (root ignores permission bits)")
+    try:
+        yield path
+    finally:
+        subprocess.run(["chattr", "-i", path], check=False)
+
+
+def test_tiers_in_wrong_order(nvme_dir):
+    model = models.mlp()
+    before = snapshot(model)
+    with pytest.raises(tierrt.ConfigError, match="fastest first"):
+        tierrt.offload(model, tiers=[tierrt.nvme(nvme_dir), tierrt.dram("64MiB")])
+    assert_untouched(model, before)
+
+
+def test_tiers_not_specs():
+    with pytest.raises(tierrt.ConfigError, match="not a tier spec"):
+        tierrt.offload(models.mlp(), tiers=["dram"])
+
+
+def test_missing_dram_tier(nvme_dir):
+    with pytest.raises(tierrt.ConfigError, match="dram tier is required"):
+        tierrt.offload(models.mlp(), tiers=[tierrt.nvme(nvme_dir)])
+
+
+def test_bad_sizes():
+    with pytest.raises(tierrt.ConfigError, match="unknown unit"):
+        tierrt.dram("64 parsecs")
+    with pytest.raises(tierrt.ConfigError):
+        tierrt.dram(-5)
+
+
+def test_budget_below_largest_block(nvme_dir):
+    model = models.mlp(width=512)  # 1 MiB per Linear weight
+    before = snapshot(model)
+    with pytest.raises(tierrt.TierCapacityError, match="at least") as info:
+        with tierrt.offload(model, tiers=[tierrt.dram("512KiB"), tierrt.nvme(nvme_dir)]):
+            pass
+    assert info.value.tier == "dram"
+    assert info.value.requested > 512 * 1024
+    assert_untouched(model, before)
+    assert os.listdir(nvme_dir) == []
+
+
+def test_nvme_path_without_room(tmp_path):
+    model = models.mlp(width=512)
+    before = snapshot(model)
+    with tiny_mount(str(tmp_path / "small")) as small:
+        with pytest.raises(tierrt.TierCapacityError, match="free") as info:
+            with tierrt.offload(model, tiers=[tierrt.dram("4MiB"), tierrt.nvme(small)]):
+                pass
+        assert small in str(info.value)
+        assert os.listdir(small) == []
+    assert_untouched(model, before)
+
+
+def test_nvme_budget_too_small(nvme_dir):
+    model = models.mlp(width=512)
+    with pytest.raises(tierrt.TierCapacityError, match="nvme budget"):
+        with tierrt.offload(model, tiers=[tierrt.dram("4MiB"), tierrt.nvme(nvme_dir, budget="1MiB")]):
+            pass
+
+
+def test_unwritable_path(tmp_path):
+    model = models.mlp(width=512)
+    before = snapshot(model)
+    with immutable_dir(str(tmp_path / "ro")) as ro:
+        with pytest.raises(tierrt.TierPathError, match="not writable") as info:
+            with tierrt.offload(model, tiers=[tierrt.dram("4MiB"), tierrt.nvme(ro)]):
+                pass
+        assert info.value.path == ro
+    assert_untouched(model, before)
+
+
+def test_path_is_a_file(tmp_path):
+    target = tmp_path / "file"
+    target.write_text("x")
+    with pytest.raises(tierrt.TierPathError):
+        with tierrt.offload(models.mlp(width=512), tiers=[tierrt.dram("4MiB"), tierrt.nvme(str(target))]):
+            pass
+
+
+def test_model_without_parameters(nvme_dir):
+    with pytest.raises(tierrt.HookError, match="no parameters"):
+        with tierrt.offload(nn.ReLU(), tiers=[tierrt.dram("4MiB"), tierrt.nvme(nvme_dir)]):
+            pass
+
+
+def test_not_a_module():
+    with pytest.raises(tierrt.ConfigError, match="nn.Module"):
+        tierrt.offload(object(), tiers=[tierrt.dram("4MiB")])
+
+
+def test_entering_twice(nvme_dir):
+    model = models.mlp()
+    rt = tierrt.offload(model, tiers=[tierrt.dram("8MiB"), tierrt.nvme(nvme_dir)])
+    with rt:
+        with pytest.raises(tierrt.HookError, match="already active"):
+            rt.__enter__()
+        # offloading the same model again through a second runtime is refused too
+        with pytest.raises(tierrt.HookError, match="already offloaded"):
+            with tierrt.offload(model, tiers=[tierrt.dram("8MiB"), tierrt.nvme(nvme_dir)]):
+                pass
+    # and after the first context closed the model is whole again
+    assert all(p.is_contiguous() for p in model.parameters())
+
+
+def test_parameter_shared_with_another_offloaded_model(nvme_dir):
+    a = models.mlp()
+    b = nn.Sequential(a[0], nn.Linear(128, 3))  # shares a's first layer
+    with tierrt.offload(a, tiers=[tierrt.dram("8MiB"), tierrt.nvme(nvme_dir)]):
+        before = [(n, p.detach().clone()) for n, p in b.named_parameters() if n.startswith("1.")]
+        with pytest.raises(tierrt.HookError, match="shared"):
+            with tierrt.offload(b, tiers=[tierrt.dram("8MiB"), tierrt.nvme(nvme_dir)]):
+                pass
+        for (name, value), (_, p) in zip(
+            before, [(n, p) for n, p in b.named_parameters() if n.startswith("1.")]
+        ):
+            assert torch.equal(value, p), name
+
+
+def test_optimizer_without_model_params(nvme_dir):
+    model = models.mlp()
+    other = nn.Linear(3, 3)
+    opt = torch.optim.SGD(other.parameters(), lr=0.1)
+    before = snapshot(model)
+    with pytest.raises(tierrt.HookError, match="none of the offloaded"):
+        with tierrt.offload(model, tiers=[tierrt.dram("8MiB"), tierrt.nvme(nvme_dir)], optimizer=opt):
+            pass
+    assert_untouched_values(model, before)
+
+
+def assert_untouched_values(model: nn.Module, before) -> None:
+    for (name, _, value), (_, p) in zip(before, model.named_parameters()):
+        assert torch.equal(value, p.detach()), name
+
+
+def test_exception_in_block_restores_model(nvme_dir):
+    model = models.mlp()
+    before = snapshot(model)
+    with pytest.raises(KeyError):
+        with tierrt.offload(model, tiers=[tierrt.dram("8MiB"), tierrt.nvme(nvme_dir)]):
+            model(torch.randn(2, 128))
+            raise KeyError("user error")
+    assert_untouched_values(model, before)
+    assert os.listdir(nvme_dir) == []  # swap files removed

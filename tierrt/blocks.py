@@ -1,0 +1,252 @@
+"""Partition of a model into Blocks: groups of parameters that move between tiers together.
+
+By default every element of the model's layer lists (``nn.ModuleList``s holding most of the
+parameters: the transformer layers) is one block, and every other module that directly owns
+parameters (embeddings, final norm, head) is a block of its own. ``blocks=`` overrides this with a
+list of modules or a predicate ``(qualified_name, module) -> bool``.
+
+A block's parameters are packed back to back in one flat buffer per kind of state (weights,
+gradients, optimizer states), each parameter at an aligned offset, so that one large transfer moves
+the whole block and a parameter is a view into the buffer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, HookError
+from .sizes import format_size
+
+__all__ = ["ParamSlot", "BlockSpec", "Partition", "partition_model", "SLOT_ALIGN", "BUFFER_ALIGN"]
+
+SLOT_ALIGN = 256  # bytes between parameters inside a block buffer (SIMD and dtype views)
+BUFFER_ALIGN = 4096  # every block buffer is a whole number of 4 KiB pages (O_DIRECT)
+
+BlockSelector = Sequence[nn.Module] | Callable[[str, nn.Module], bool] | None
+
+
+def _align(value: int, alignment: int) -> int:
+    return (value + alignment - 1) // alignment * alignment
+
+
+@dataclass
+class ParamSlot:
+    """One parameter's place in its block."""
+
+    name: str
+    param: nn.Parameter
+    shape: torch.Size
+    dtype: torch.dtype
+    numel: int
+    index: int = 0  # position within the block
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+@dataclass
+class BlockSpec:
+    """A block as partitioned: its name, root module and parameter slots."""
+
+    index: int
+    name: str
+    root: nn.Module
+    slots: list[ParamSlot] = field(default_factory=list)
+
+    @property
+    def trainable(self) -> list[ParamSlot]:
+        return [s for s in self.slots if s.param.requires_grad]
+
+    def layout(self, dtype: torch.dtype | None = None) -> tuple[list[int], int]:
+        """Byte offset of every slot and the buffer size when every slot holds ``dtype`` (its own
+        dtype when None). The size is a whole number of pages."""
+        offsets: list[int] = []
+        cursor = 0
+        for slot in self.slots:
+            itemsize = (dtype or slot.dtype).itemsize
+            offsets.append(cursor)
+            cursor = _align(cursor + slot.numel * itemsize, SLOT_ALIGN)
+        return offsets, _align(max(cursor, 1), BUFFER_ALIGN)
+
+    def nbytes(self, dtype: torch.dtype | None = None) -> int:
+        return self.layout(dtype)[1]
+
+
+@dataclass
+class Partition:
+    """The blocks of a model and which blocks each hooked module needs resident."""
+
+    blocks: list[BlockSpec]
+    # module -> indices of the blocks that must be resident while it runs
+    hook_targets: list[tuple[nn.Module, list[int]]]
+    block_of_param: dict[int, int]  # id(param) -> block index
+
+    def largest_block(self, dtype: torch.dtype | None = None) -> BlockSpec:
+        return max(self.blocks, key=lambda b: b.nbytes(dtype))
+
+    def largest_acquisition(self, dtype: torch.dtype | None = None) -> int:
+        """Bytes of the largest set of blocks that one hooked module needs at once."""
+        sizes = [b.nbytes(dtype) for b in self.blocks]
+        return max((sum(sizes[i] for i in set(needed)) for _, needed in self.hook_targets), default=0)
+
+
+def _layer_lists(model: nn.Module, total: int) -> list[nn.ModuleList]:
+    """Outermost ModuleLists of >= 2 parameterised children holding >= 5% of the parameters."""
+    chosen: list[nn.ModuleList] = []
+    chosen_ids: set[int] = set()
+    for _, module in model.named_modules():
+        if isinstance(module, nn.ModuleList):
+            if id(module) in chosen_ids:  # inside a list already chosen (e.g. experts in a layer)
+                continue
+            children = [c for c in module if any(True for _ in c.parameters())]
+            count = sum(p.numel() for p in _unique_params(module.parameters()))
+            if len(children) >= 2 and total and count >= 0.05 * total:
+                chosen.append(module)
+                chosen_ids.update(id(m) for m in module.modules())
+    return chosen
+
+
+def _unique_params(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
+    seen: set[int] = set()
+    out = []
+    for p in params:
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+def _select_roots(model: nn.Module, blocks: BlockSelector, total: int) -> list[tuple[str, nn.Module]]:
+    names = {id(m): n for n, m in model.named_modules()}
+    if blocks is None:
+        roots = []
+        for layer_list in _layer_lists(model, total):
+            prefix = names[id(layer_list)]
+            for i, child in enumerate(layer_list):
+                if any(True for _ in child.parameters()):
+                    roots.append((f"{prefix}.{i}" if prefix else str(i), child))
+        return roots
+    if callable(blocks) and not isinstance(blocks, nn.Module):
+        roots = []
+        covered: set[int] = set()
+        for name, module in model.named_modules():
+            if id(module) in covered:
+                continue
+            if blocks(name, module):
+                roots.append((name, module))
+                covered.update(id(m) for m in module.modules())
+        return roots
+    if isinstance(blocks, nn.Module):
+        blocks = [blocks]
+    roots = []
+    for module in blocks:
+        if not isinstance(module, nn.Module):
+            raise ConfigError(f"blocks=: expected modules of the model or a predicate, got {module!r}")
+        if id(module) not in names:
+            raise ConfigError(f"blocks=: {type(module).__name__} is not a submodule of the model")
+        roots.append((names[id(module)], module))
+    return roots
+
+
+def partition_model(
+    model: nn.Module, blocks: BlockSelector = None, max_block_bytes: int | None = None
+) -> Partition:
+    """Split ``model``'s parameters into blocks (see the module docstring).
+
+    ``max_block_bytes``: a block larger than this is split into its children (recursively), so a
+    layer too large for the budget streams in parts; a single parameter larger than it raises
+    :class:`~tierrt.TierCapacityError`-style :class:`ConfigError` naming the tensor.
+    """
+    params = _unique_params(model.parameters())
+    if not params:
+        raise HookError(f"{type(model).__name__} has no parameters: there is nothing to offload")
+    total = sum(p.numel() for p in params)
+    names = {}
+    for name, p in model.named_parameters(remove_duplicate=True):
+        names.setdefault(id(p), name)
+
+    roots = _select_roots(model, blocks, total)
+    if max_block_bytes is not None:
+        roots = _split_large(roots, max_block_bytes)
+
+    assigned: dict[int, int] = {}
+    specs: list[BlockSpec] = []
+    hook_targets: list[tuple[nn.Module, list[int]]] = []
+
+    def new_block(name: str, root: nn.Module, members: Iterable[nn.Parameter]) -> int | None:
+        slots = []
+        for p in members:
+            if id(p) in assigned:
+                continue
+            assigned[id(p)] = len(specs)
+            slots.append(ParamSlot(names[id(p)], p, p.shape, p.dtype, p.numel(), index=len(slots)))
+        if not slots:
+            return None
+        specs.append(BlockSpec(len(specs), name or type(root).__name__, root, slots))
+        return len(specs) - 1
+
+    root_ids = set()
+    for name, root in roots:
+        new_block(name, root, root.parameters())
+        root_ids.add(id(root))
+
+    inside_roots: set[int] = set()
+    for _, root in roots:
+        inside_roots.update(id(m) for m in root.modules())
+
+    # Every other module that directly owns parameters gets a block for those it owns first.
+    rest_modules: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        if id(module) in inside_roots:
+            continue
+        direct = list(module.parameters(recurse=False))
+        if direct:
+            new_block(name or type(module).__name__, module, direct)
+            rest_modules.append((name, module))
+
+    for p in params:  # defensive: a parameter reachable only through a removed duplicate path
+        if id(p) not in assigned:
+            raise HookError(f"parameter {names.get(id(p), '?')} could not be assigned to a block")
+
+    for _, root in roots:
+        needed = sorted({assigned[id(p)] for p in root.parameters()})
+        hook_targets.append((root, needed))
+    for _, module in rest_modules:
+        needed = sorted({assigned[id(p)] for p in module.parameters(recurse=False)})
+        hook_targets.append((module, needed))
+
+    for spec in specs:
+        for slot in spec.slots:
+            if slot.param.is_sparse or slot.param.layout != torch.strided:
+                raise HookError(
+                    f"parameter {slot.name} is not a dense strided tensor; tierrt cannot offload it"
+                )
+            if slot.param.is_complex():
+                raise HookError(f"parameter {slot.name} is complex; tierrt offloads real tensors only")
+    if max_block_bytes is not None:
+        for spec in specs:
+            for slot in spec.slots:
+                if slot.nbytes > max_block_bytes:
+                    raise ConfigError(
+                        f"parameter {slot.name} ({format_size(slot.nbytes)}) is larger than the largest "
+                        f"block the budget allows ({format_size(max_block_bytes)})"
+                    )
+    return Partition(specs, hook_targets, assigned)
+
+
+def _split_large(roots: list[tuple[str, nn.Module]], max_block_bytes: int) -> list[tuple[str, nn.Module]]:
+    out: list[tuple[str, nn.Module]] = []
+    for name, root in roots:
+        size = sum(p.numel() * p.element_size() for p in _unique_params(root.parameters()))
+        children = [(f"{name}.{n}", c) for n, c in root.named_children() if any(True for _ in c.parameters())]
+        if size > max_block_bytes and children:
+            # The root's own direct parameters become a rest-block at the root; children split further.
+            out.extend(_split_large(children, max_block_bytes))
+        else:
+            out.append((name, root))
+    return out

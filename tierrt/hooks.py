@@ -1,0 +1,253 @@
+"""The torch side of offloading: module hooks, saved-tensor hooks and gradient hooks.
+
+Forward: a forward pre-hook on each hooked module acquires the blocks it needs (waiting only for a
+fetch not yet finished) and the post-hook releases them.
+
+Backward: autograd saves some parameters (or views of them) for backward. A saved-tensor pack hook
+replaces every tensor that views a block's weights by a small reference; the unpack hook acquires
+the block again (fetching it if it was evicted) and rebuilds the view. So backward fetches blocks
+in reverse order exactly when they are needed, activation checkpointing's recomputation works (its
+forward runs the hooks again), and no saved tensor pins a block's memory. A block acquired for
+backward is released once every trainable parameter in it has received its gradient, or when later
+blocks show backward has moved on, and in any case when the backward pass ends.
+
+Gradients: ``register_post_accumulate_grad_hook`` moves each parameter's gradient to its block's
+gradient buffer (adding to what earlier micro-batches left there) and frees it, so gradients never
+pile up on the compute device.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .errors import HookError
+
+if TYPE_CHECKING:
+    from tierrt.scheduler.pipeline import Pipeline
+
+    from .grads import GradientStore
+    from .store import BlockState
+
+log = logging.getLogger("tierrt.hooks")
+
+__all__ = ["HookSet", "SavedWeightRef"]
+
+
+@dataclass(frozen=True)
+class SavedWeightRef:
+    """What autograd keeps instead of a tensor that views a block's weights."""
+
+    block: int
+    version: int
+    dtype: torch.dtype
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    storage_offset: int
+
+
+class HookSet:
+    """Installs and removes every hook of one offloaded model."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        pipeline: Pipeline,
+        grads: GradientStore | None,
+        hook_targets: list[tuple[nn.Module, list[int]]],
+    ) -> None:
+        self.model = model
+        self.pipeline = pipeline
+        self.grads = grads
+        self.hook_targets = hook_targets
+        self._handles: list[Any] = []
+        self._saved_hooks: Any = None
+        self._owners: dict[int, BlockState] = {}  # storage data_ptr -> block whose weights live there
+        self._bwd_held: list[BlockState] = []
+        self._callback_tasks: set[int] = set()
+        self._grad_counts: dict[int, int] = {}
+        self.on_forward_start: Callable[[], None] | None = None
+
+    # ---- installation --------------------------------------------------------------------------
+    def install(self) -> None:
+        blocks = self.pipeline.blocks
+        for module, needed in self.hook_targets:
+            needed_blocks = [blocks[i] for i in needed]
+            self._handles.append(module.register_forward_pre_hook(self._make_pre(needed_blocks)))
+            self._handles.append(
+                module.register_forward_hook(self._make_post(needed_blocks), always_call=True)
+            )
+        self._handles.append(self.model.register_forward_pre_hook(self._root_pre))
+        if self.grads is not None:
+            for bs in blocks:
+                for slot in bs.spec.slots:
+                    if slot.param.requires_grad:
+                        self._handles.append(
+                            slot.param.register_post_accumulate_grad_hook(self._make_grad_hook(bs, slot))
+                        )
+        self._saved_hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        self._saved_hooks.__enter__()
+        self.pipeline.on_attach = self._on_attach
+        self.pipeline.on_detach = self._on_detach
+        for bs in blocks:
+            if bs.attached:
+                self._on_attach(bs)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        if self._saved_hooks is not None:
+            try:
+                self._saved_hooks.__exit__(None, None, None)
+            except Exception:  # noqa: BLE001 - another hooks context left open by the user's code
+                log.warning(
+                    "could not pop tierrt's saved-tensor hooks cleanly (hooks contexts exited out of order)"
+                )
+            self._saved_hooks = None
+        self.pipeline.on_attach = None
+        self.pipeline.on_detach = None
+        self._owners.clear()
+
+    # ---- forward -------------------------------------------------------------------------------
+    def _root_pre(self, module: nn.Module, args: Any) -> None:
+        if self.on_forward_start is not None and torch._C._current_graph_task_id() < 0:
+            self.on_forward_start()
+
+    def _make_pre(self, needed: list[BlockState]) -> Callable[..., None]:
+        pipeline = self.pipeline
+
+        def pre_hook(module: nn.Module, args: Any) -> None:
+            in_backward = torch._C._current_graph_task_id() >= 0
+            phase = "bwd" if in_backward else "fwd"
+            if in_backward:
+                self._note_backward()
+            for bs in needed:
+                pipeline.acquire(bs, phase)
+
+        return pre_hook
+
+    def _make_post(self, needed: list[BlockState]) -> Callable[..., None]:
+        pipeline = self.pipeline
+
+        def post_hook(module: nn.Module, args: Any, output: Any) -> None:
+            for bs in needed:
+                pipeline.release(bs)
+
+        return post_hook
+
+    # ---- saved tensors -------------------------------------------------------------------------
+    def _on_attach(self, bs: BlockState) -> None:
+        self._owners[self._storage_ptr(bs)] = bs
+
+    def _on_detach(self, bs: BlockState) -> None:
+        ptr = self._storage_ptr(bs)
+        if self._owners.get(ptr) is bs:
+            del self._owners[ptr]
+
+    def _storage_ptr(self, bs: BlockState) -> int:
+        ks = bs.kinds["weight"]
+        if self.pipeline.compute == "dram":
+            assert ks.host is not None
+            return ks.host.flat.data_ptr()
+        assert ks.gpu is not None
+        return ks.gpu.data_ptr()
+
+    def _pack(self, tensor: torch.Tensor) -> Any:
+        if not self._owners:
+            return tensor
+        try:
+            ptr = tensor.untyped_storage().data_ptr()
+        except (RuntimeError, NotImplementedError):  # sparse, nested, functional wrappers
+            return tensor
+        bs = self._owners.get(ptr)
+        if bs is None:
+            return tensor
+        return SavedWeightRef(
+            bs.index,
+            bs.kinds["weight"].version,
+            tensor.dtype,
+            tuple(tensor.size()),
+            tuple(tensor.stride()),
+            tensor.storage_offset(),
+        )
+
+    def _unpack(self, packed: Any) -> torch.Tensor:
+        if not isinstance(packed, SavedWeightRef):
+            return packed
+        bs = self.pipeline.blocks[packed.block]
+        ks = bs.kinds["weight"]
+        if ks.version != packed.version:
+            raise HookError(
+                f"the weights of block {bs.name} were modified between forward and backward (an "
+                "optimizer step between them?); the backward pass needs the values the forward used"
+            )
+        self._backward_acquire(bs)
+        flat = ks.host.flat if self.pipeline.compute == "dram" else ks.gpu  # type: ignore[union-attr]
+        return flat.view(packed.dtype).as_strided(packed.size, packed.stride, packed.storage_offset)
+
+    # ---- backward ------------------------------------------------------------------------------
+    def _note_backward(self) -> None:
+        """Once per backward pass: queue the callback that runs when it ends."""
+        task = torch._C._current_graph_task_id()
+        if task < 0 or task in self._callback_tasks:
+            return
+        self._callback_tasks.add(task)
+
+        def on_backward_end(task: int = task) -> None:
+            self._callback_tasks.discard(task)
+            self.end_backward()
+
+        torch.autograd.Variable._execution_engine.queue_callback(on_backward_end)
+
+    def _backward_acquire(self, bs: BlockState) -> None:
+        self._note_backward()
+        if bs in self._bwd_held:
+            return
+        # Backward has moved on to another block: let go of all but the most recent one (a wrong
+        # guess only costs a fetch when a later node unpacks the block again).
+        while len(self._bwd_held) > 1:
+            self.pipeline.release(self._bwd_held.pop(0))
+        self.pipeline.acquire(bs, "bwd")
+        self._bwd_held.append(bs)
+
+    def _release_backward(self, bs: BlockState) -> None:
+        if bs in self._bwd_held:
+            self._bwd_held.remove(bs)
+            self.pipeline.release(bs)
+
+    def end_backward(self) -> None:
+        """Release what backward held and send the finished gradients home."""
+        while self._bwd_held:
+            self.pipeline.release(self._bwd_held.pop())
+        self._grad_counts.clear()
+        if self.grads is not None:
+            self.grads.end_backward()
+
+    # ---- gradients -----------------------------------------------------------------------------
+    def _make_grad_hook(self, bs: BlockState, slot: Any) -> Callable[[torch.Tensor], None]:
+        grads = self.grads
+        assert grads is not None
+        trainable = len(bs.spec.trainable)
+
+        def grad_hook(param: torch.Tensor) -> None:
+            self._note_backward()
+            grad = param.grad
+            if grad is None:
+                return
+            param.grad = None
+            grads.accumulate(bs, slot, grad)
+            count = self._grad_counts.get(bs.index, 0) + 1
+            if count >= trainable:
+                self._grad_counts.pop(bs.index, None)
+                grads.block_complete(bs)
+                self._release_backward(bs)
+            else:
+                self._grad_counts[bs.index] = count
+
+        return grad_hook

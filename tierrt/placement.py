@@ -1,0 +1,216 @@
+"""Placement: which tier is home to each kind of each block's state, within every budget.
+
+The compute tier (the GPU, or DRAM without one) first keeps a *working set*: the largest set of
+blocks one module needs at once, the blocks in flight for prefetch, and the gradient buffer of the
+block in backward. What is left of the budget holds blocks permanently (*pinned*: never fetched
+again), spread evenly over the model so that their compute time overlaps the fetches of their
+neighbours. Everything else is homed in the next tiers down (DRAM, CXL, NVMe), fastest first.
+
+A budget too small for the working set of the largest block fails here, before anything moves, with
+the budget that would fit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .blocks import Partition
+from .errors import TierCapacityError
+from .sizes import format_size
+from .store import KindLayout, make_layout
+
+__all__ = ["KindPlan", "Placement", "plan_placement"]
+
+
+@dataclass
+class KindPlan:
+    """The layout and home of one kind of one block."""
+
+    layout: KindLayout
+    home: str
+
+
+@dataclass
+class Placement:
+    """Homes for every (block, kind), pinned blocks, prefetch depth and the bytes needed per tier."""
+
+    kinds: list[dict[str, KindPlan]]
+    pinned: set[int]
+    depth: int
+    working_set: int
+    needed: dict[str, int] = field(default_factory=dict)  # tier -> bytes of homes
+
+    def describe(self) -> str:
+        lines = [
+            f"prefetch depth {self.depth}, working set {format_size(self.working_set)}, "
+            f"{len(self.pinned)} of {len(self.kinds)} blocks pinned on the compute tier"
+        ]
+        for tier, nbytes in self.needed.items():
+            lines.append(f"  {tier}: {format_size(nbytes)} of homes")
+        return "\n".join(lines)
+
+
+def _kinds_for(
+    partition: Partition, compute_dtype: torch.dtype | None, train: bool
+) -> list[dict[str, KindLayout]]:
+    out = []
+    for spec in partition.blocks:
+        kinds: dict[str, KindLayout] = {"weight": make_layout(spec, "weight", compute_dtype)}
+        trainable = any(s.param.requires_grad for s in spec.slots)
+        differs = compute_dtype is not None and any(s.dtype != compute_dtype for s in spec.slots)
+        if trainable and differs:
+            kinds["master"] = make_layout(spec, "master", None, trainable_only=True)
+        if trainable and train:
+            kinds["grad"] = make_layout(spec, "grad", None, trainable_only=True)
+        out.append(kinds)
+    return out
+
+
+def plan_placement(
+    partition: Partition,
+    *,
+    compute: str,
+    budgets: dict[str, int | None],
+    compute_dtype: torch.dtype | None,
+    depth: int | None,
+    train: bool = True,
+) -> Placement:
+    """Choose homes for every kind of every block.
+
+    ``compute``: "dram" or the GPU tier's name. ``budgets``: bytes per tier name in hierarchy order
+    ("gpu0", "dram", "cxl", "nvme"); ``None`` means unbounded (NVMe sized to fit). ``depth``: blocks
+    to prefetch ahead (None: 2, or fewer when the budget is tight).
+    """
+    layouts = _kinds_for(partition, compute_dtype, train)
+    weights = [k["weight"].nbytes for k in layouts]
+    grads = [k["grad"].nbytes if "grad" in k else 0 for k in layouts]
+    masters = [k["master"].nbytes if "master" in k else 0 for k in layouts]
+    acquisitions = [sum(weights[i] for i in set(needed)) for _, needed in partition.hook_targets]
+    max_acq = max(acquisitions, default=max(weights))
+    max_w, max_g, max_m = max(weights), max(grads), max(masters)
+
+    compute_budget = budgets[compute]
+    assert compute_budget is not None
+    # In backward a block's weights and gradient buffer are both in DRAM; the optimizer holds a
+    # block's master weights and gradients with its compute weights.
+    if compute == "dram":
+        minimum = max(max_acq + max_g, max_w + max_g + max_m + (max_w if max_m else 0))
+    else:
+        minimum = max_acq
+    wanted_depth = 2 if depth is None else max(0, depth)
+    if compute_budget < minimum:
+        biggest = max(range(len(layouts)), key=lambda i: weights[i] + grads[i])
+        name = partition.blocks[biggest].name
+        raise TierCapacityError(
+            f"{compute} budget {format_size(compute_budget)} is below what the largest block needs: "
+            f"block {name} holds {format_size(weights[biggest])} of weights"
+            + (f" and {format_size(grads[biggest])} of gradients" if grads[biggest] else "")
+            + f"; a {compute} budget of at least {format_size(minimum)} would fit "
+            f"({format_size(minimum + wanted_depth * max_w)} to prefetch {wanted_depth} blocks ahead)",
+            tier=compute,
+            requested=minimum,
+            budget=compute_budget,
+        )
+    # Depth that fits next to the minimum working set.
+    fit_depth = (compute_budget - minimum) // max_w if max_w else wanted_depth
+    depth_used = int(min(wanted_depth, fit_depth))
+    working = minimum + depth_used * max_w + (max_g if compute == "dram" and grads else 0)
+    working = min(working, compute_budget)
+
+    # Tiers below compute, in order; DRAM is among them when compute is a GPU.
+    order = [name for name in budgets if name != compute]
+    free = {name: budgets[name] for name in order}
+    needed = {name: 0 for name in budgets}
+    homes: list[dict[str, str]] = [{} for _ in layouts]
+    if compute != "dram":
+        # DRAM stages what moves between NVMe and the GPU, and holds the optimizer's working blocks.
+        staging = (depth_used + 1) * max_w + 2 * (max_g + max_m)
+        dram_budget = budgets.get("dram")
+        if dram_budget is not None and dram_budget < staging:
+            raise TierCapacityError(
+                f"dram budget {format_size(dram_budget)} is below the {format_size(staging)} needed to stage "
+                f"the largest blocks between the tiers and the GPU",
+                tier="dram",
+                requested=staging,
+                budget=dram_budget,
+            )
+        if dram_budget is not None:
+            free["dram"] = dram_budget - staging
+
+    # Pinned blocks: weights that stay on the compute tier. Spread evenly.
+    spare = compute_budget - working
+    pinned: set[int] = set()
+    total_weights = sum(weights)
+    if spare >= total_weights:
+        pinned = set(range(len(layouts)))
+    elif spare > 0:
+        count = _count_fitting(sorted(weights), spare)
+        for i in _spread(len(layouts), count):
+            if weights[i] <= spare:
+                pinned.add(i)
+                spare -= weights[i]
+    if compute == "dram":
+        for i in pinned:
+            homes[i]["weight"] = "dram"
+            needed["dram"] += weights[i]
+        # With CPU compute, gradients and master weights may live in DRAM too if room is left.
+        compute_left = spare
+        for kind, sizes in (("grad", grads), ("master", masters)):
+            for i in range(len(layouts)):
+                if sizes[i] and kind in layouts[i] and sizes[i] <= compute_left and "weight" in homes[i]:
+                    homes[i][kind] = "dram"
+                    needed["dram"] += sizes[i]
+                    compute_left -= sizes[i]
+
+    # Everything else: fastest lower tier with room.
+    for i, kinds in enumerate(layouts):
+        for kind, layout in kinds.items():
+            if kind in homes[i]:
+                continue
+            for tier in order:
+                if compute == "dram" and tier == "dram":
+                    continue  # DRAM's spare room was handed out above
+                room = free[tier]
+                if room is None or room >= layout.nbytes:
+                    homes[i][kind] = tier
+                    needed[tier] += layout.nbytes
+                    if room is not None:
+                        free[tier] = room - layout.nbytes
+                    break
+            else:
+                lower = [t for t in order if not (compute == "dram" and t == "dram")]
+                raise TierCapacityError(
+                    f"the model's state does not fit: {kind} of block {partition.blocks[i].name} "
+                    f"({format_size(layout.nbytes)}) has no room in "
+                    f"{', '.join(lower) or 'any tier below ' + compute}; total state "
+                    f"{format_size(sum(k.nbytes for ks in layouts for k in ks.values()))}. Add an nvme tier "
+                    "or raise a budget",
+                    tier=lower[-1] if lower else compute,
+                    requested=layout.nbytes,
+                )
+    plans = [
+        {kind: KindPlan(layout, homes[i][kind]) for kind, layout in kinds.items()}
+        for i, kinds in enumerate(layouts)
+    ]
+    return Placement(plans, pinned, depth_used, working, {k: v for k, v in needed.items() if v})
+
+
+def _count_fitting(sorted_sizes: list[int], room: int) -> int:
+    count = 0
+    for size in sorted_sizes:
+        if size > room:
+            break
+        room -= size
+        count += 1
+    return count
+
+
+def _spread(n: int, count: int) -> list[int]:
+    """``count`` indices spread evenly over range(n)."""
+    if count <= 0:
+        return []
+    if count >= n:
+        return list(range(n))
+    return sorted({int((k + 0.5) * n / count) for k in range(count)})

@@ -1,0 +1,210 @@
+"""What the runtime did: bytes per link, stalls, prefetch hits, memory per tier, per step and in total.
+
+``rt.report()`` returns a :class:`Report`; ``print(rt.report())`` shows it as a table::
+
+    tierrt step 12 (last step 3.41s, 12 steps 41.0s)
+      link            last step     total    GB/s(busy)
+      nvme->dram       4.20GiB    50.4GiB      2.31
+      dram->nvme       1.05GiB    12.6GiB      2.52
+      compute waited on I/O: 0.21s (6.2%)   prefetch hits 44 / misses 0
+      tier   budget     in use     peak
+      dram   1GiB      812MiB    1GiB
+      nvme   9.2GiB    8.1GiB    8.3GiB
+
+``rt.trace("run.json")`` writes the spans as a Chrome/Perfetto trace (chrome://tracing, ui.perfetto.dev).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from .sizes import format_size
+
+__all__ = ["Counters", "Report", "write_chrome_trace"]
+
+
+@dataclass
+class Counters:
+    """Monotonic counters; a step's figures are the difference of two snapshots."""
+
+    bytes_by_link: Counter = field(default_factory=Counter)
+    busy_by_link: Counter = field(default_factory=Counter)  # seconds transfers on a link were running
+    bytes_by_kind: Counter = field(default_factory=Counter)  # "grad nvme->dram" -> bytes
+    prefetch_hits: int = 0
+    prefetch_misses: int = 0
+    stall_seconds: float = 0.0
+    stall_events: int = 0
+    transfers: int = 0
+    evictions: int = 0
+    optimizer_seconds: float = 0.0
+    optimizer_overlap_seconds: float = 0.0
+    steps: int = 0
+    wall_seconds: float = 0.0
+
+    def copy(self) -> Counters:
+        return Counters(
+            Counter(self.bytes_by_link),
+            Counter(self.busy_by_link),
+            Counter(self.bytes_by_kind),
+            self.prefetch_hits,
+            self.prefetch_misses,
+            self.stall_seconds,
+            self.stall_events,
+            self.transfers,
+            self.evictions,
+            self.optimizer_seconds,
+            self.optimizer_overlap_seconds,
+            self.steps,
+            self.wall_seconds,
+        )
+
+    def minus(self, other: Counters) -> Counters:
+        return Counters(
+            self.bytes_by_link - other.bytes_by_link,
+            self.busy_by_link - other.busy_by_link,
+            self.bytes_by_kind - other.bytes_by_kind,
+            self.prefetch_hits - other.prefetch_hits,
+            self.prefetch_misses - other.prefetch_misses,
+            self.stall_seconds - other.stall_seconds,
+            self.stall_events - other.stall_events,
+            self.transfers - other.transfers,
+            self.evictions - other.evictions,
+            self.optimizer_seconds - other.optimizer_seconds,
+            self.optimizer_overlap_seconds - other.optimizer_overlap_seconds,
+            self.steps - other.steps,
+            self.wall_seconds - other.wall_seconds,
+        )
+
+    def record_transfer(self, link: str, kind: str, nbytes: int, seconds: float) -> None:
+        self.bytes_by_link[link] += nbytes
+        self.busy_by_link[link] += seconds
+        self.bytes_by_kind[f"{kind} {link}"] += nbytes
+        self.transfers += 1
+
+    def as_dict(self) -> dict[str, Any]:
+        hits, misses = self.prefetch_hits, self.prefetch_misses
+        return {
+            "bytes_by_link": dict(self.bytes_by_link),
+            "busy_seconds_by_link": dict(self.busy_by_link),
+            "bytes_by_kind": dict(self.bytes_by_kind),
+            "prefetch_hits": hits,
+            "prefetch_misses": misses,
+            "prefetch_hit_rate": hits / (hits + misses) if hits + misses else None,
+            "stall_seconds": self.stall_seconds,
+            "stall_fraction": self.stall_seconds / self.wall_seconds if self.wall_seconds else None,
+            "stall_events": self.stall_events,
+            "transfers": self.transfers,
+            "evictions": self.evictions,
+            "optimizer_seconds": self.optimizer_seconds,
+            "optimizer_overlap_seconds": self.optimizer_overlap_seconds,
+            "steps": self.steps,
+            "wall_seconds": self.wall_seconds,
+        }
+
+
+@dataclass
+class Report:
+    """A snapshot: the last completed step, the totals, and memory per tier."""
+
+    step: Counters
+    total: Counters
+    tiers: dict[str, dict[str, Any]]
+    native_overhead: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "last_step": self.step.as_dict(),
+            "total": self.total.as_dict(),
+            "tiers": self.tiers,
+            "overhead": self.native_overhead,
+        }
+
+    # Shorthands for the figures people look at most.
+    @property
+    def stall_fraction(self) -> float:
+        total = self.total
+        return total.stall_seconds / total.wall_seconds if total.wall_seconds else 0.0
+
+    @property
+    def prefetch_hit_rate(self) -> float:
+        hits, misses = self.total.prefetch_hits, self.total.prefetch_misses
+        return hits / (hits + misses) if hits + misses else 1.0
+
+    def __str__(self) -> str:
+        step, total = self.step, self.total
+        lines = [
+            f"tierrt: {total.steps} steps in {total.wall_seconds:.2f}s"
+            + (f" (last step {step.wall_seconds:.2f}s)" if total.steps else "")
+        ]
+        links = sorted(set(total.bytes_by_link) | set(step.bytes_by_link))
+        if links:
+            lines.append(f"  {'link':<14}{'last step':>12}{'total':>12}{'GB/s busy':>11}")
+            for link in links:
+                busy = total.busy_by_link.get(link, 0.0)
+                rate = total.bytes_by_link[link] / busy / 1e9 if busy > 0 else 0.0
+                lines.append(
+                    f"  {link:<14}{format_size(step.bytes_by_link.get(link, 0)):>12}"
+                    f"{format_size(total.bytes_by_link.get(link, 0)):>12}{rate:>11.2f}"
+                )
+        else:
+            lines.append("  no data moved between tiers")
+        for label, counters in (("last step", step), ("total", total)):
+            wall = counters.wall_seconds
+            frac = f" ({100 * counters.stall_seconds / wall:.1f}%)" if wall > 0 else ""
+            hits, misses = counters.prefetch_hits, counters.prefetch_misses
+            lines.append(
+                f"  {label}: compute waited on I/O {counters.stall_seconds:.3f}s{frac}; "
+                f"prefetch hits {hits}, misses {misses}; evictions {counters.evictions}"
+            )
+            if counters.optimizer_seconds:
+                lines.append(
+                    f"    optimizer {counters.optimizer_seconds:.3f}s, "
+                    f"{counters.optimizer_overlap_seconds:.3f}s of it overlapped backward"
+                )
+        lines.append(f"  {'tier':<8}{'budget':>10}{'in use':>10}{'peak':>10}")
+        for name, stats in self.tiers.items():
+            lines.append(
+                f"  {name:<8}{format_size(stats.get('budget', 0)):>10}"
+                f"{format_size(stats.get('in_use', 0)):>10}{format_size(stats.get('peak_in_use', 0)):>10}"
+            )
+        if self.native_overhead:
+            extra = ", ".join(f"{k} {format_size(v)}" for k, v in self.native_overhead.items())
+            lines.append(f"  tierrt memory outside its arenas: {extra}")
+        return "\n".join(lines)
+
+
+def write_chrome_trace(path: str | os.PathLike, spans: list[Any], origin: float | None = None) -> str:
+    """Write ``spans`` (objects with name, category, lane, start, end, nbytes) as a Chrome trace.
+
+    Each lane (e.g. "compute", "nvme->dram") becomes a row; times are microseconds from ``origin``.
+    """
+    path = os.fspath(path)
+    if origin is None:
+        origin = min((s.start for s in spans), default=time.perf_counter())
+    lanes: dict[str, int] = {}
+    events: list[dict[str, Any]] = []
+    for span in spans:
+        tid = lanes.setdefault(span.lane, len(lanes) + 1)
+        event = {
+            "name": span.name,
+            "cat": span.category,
+            "ph": "X",
+            "pid": 1,
+            "tid": tid,
+            "ts": (span.start - origin) * 1e6,
+            "dur": max(span.end - span.start, 0.0) * 1e6,
+        }
+        if span.nbytes:
+            event["args"] = {"bytes": span.nbytes, "size": format_size(span.nbytes)}
+        events.append(event)
+    for lane, tid in lanes.items():
+        events.append({"name": "thread_name", "ph": "M", "pid": 1, "tid": tid, "args": {"name": lane}})
+    events.append({"name": "process_name", "ph": "M", "pid": 1, "args": {"name": "tierrt"}})
+    with open(path, "w") as handle:
+        json.dump({"traceEvents": events, "displayTimeUnit": "ms"}, handle)
+    return path

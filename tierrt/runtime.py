@@ -1,0 +1,621 @@
+"""``tierrt.offload()``: the context manager around a user's own training loop.
+
+Example (no GPU: DRAM is the compute tier, NVMe below it)::
+
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    with tierrt.offload(model, tiers=[tierrt.dram("4GiB"), tierrt.nvme("/mnt/nvme/tierrt")],
+                        optimizer=opt) as rt:
+        for batch in loader:                   # the loop is unchanged
+            loss = model(**batch).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        print(rt.report())
+    # here the model is whole again, on the device it came from, with its trained values
+
+Entering moves every parameter into its home tier (one flat aligned buffer per block and kind of
+state) and frees the original memory; leaving gives the model back, also when the loop raised.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+import psutil
+import torch
+from torch import nn
+
+from . import _native
+from .blocks import BlockSelector, Partition, partition_model
+from .errors import ConfigError, HookError, TierCapacityError
+from .grads import GradientStore
+from .hooks import HookSet
+from .optim.generic import BlockwiseOptimizer
+from .placement import Placement, plan_placement
+from .report import Counters, Report, write_chrome_trace
+from .sizes import format_size
+from .store import BlockState, HostTier, KindState, NvmeTierStore, TensorStore
+from .tiers import CxlTier, DramTier, GpuTier, NvmeTier, TierSpec, validate_tiers
+
+log = logging.getLogger("tierrt")
+
+__all__ = ["offload", "Runtime", "default_tiers"]
+
+# id(param) -> the Runtime offloading it (so a parameter cannot be offloaded twice)
+_OWNERS: dict[int, weakref.ReferenceType[Runtime]] = {}
+_OWNERS_LOCK = threading.Lock()
+
+
+def default_tiers() -> list[TierSpec]:
+    """The GPU if there is one, DRAM at half of the available memory, NVMe under the user's cache
+    directory (``$XDG_CACHE_HOME/tierrt/swap`` or ``~/.cache/tierrt/swap``)."""
+    from .tiers import dram, gpu, nvme
+
+    tiers: list[TierSpec] = []
+    if torch.cuda.is_available():
+        tiers.append(gpu(torch.cuda.current_device()))
+    available = psutil.virtual_memory().available
+    tiers.append(dram(max(available // 2, 256 << 20)))
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    tiers.append(nvme(os.path.join(cache, "tierrt", "swap")))
+    return tiers
+
+
+def offload(
+    model: nn.Module,
+    tiers: Sequence[TierSpec] | None = None,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    blocks: BlockSelector = None,
+    prefetch: int | None = None,
+    compute_dtype: torch.dtype | None = None,
+    progress: bool | None = None,
+    io_backend: str = "auto",
+    queue_depth: int = 32,
+    restore: bool = True,
+) -> Runtime:
+    """Offload ``model`` across ``tiers`` for the duration of a ``with`` block.
+
+    Args:
+        model: any ``nn.Module`` with parameters (on the CPU, or on the GPU named in ``tiers``).
+        tiers: tier specs fastest first, e.g. ``[tierrt.gpu(0), tierrt.dram("64GiB"),
+            tierrt.nvme("/mnt/nvme0/x")]``; ``None`` picks :func:`default_tiers`.
+        optimizer: a torch optimizer built over ``model.parameters()``; its ``step()`` and
+            ``zero_grad()`` then work on the offloaded parameters (required to train).
+        blocks: how to group parameters into blocks: a list of modules or a predicate
+            ``(name, module) -> bool``; default: each layer of the model's layer list, plus one
+            block per other module that owns parameters.
+        prefetch: blocks fetched ahead of compute (default 2, fewer when the budget is tight).
+        compute_dtype: dtype to compute in (e.g. ``torch.bfloat16``); parameters keep their own
+            dtype as fp32 master weights that the optimizer updates.
+        progress: show a progress bar while the model is placed (default: when it is large).
+        io_backend: "auto", "io_uring" or "threads" for NVMe I/O.
+        queue_depth: NVMe requests kept in flight.
+        restore: on exit, give the parameters back as ordinary tensors with their trained values.
+
+    Returns:
+        A :class:`Runtime`; use it as a context manager. Errors in the arguments, budgets or paths
+        raise a :class:`~tierrt.TierrtError` before anything moves, leaving the model untouched.
+    """
+    return Runtime(
+        model,
+        tiers,
+        optimizer=optimizer,
+        blocks=blocks,
+        prefetch=prefetch,
+        compute_dtype=compute_dtype,
+        progress=progress,
+        io_backend=io_backend,
+        queue_depth=queue_depth,
+        restore=restore,
+    )
+
+
+class Runtime:
+    """One offloaded model: its tiers, blocks, hooks and counters. Made by :func:`offload`."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tiers: Sequence[TierSpec] | None,
+        *,
+        optimizer: torch.optim.Optimizer | None = None,
+        blocks: BlockSelector = None,
+        prefetch: int | None = None,
+        compute_dtype: torch.dtype | None = None,
+        progress: bool | None = None,
+        io_backend: str = "auto",
+        queue_depth: int = 32,
+        restore: bool = True,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"offload(model): expected a torch.nn.Module, got {type(model).__name__}")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise ConfigError(
+                f"offload(optimizer=): expected a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
+        if compute_dtype is not None and not (
+            isinstance(compute_dtype, torch.dtype) and compute_dtype.is_floating_point
+        ):
+            raise ConfigError(f"offload(compute_dtype=): expected a floating dtype, got {compute_dtype!r}")
+        if prefetch is not None and (not isinstance(prefetch, int) or prefetch < 0):
+            raise ConfigError(f"offload(prefetch=): expected an int >= 0, got {prefetch!r}")
+        self.model = model
+        self.tier_specs = validate_tiers(default_tiers() if tiers is None else tiers)
+        self.optimizer = optimizer
+        self.block_selector = blocks
+        self.prefetch = prefetch
+        self.compute_dtype = compute_dtype
+        self.progress = progress
+        self.io_backend = io_backend
+        self.queue_depth = queue_depth
+        self.restore_on_exit = restore
+        self.active = False
+        self.closed = False
+        self.counters = Counters()
+        self._step_mark = Counters()
+        self._last_step = Counters()
+        self._step_started = time.perf_counter()
+        self._created = time.perf_counter()
+        self.partition: Partition | None = None
+        self.placement: Placement | None = None
+        self.store: TensorStore | None = None
+        self.pipeline: Any = None
+        self.hooks: HookSet | None = None
+        self.grads: GradientStore | None = None
+        self.blockwise: BlockwiseOptimizer | None = None
+        self._originals: dict[int, tuple[torch.device, torch.dtype]] = {}
+        self._patched_zero_grad: Any = None
+        self._state_dict_handle: Any = None
+
+    # ---- context manager -------------------------------------------------------------------------
+    def __enter__(self) -> Runtime:
+        self.start()
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        try:
+            self.close()
+        except BaseException:
+            if exc is None:
+                raise
+            log.exception("tierrt: restoring the model after an error in the with-block failed")
+        return False
+
+    # ---- start -----------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Place the model in its tiers and install the hooks (what ``with`` does on entry)."""
+        if self.active:
+            raise HookError("this tierrt runtime is already active: enter it once")
+        if self.closed:
+            raise HookError("this tierrt runtime was closed; call tierrt.offload() again")
+        from tierrt.scheduler.pipeline import Pipeline
+        from tierrt.scheduler.transfer import SpanLog
+
+        model = self.model
+        params = list(dict.fromkeys(model.parameters()))
+        if not params:
+            raise HookError(f"{type(model).__name__} has no parameters: there is nothing to offload")
+        with _OWNERS_LOCK:
+            for name, p in model.named_parameters():
+                owner = _OWNERS.get(id(p))
+                if owner is not None and owner() is not None and owner() is not self:
+                    raise HookError(
+                        f"parameter {name} is already offloaded by another active tierrt.offload() "
+                        "(a parameter shared between two offloaded models); offload the models together "
+                        "as one module"
+                    )
+        compute_spec = next((t for t in self.tier_specs if isinstance(t, GpuTier)), None)
+        if compute_spec is not None and not torch.cuda.is_available():
+            raise ConfigError(f"tiers include {compute_spec.name} but torch sees no CUDA device")
+        compute_device = torch.device("cuda", compute_spec.index) if compute_spec else torch.device("cpu")
+        for name, p in model.named_parameters():
+            if p.device.type not in ("cpu", "meta") and p.device != compute_device:
+                raise ConfigError(
+                    f"parameter {name} is on {p.device}; tierrt takes models on the CPU or on "
+                    f"the compute device {compute_device}"
+                )
+            if p.device.type == "meta":
+                raise HookError(
+                    f"parameter {name} is on the meta device (not materialised); build the model on the CPU"
+                )
+        compute = compute_spec.name if compute_spec else "dram"
+
+        budgets = self._budgets(compute_spec)
+        partition = partition_model(model, self.block_selector)
+        placement = plan_placement(
+            partition,
+            compute=compute,
+            budgets=budgets,
+            compute_dtype=self.compute_dtype,
+            depth=self.prefetch,
+            train=any(p.requires_grad for p in params),
+        )
+        self.partition, self.placement = partition, placement
+        log.info("tierrt placement: %s", placement.describe())
+        if self.optimizer is not None and not any(p.requires_grad for p in params):
+            raise HookError("an optimizer was given but no parameter of the model requires grad")
+        blockwise = None
+        if self.optimizer is not None:  # checked now: a wrong optimizer fails before anything moves
+            blockwise = BlockwiseOptimizer(
+                self.optimizer,
+                None,
+                None,
+                None,  # type: ignore[arg-type]
+                partition.block_of_param,
+                on_step_end=self._on_step_end,
+            )
+
+        # Create tiers: paths are checked (and swap files preallocated) before anything moves.
+        nvme_spec = next((t for t in self.tier_specs if isinstance(t, NvmeTier)), None)
+        nvme_store = None
+        engine = None
+        need_nvme = placement.needed.get("nvme", 0)
+        try:
+            if need_nvme:
+                assert nvme_spec is not None
+                largest = max(k.layout.nbytes for kinds in placement.kinds for k in kinds.values())
+                size = need_nvme + 4 * largest + (64 << 20)  # headroom for copy-on-write writes
+                if nvme_spec.budget is not None and nvme_spec.budget < size:
+                    raise TierCapacityError(
+                        f"nvme budget {format_size(nvme_spec.budget)} is below the {format_size(size)} the "
+                        f"placement needs there ({format_size(need_nvme)} of state plus room to write "
+                        "blocks copy-on-write)",
+                        tier="nvme",
+                        requested=size,
+                        budget=nvme_spec.budget,
+                    )
+                engine = _native.IOEngine(self.io_backend, self.queue_depth, 1 << 20)
+                nvme_store = NvmeTierStore(nvme_spec, size, engine)
+            host_tiers: dict[str, HostTier] = {}
+            for spec in self.tier_specs:
+                if isinstance(spec, (DramTier, CxlTier)):
+                    name = "dram" if isinstance(spec, DramTier) else spec.name
+                    budget = budgets[name]
+                    assert budget is not None
+                    host_tiers[name] = HostTier(spec, budget)
+            gpu_store = None
+            if compute_spec is not None:
+                from .store import GpuTierStore
+
+                gpu_budget = budgets[compute]
+                assert gpu_budget is not None
+                gpu_store = GpuTierStore(compute_spec, gpu_budget)
+                host_tiers["dram"].register_cuda()
+            store = TensorStore(host_tiers, nvme_store, gpu_store)
+        except BaseException:
+            if nvme_store is not None:
+                nvme_store.close()
+            raise
+        self.store = store
+        self.engine = engine
+        spans = SpanLog()
+        self.spans = spans
+        try:
+            self._build_blocks(store, partition, placement)
+            self.pipeline = Pipeline(store, compute, compute_device, placement.depth, self.counters, spans)
+            self._place(store, partition, placement, compute_device)
+        except BaseException:
+            self._unplace_after_failure()
+            raise
+        with _OWNERS_LOCK:
+            for p in params:
+                _OWNERS[id(p)] = weakref.ref(self)
+        self.grads = GradientStore(self.pipeline, store) if any(p.requires_grad for p in params) else None
+        self.hooks = HookSet(model, self.pipeline, self.grads, partition.hook_targets)
+        self.hooks.on_forward_start = self._on_forward_start
+        self.hooks.install()
+        if blockwise is not None:
+            assert self.grads is not None
+            blockwise.attach(self.pipeline, store, self.grads)
+            blockwise.install()
+            self.blockwise = blockwise
+        self._patch_model()
+        self.active = True
+        self._step_started = time.perf_counter()
+        self._step_mark = self.counters.copy()
+
+    def _budgets(self, compute_spec: GpuTier | None) -> dict[str, int | None]:
+        budgets: dict[str, int | None] = {}
+        for spec in self.tier_specs:
+            if isinstance(spec, GpuTier):
+                budget = spec.budget
+                if budget is None:
+                    free, _ = torch.cuda.mem_get_info(spec.index)
+                    budget = int(free * 0.5)
+                budgets[spec.name] = budget
+            elif isinstance(spec, DramTier):
+                budget = spec.budget
+                if budget is None:
+                    budget = max(psutil.virtual_memory().available // 2, 256 << 20)
+                budgets["dram"] = budget
+            elif isinstance(spec, CxlTier):
+                if spec.budget is None:
+                    raise ConfigError("cxl(): give a budget (the size of the arena to reserve there)")
+                budgets[spec.name] = spec.budget
+            elif isinstance(spec, NvmeTier):
+                budgets["nvme"] = None  # sized to the placement below, checked against free space
+        return budgets
+
+    def _build_blocks(self, store: TensorStore, partition: Partition, placement: Placement) -> None:
+        for spec, kinds in zip(partition.blocks, placement.kinds):
+            bs = BlockState(spec)
+            for kind, plan in kinds.items():
+                bs.kinds[kind] = KindState(plan.layout, plan.home)
+            bs.pinned = spec.index in placement.pinned
+            store.blocks.append(bs)
+        for bs in store.blocks:
+            for ks in bs.kinds.values():
+                store.allocate_home(ks)
+
+    def _place(
+        self, store: TensorStore, partition: Partition, placement: Placement, compute_device: torch.device
+    ) -> None:
+        """Copy every parameter into its block's home buffers, then let go of the originals.
+
+        The original tensors are dropped only after every block is safely home, so a failure part way
+        (a full disk, an I/O error) leaves the model exactly as it was."""
+        from tqdm.auto import tqdm
+
+        total = sum(ks.nbytes for bs in store.blocks for kind, ks in bs.kinds.items() if kind != "grad")
+        show = self.progress if self.progress is not None else total >= (1 << 30)
+        bar = tqdm(
+            total=total,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc="tierrt: placing model",
+            disable=not show,
+            leave=False,
+        )
+        pipeline = self.pipeline
+        try:
+            for bs in store.blocks:
+                for slot in bs.spec.slots:
+                    self._originals[id(slot.param)] = (slot.param.device, slot.param.dtype)
+                for kind, ks in bs.kinds.items():
+                    if kind == "grad":
+                        continue
+                    if ks.host is None:
+                        pipeline._room_for(ks, "dram", True, {bs.index})
+                    views = dict(zip(ks.layout.slots, store.host_views(bs, ks)))
+                    with torch.no_grad():
+                        for slot_index, view in views.items():
+                            view.copy_(bs.spec.slots[slot_index].param.detach())
+                    ks.valid = {"dram"}
+                    if ks.home != "dram":
+                        keep = kind == "weight" and pipeline.compute == "dram" and bs.pinned
+                        pipeline.flush(bs, kind, drop=not keep)
+                    bar.update(ks.nbytes)
+            pipeline.drain()
+        finally:
+            bar.close()
+        # Everything is home: parameters now view their block (resident) or a placeholder.
+        for bs in store.blocks:
+            if pipeline.compute == "dram" and "dram" in bs.kinds["weight"].valid:
+                pipeline._attach(bs)
+            else:
+                pipeline.detach(bs)
+
+    def _unplace_after_failure(self) -> None:
+        """Placement failed part way: the parameters still hold their values; free the tiers."""
+        store = self.store
+        if store is None:
+            return
+        try:
+            if self.pipeline is not None:
+                self.pipeline.close()
+        except BaseException:  # noqa: BLE001
+            log.exception("tierrt: draining transfers after a failed placement")
+        store.close()
+        self.store = None
+
+    # ---- steps -----------------------------------------------------------------------------------
+    def _on_forward_start(self) -> None:
+        if self.blockwise is None:
+            self._step_boundary()
+
+    def _on_step_end(self) -> None:
+        self._step_boundary()
+
+    def _step_boundary(self) -> None:
+        now = time.perf_counter()
+        self.counters.wall_seconds += now - self._step_started
+        self.counters.steps += 1
+        self._step_started = now
+        self._last_step = self.counters.minus(self._step_mark)
+        self._step_mark = self.counters.copy()
+
+    # ---- model patches ---------------------------------------------------------------------------
+    def _patch_model(self) -> None:
+        model = self.model
+        grads = self.grads
+        original = model.__dict__.get("zero_grad")
+        self._patched_zero_grad = (original,)
+
+        def zero_grad(module_self: nn.Module, set_to_none: bool = True) -> None:
+            if grads is not None:
+                grads.zero(set_to_none)
+            type(module_self).zero_grad(module_self, set_to_none)
+
+        import types
+
+        model.zero_grad = types.MethodType(zero_grad, model)  # type: ignore[method-assign]
+        runtime = weakref.ref(self)
+
+        def state_dict_post_hook(
+            module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any
+        ) -> None:
+            rt = runtime()
+            if rt is not None:
+                rt._state_dict_post_hook(module, state_dict, prefix, local_metadata)
+
+        self._state_dict_handle = model.register_state_dict_post_hook(state_dict_post_hook)
+
+    def _unpatch_model(self) -> None:
+        model = self.model
+        if self._patched_zero_grad is not None:
+            (original,) = self._patched_zero_grad
+            if original is None:
+                model.__dict__.pop("zero_grad", None)
+            else:
+                model.zero_grad = original  # type: ignore[method-assign]
+            self._patched_zero_grad = None
+        if self._state_dict_handle is not None:
+            self._state_dict_handle.remove()
+            self._state_dict_handle = None
+
+    def _state_dict_post_hook(
+        self, module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any
+    ) -> None:
+        """``model.state_dict()`` inside the context: real values, read from the tiers."""
+        if not self.active or self.partition is None:
+            return
+        slots = {}
+        for bs in self.store.blocks:  # type: ignore[union-attr]
+            for slot in bs.spec.slots:
+                slots[id(slot.param)] = (bs, slot)
+        for name, param in module.named_parameters(remove_duplicate=False):
+            key = prefix + name
+            entry = slots.get(id(param))
+            if key in state_dict and entry is not None:
+                state_dict[key] = self._materialize(*entry, device=torch.device("cpu"))
+
+    def _materialize(
+        self, bs: BlockState, slot: Any, device: torch.device, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """A fresh tensor holding ``slot``'s current value (master weights when there are some)."""
+        kind = (
+            "master"
+            if "master" in bs.kinds and bs.kinds["master"].layout.position(slot.index) is not None
+            else "weight"
+        )
+        pipeline = self.pipeline
+        ks = bs.kinds[kind]
+        pipeline.ensure_host(bs, kind)
+        ks.pins += 1
+        try:
+            view = self.store.slot_view(bs, ks, slot, "dram")  # type: ignore[union-attr]
+            return view.to(device=device, dtype=dtype or view.dtype, copy=True)
+        finally:
+            ks.pins -= 1
+
+    # ---- close -----------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Give the model back (trained values, original devices) and free every tier."""
+        if self.closed:
+            return
+        if not self.active:
+            self.closed = True
+            return
+        errors: list[BaseException] = []
+        try:
+            self.pipeline.drain()
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+        if self.hooks is not None:
+            self.hooks.remove()
+        if self.blockwise is not None:
+            self.blockwise.remove()
+        self._unpatch_model()
+        try:
+            if self.restore_on_exit:
+                self._restore_all()
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+        with _OWNERS_LOCK:
+            for bs in self.store.blocks:  # type: ignore[union-attr]
+                for slot in bs.spec.slots:
+                    _OWNERS.pop(id(slot.param), None)
+        try:
+            self.pipeline.close()
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+        self.store.close()  # type: ignore[union-attr]
+        self.active = False
+        self.closed = True
+        if errors:
+            raise errors[0]
+
+    def _restore_all(self) -> None:
+        for bs in self.store.blocks:  # type: ignore[union-attr]
+            for slot in bs.spec.slots:
+                self._restore_slot(bs, slot)
+            bs.attached = False
+        if self.optimizer is not None:
+            self._move_optimizer_state()
+
+    def _restore_slot(self, bs: BlockState, slot: Any) -> None:
+        device, dtype = self._originals[id(slot.param)]
+        slot.param.data = self._materialize(bs, slot, device=device, dtype=dtype)
+
+    def _move_optimizer_state(self) -> None:
+        """Optimizer state made during blockwise steps lives on the CPU; follow the parameters."""
+        assert self.optimizer is not None
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                state = self.optimizer.state.get(p)
+                if not state:
+                    continue
+                for key, value in state.items():
+                    if (
+                        isinstance(value, torch.Tensor)
+                        and value.shape == p.shape
+                        and value.device != p.device
+                    ):
+                        state[key] = value.to(p.device)
+
+    # ---- observability ---------------------------------------------------------------------------
+    def report(self) -> Report:
+        """Figures for the last completed step and in total (see :mod:`tierrt.report`)."""
+        total = self.counters.copy()
+        total.wall_seconds += time.perf_counter() - self._step_started if self.active else 0.0
+        tiers: dict[str, dict[str, Any]] = {}
+        if self.store is not None:
+            store = self.store
+            if store.gpu is not None:
+                tiers[store.gpu.name] = store.gpu.stats()
+            for name, tier in store.host_tiers.items():
+                stats = tier.stats()
+                tiers[name] = {
+                    "budget": tier.budget,
+                    "in_use": stats.get("in_use", 0),
+                    "peak_in_use": stats.get("peak_in_use", 0),
+                    "free": stats.get("free", 0),
+                    "largest_free": stats.get("largest_free", 0),
+                }
+            if store.nvme is not None:
+                stats = store.nvme.stats()
+                tiers["nvme"] = {
+                    "budget": store.nvme.size,
+                    "in_use": stats.get("in_use", 0),
+                    "peak_in_use": stats.get("peak_in_use", 0),
+                    "free": stats.get("free", 0),
+                    "direct": stats.get("direct"),
+                }
+        return Report(self._last_step, total, tiers, self._overhead())
+
+    def _overhead(self) -> dict[str, int]:
+        placeholders = 0
+        if self.pipeline is not None:
+            placeholders = sum(t.element_size() for t in self.pipeline.placeholders._bases.values())
+        return {"placeholders": placeholders}
+
+    def trace(self, path: str | os.PathLike) -> str:
+        """Write a Chrome/Perfetto trace of transfers and waits so far to ``path``."""
+        return write_chrome_trace(path, self.spans.snapshot(), origin=self._created)
+
+    @property
+    def blocks(self) -> list[BlockState]:
+        return [] if self.store is None else self.store.blocks
+
+    def describe(self) -> str:
+        """The placement in words."""
+        return "" if self.placement is None else self.placement.describe()

@@ -1,0 +1,556 @@
+"""TensorStore: where every block's state lives, and the copies that move it.
+
+Each block has one flat buffer per *kind* of state ("weight", "master", "grad", "exp_avg", ...),
+laid out by :class:`KindLayout`. A kind has a *home* tier (where it lives for good) and may have
+copies on faster tiers (the compute copy of the weights, a DRAM staging copy of NVMe-homed state).
+``valid`` names the tiers whose copy holds the current value.
+
+The store holds data and knows how to copy it; *when* to copy is the scheduler's business
+(``tierrt.scheduler``). All state changes happen on the thread running the model; copies run on
+transfer workers and take effect when the scheduler reaps them.
+
+Writes to NVMe are copy-on-write: new data goes to a fresh extent and the old extent is released
+only once the write succeeded (or, inside a step transaction, when the step commits), so a failed
+write (EIO, ENOSPC, a full tier) never damages what was stored before.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shutil
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import _native
+from .blocks import SLOT_ALIGN, BlockSpec, ParamSlot
+from .errors import ConfigError, TierCapacityError, TierPathError
+from .sizes import format_size
+from .tiers import CxlTier, DramTier, GpuTier, NvmeTier
+
+log = logging.getLogger("tierrt.store")
+
+__all__ = [
+    "KindLayout",
+    "HostBuffer",
+    "HostTier",
+    "NvmeTierStore",
+    "GpuTierStore",
+    "KindState",
+    "BlockState",
+    "TensorStore",
+    "make_layout",
+]
+
+
+def _align(value: int, alignment: int) -> int:
+    return (value + alignment - 1) // alignment * alignment
+
+
+@dataclass(frozen=True)
+class KindLayout:
+    """Layout of one kind of state in a block buffer: which slots it covers, their dtypes and byte
+    offsets, and the buffer size (whole pages)."""
+
+    kind: str
+    slots: tuple[int, ...]
+    dtypes: tuple[torch.dtype, ...]
+    offsets: tuple[int, ...]
+    nbytes: int
+
+    def position(self, slot_index: int) -> int | None:
+        try:
+            return self.slots.index(slot_index)
+        except ValueError:
+            return None
+
+
+def make_layout(
+    spec: BlockSpec, kind: str, dtype: torch.dtype | None = None, trainable_only: bool = False
+) -> KindLayout:
+    """Lay out ``kind`` for ``spec``: every slot (or only trainable ones) in ``dtype`` (or its own)."""
+    slots, dtypes, offsets = [], [], []
+    cursor = 0
+    for slot in spec.slots:
+        if trainable_only and not slot.param.requires_grad:
+            continue
+        dt = dtype or slot.dtype
+        slots.append(slot.index)
+        dtypes.append(dt)
+        offsets.append(cursor)
+        cursor = _align(cursor + slot.numel * dt.itemsize, SLOT_ALIGN)
+    return KindLayout(kind, tuple(slots), tuple(dtypes), tuple(offsets), _align(max(cursor, 1), 4096))
+
+
+class HostBuffer:
+    """A range of a host arena and a uint8 tensor viewing it (zero copy).
+
+    The arena range returns to the arena when the last tensor viewing it is gone, so memory that
+    autograd or a user still holds is never handed out again.
+    """
+
+    __slots__ = ("tier", "nbytes", "flat", "__weakref__")
+
+    def __init__(self, tier: HostTier, buffer: Any) -> None:
+        self.tier = tier
+        self.nbytes = int(buffer.nbytes)
+        self.flat = torch.frombuffer(buffer, dtype=torch.uint8)
+
+    @property
+    def address(self) -> int:
+        return self.flat.data_ptr()
+
+    def view(self, offset: int, dtype: torch.dtype, shape: torch.Size, numel: int) -> torch.Tensor:
+        """The slot at byte ``offset`` as a ``dtype`` tensor of ``shape`` sharing this storage."""
+        return self.flat[offset : offset + numel * dtype.itemsize].view(dtype).view(shape)
+
+
+class HostTier:
+    """A DRAM or CXL tier: one arena under a hard budget."""
+
+    def __init__(self, spec: DramTier | CxlTier, budget: int, nodes: tuple[int, ...] = ()) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.budget = budget
+        policy = getattr(spec, "policy", "default")
+        nodes = nodes or spec.nodes
+        if nodes and policy == "default":
+            policy = "bind"
+        self.arena = _native.HostArena(
+            budget,
+            nodes=list(nodes),
+            policy=policy,
+            hugepages=True,
+            lock=True,
+            populate=True,
+            alignment=4096,
+            name=self.name,
+        )
+        if not self.arena.locked:
+            log.info(
+                "%s arena of %s is not locked in memory (%s); it is still fully reserved",
+                self.name,
+                format_size(budget),
+                getattr(self.arena, "lock_error", "mlock failed"),
+            )
+        self.registered_cuda = False
+
+    def try_alloc(self, nbytes: int) -> HostBuffer | None:
+        buf = self.arena.try_alloc(nbytes)
+        return None if buf is None else HostBuffer(self, buf)
+
+    def alloc(self, nbytes: int) -> HostBuffer:
+        return HostBuffer(self, self.arena.alloc(nbytes))
+
+    def stats(self) -> dict[str, Any]:
+        return dict(self.arena.stats())
+
+    def free_bytes(self) -> int:
+        return int(self.arena.stats()["free"])
+
+    def largest_free(self) -> int:
+        return int(self.arena.stats()["largest_free"])
+
+    def register_cuda(self) -> None:
+        """Pin the arena for fast, asynchronous host<->GPU copies (once)."""
+        if self.registered_cuda or not torch.cuda.is_available():
+            return
+        result = torch.cuda.cudart().cudaHostRegister(self.arena.address, self.arena.nbytes, 0)
+        code = result[0] if isinstance(result, tuple) else result
+        if int(code) != 0:
+            log.warning(
+                "cudaHostRegister of the %s arena failed (error %s); copies will be slower",
+                self.name,
+                int(code),
+            )
+            return
+        self.registered_cuda = True
+
+    def close(self) -> None:
+        if self.registered_cuda:
+            torch.cuda.cudart().cudaHostUnregister(self.arena.address)
+            self.registered_cuda = False
+
+
+class NvmeTierStore:
+    """Swap files on one or more directories, striped, with an extent allocator over them."""
+
+    def __init__(self, spec: NvmeTier, size: int, engine: Any) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.size = _align(max(size, 1 << 20), spec.stripe * len(spec.paths))
+        self.engine = engine
+        self.files: list[str] = []
+        check_nvme_paths(spec.paths, self.size)
+        token = f"{os.getpid()}-{secrets.token_hex(4)}"
+        self.files = [os.path.join(path, f"tierrt-{token}-{i}.swap") for i, path in enumerate(spec.paths)]
+        self.fileset = engine.open(
+            self.files, self.size, stripe=spec.stripe, create=True, preallocate=True, direct=True
+        )
+        if not self.fileset.direct:
+            log.warning(
+                "nvme tier %s: O_DIRECT is not supported there; using buffered I/O "
+                "(the page cache will hold copies of swapped data)",
+                ", ".join(spec.paths),
+            )
+        self.allocator = _native.Allocator(self.size, 4096, "nvme")
+
+    @property
+    def budget(self) -> int:
+        return self.size
+
+    def read(self, offset: int, host: HostBuffer, nbytes: int) -> Any:
+        return self.engine.read(self.fileset, offset, host.flat.numpy(), nbytes)
+
+    def write(self, offset: int, host: HostBuffer, nbytes: int) -> Any:
+        return self.engine.write(self.fileset, offset, host.flat.numpy(), nbytes)
+
+    def stats(self) -> dict[str, Any]:
+        stats = dict(self.allocator.stats())
+        stats["files"] = list(self.files)
+        stats["direct"] = bool(self.fileset.direct)
+        return stats
+
+    def close(self) -> None:
+        self.fileset.close(remove=True)
+
+
+def check_nvme_paths(paths: Iterable[str], size: int) -> None:
+    """Create the directories if needed and check each is writable and has room for its share.
+
+    Raises :class:`TierPathError` (unwritable, not a directory) or :class:`TierCapacityError` (no
+    room) naming the path, before anything is written.
+    """
+    paths = list(paths)
+    share = -(-size // len(paths))
+    for path in paths:
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as exc:
+            raise TierPathError(
+                f"nvme tier: cannot create directory {path}: {exc.strerror}", path=path, errno=exc.errno
+            ) from None
+        if not os.path.isdir(path):
+            raise TierPathError(f"nvme tier: {path} is not a directory", path=path)
+        probe = os.path.join(path, f".tierrt-probe-{os.getpid()}-{secrets.token_hex(3)}")
+        try:
+            with open(probe, "wb"):
+                pass
+        except OSError as exc:
+            raise TierPathError(
+                f"nvme tier: {path} is not writable: {exc.strerror}", path=path, errno=exc.errno
+            ) from None
+        finally:
+            try:
+                os.unlink(probe)
+            except OSError:
+                pass
+        free = shutil.disk_usage(path).free
+        if free < share:
+            raise TierCapacityError(
+                f"nvme tier: {path} has {format_size(free)} free but the placement needs "
+                f"{format_size(share)} there",
+                tier="nvme",
+                requested=share,
+                free=free,
+                path=path,
+            )
+
+
+class GpuTierStore:
+    """Device memory of the compute GPU, under a budget tierrt keeps to for the blocks it holds."""
+
+    def __init__(self, spec: GpuTier, budget: int) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.device = torch.device("cuda", spec.index)
+        self.budget = budget
+        self.used = 0
+        self.peak = 0
+
+    def try_alloc(self, nbytes: int) -> torch.Tensor | None:
+        if self.used + nbytes > self.budget:
+            return None
+        tensor = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        self.used += nbytes
+        self.peak = max(self.peak, self.used)
+        return tensor
+
+    def release(self, nbytes: int) -> None:
+        self.used -= nbytes
+
+    def free_bytes(self) -> int:
+        return self.budget - self.used
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "budget": self.budget,
+            "in_use": self.used,
+            "peak_in_use": self.peak,
+            "free": self.budget - self.used,
+        }
+
+
+@dataclass(eq=False)
+class KindState:
+    """One kind of a block's state: its layout, home, copies and which copies are current."""
+
+    layout: KindLayout
+    home: str
+    host: HostBuffer | None = None  # copy in the compute-side host tier ("dram")
+    far: HostBuffer | None = None  # copy in a CXL home
+    extent: int | None = None  # NVMe extent offset
+    gpu: torch.Tensor | None = None
+    valid: set[str] = field(default_factory=set)
+    inflight: Any = None  # the Transfer currently moving this kind
+    on_reap: Callable[[], None] | None = None
+    superseded: list[int] = field(default_factory=list)  # NVMe extents awaiting step commit
+    version: int = 0
+    pins: int = 0  # > 0 while compute or the optimizer works on the DRAM copy: not evictable
+
+    @property
+    def nbytes(self) -> int:
+        return self.layout.nbytes
+
+
+@dataclass(eq=False)
+class BlockState:
+    """Runtime state of one block: its spec and the state of each kind."""
+
+    spec: BlockSpec
+    kinds: dict[str, KindState] = field(default_factory=dict)
+    refcount: int = 0
+    attached: bool = False
+    last_use: int = 0
+    pinned: bool = False  # weights permanently on the compute tier
+
+    @property
+    def index(self) -> int:
+        return self.spec.index
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+class TensorStore:
+    """The blocks' state across tiers, with the primitive copies between them.
+
+    ``compute`` is "dram" (CPU compute) or the GPU tier's name. Host copies of every kind are made
+    in the "dram" tier.
+    """
+
+    def __init__(
+        self, host_tiers: dict[str, HostTier], nvme: NvmeTierStore | None, gpu: GpuTierStore | None
+    ) -> None:
+        self.host_tiers = host_tiers
+        self.dram = host_tiers["dram"]
+        self.nvme = nvme
+        self.gpu = gpu
+        self.blocks: list[BlockState] = []
+        self.in_step = False
+        self._h2d_stream = None
+        self._d2h_stream = None
+
+    # ---- allocation --------------------------------------------------------------------------
+    def tier_names(self) -> list[str]:
+        names = ([self.gpu.name] if self.gpu else []) + list(self.host_tiers)
+        return names + (["nvme"] if self.nvme else [])
+
+    def allocate_home(self, ks: KindState) -> None:
+        """Reserve ``ks``'s home (at placement). Raises TierCapacityError when it does not fit."""
+        if ks.home == "nvme":
+            assert self.nvme is not None
+            ks.extent = self.nvme.allocator.alloc(ks.nbytes)
+        elif ks.home == "dram":
+            ks.host = self.dram.alloc(ks.nbytes)
+        elif ks.home in self.host_tiers:
+            ks.far = self.host_tiers[ks.home].alloc(ks.nbytes)
+        elif self.gpu is not None and ks.home == self.gpu.name:
+            tensor = self.gpu.try_alloc(ks.nbytes)
+            if tensor is None:
+                raise TierCapacityError(
+                    f"{self.gpu.name}: no room for {format_size(ks.nbytes)} of {ks.layout.kind}",
+                    tier=self.gpu.name,
+                    requested=ks.nbytes,
+                    free=self.gpu.free_bytes(),
+                )
+            ks.gpu = tensor
+        else:
+            raise ConfigError(f"unknown home tier {ks.home!r}")
+
+    def try_host(self, ks: KindState) -> bool:
+        """Make sure ``ks`` has a DRAM buffer (contents not yet valid). False when there is no room."""
+        if ks.host is not None:
+            return True
+        buf = self.dram.try_alloc(ks.nbytes)
+        if buf is None:
+            return False
+        ks.host = buf
+        return True
+
+    def try_gpu(self, ks: KindState) -> bool:
+        if ks.gpu is not None:
+            return True
+        assert self.gpu is not None
+        tensor = self.gpu.try_alloc(ks.nbytes)
+        if tensor is None:
+            return False
+        ks.gpu = tensor
+        return True
+
+    def drop(self, ks: KindState, tier: str) -> None:
+        """Forget the copy on ``tier`` (never a home, never the only current copy)."""
+        assert ks.inflight is None, "drop() while a transfer is in flight"
+        assert tier != ks.home, f"cannot drop the home copy of {ks.layout.kind}"
+        if tier in ks.valid and ks.valid == {tier}:
+            raise AssertionError(f"dropping the only current copy of {ks.layout.kind} on {tier}")
+        if tier == "dram":
+            ks.host = None
+        elif self.gpu is not None and tier == self.gpu.name:
+            if ks.gpu is not None:
+                self.gpu.release(ks.nbytes)
+            ks.gpu = None
+        ks.valid.discard(tier)
+
+    # ---- views -------------------------------------------------------------------------------
+    def host_views(
+        self, bs: BlockState, ks: KindState, buffer: HostBuffer | None = None
+    ) -> list[torch.Tensor]:
+        """One tensor per covered slot, viewing the DRAM copy (or ``buffer``)."""
+        buf = buffer or ks.host
+        assert buf is not None
+        out = []
+        for slot_index, dtype, offset in zip(ks.layout.slots, ks.layout.dtypes, ks.layout.offsets):
+            slot = bs.spec.slots[slot_index]
+            out.append(buf.view(offset, dtype, slot.shape, slot.numel))
+        return out
+
+    def gpu_views(self, bs: BlockState, ks: KindState) -> list[torch.Tensor]:
+        assert ks.gpu is not None
+        out = []
+        for slot_index, dtype, offset in zip(ks.layout.slots, ks.layout.dtypes, ks.layout.offsets):
+            slot = bs.spec.slots[slot_index]
+            nbytes = slot.numel * dtype.itemsize
+            out.append(ks.gpu[offset : offset + nbytes].view(dtype).view(slot.shape))
+        return out
+
+    def slot_view(self, bs: BlockState, ks: KindState, slot: ParamSlot, tier: str) -> torch.Tensor:
+        pos = ks.layout.position(slot.index)
+        assert pos is not None
+        offset, dtype = ks.layout.offsets[pos], ks.layout.dtypes[pos]
+        if tier == "dram":
+            assert ks.host is not None
+            return ks.host.view(offset, dtype, slot.shape, slot.numel)
+        assert ks.gpu is not None
+        return ks.gpu[offset : offset + slot.numel * dtype.itemsize].view(dtype).view(slot.shape)
+
+    # ---- copies (each returns the steps of a transfer; the caller submits and reaps) ---------
+    def read_steps(self, ks: KindState) -> list[Callable[[], Any]]:
+        """Steps bringing the home copy into the DRAM buffer ``ks.host`` (allocated already)."""
+        host = ks.host
+        assert host is not None
+        if ks.home == "nvme":
+            assert self.nvme is not None and ks.extent is not None
+            nvme, extent, nbytes = self.nvme, ks.extent, ks.nbytes
+            return [lambda: nvme.read(extent, host, nbytes)]
+        if ks.far is not None:
+            far = ks.far
+            return [lambda: host.flat.copy_(far.flat)]
+        raise AssertionError(f"no source to read {ks.layout.kind} from (home {ks.home})")
+
+    def write_steps(self, ks: KindState) -> tuple[list[Callable[[], Any]], int | None]:
+        """Steps writing the DRAM copy back home; for NVMe, to a new extent (copy-on-write).
+
+        Returns (steps, new_extent). Raises TierCapacityError when the NVMe tier has no room for the
+        new extent (nothing is changed then).
+        """
+        host = ks.host
+        assert host is not None
+        if ks.home == "nvme":
+            assert self.nvme is not None
+            nvme, nbytes = self.nvme, ks.nbytes
+            new_extent = nvme.allocator.alloc(nbytes)
+            return [lambda: nvme.write(new_extent, host, nbytes)], new_extent
+        if ks.far is not None:
+            far = ks.far
+            return [lambda: far.flat.copy_(host.flat)], None
+        raise AssertionError(f"no home to write {ks.layout.kind} to (home {ks.home})")
+
+    def commit_write(self, ks: KindState, new_extent: int | None) -> None:
+        """A write home succeeded: the new extent becomes the home copy."""
+        if new_extent is not None:
+            assert self.nvme is not None
+            if ks.extent is not None:
+                if self.in_step:
+                    ks.superseded.append(ks.extent)
+                else:
+                    self.nvme.allocator.free(ks.extent)
+            ks.extent = new_extent
+        ks.valid.add(ks.home)
+
+    def abort_write(self, new_extent: int | None) -> None:
+        if new_extent is not None and self.nvme is not None:
+            self.nvme.allocator.free(new_extent)
+
+    def h2d_steps(self, ks: KindState) -> list[Callable[[], Any]]:
+        """Steps copying the DRAM copy to the GPU copy (both allocated)."""
+        assert self.gpu is not None and ks.host is not None and ks.gpu is not None
+        host, dev = ks.host, ks.gpu
+        stream = self.h2d_stream()
+
+        def copy() -> Any:
+            with torch.cuda.stream(stream):
+                dev.copy_(host.flat, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(stream)
+            return _EventWait(event)
+
+        return [copy]
+
+    def h2d_stream(self) -> Any:
+        if self._h2d_stream is None:
+            assert self.gpu is not None
+            self._h2d_stream = torch.cuda.Stream(device=self.gpu.device)
+        return self._h2d_stream
+
+    def d2h_stream(self) -> Any:
+        if self._d2h_stream is None:
+            assert self.gpu is not None
+            self._d2h_stream = torch.cuda.Stream(device=self.gpu.device)
+        return self._d2h_stream
+
+    # ---- step transactions ---------------------------------------------------------------------
+    def begin_step(self) -> None:
+        self.in_step = True
+
+    def commit_step(self) -> None:
+        """Free the NVMe extents that this step's writes superseded."""
+        self.in_step = False
+        if self.nvme is None:
+            return
+        for bs in self.blocks:
+            for ks in bs.kinds.values():
+                for extent in ks.superseded:
+                    self.nvme.allocator.free(extent)
+                ks.superseded.clear()
+
+    def close(self) -> None:
+        for tier in self.host_tiers.values():
+            tier.close()
+        if self.nvme is not None:
+            self.nvme.close()
+
+
+class _EventWait:
+    """Adapter giving a CUDA event a ``wait()`` that blocks the calling (worker) thread."""
+
+    def __init__(self, event: Any) -> None:
+        self.event = event
+
+    def wait(self) -> None:
+        self.event.synchronize()

@@ -1,0 +1,221 @@
+"""Tier specifications: what the user lists in ``tiers=[...]``.
+
+A tier spec only describes a tier (kind, budget, where); the runtime builds the real thing (an arena,
+swap files) when a model is offloaded. Tiers are listed fastest first::
+
+    tiers = [tierrt.gpu(0), tierrt.dram("64GiB"), tierrt.cxl("256GiB", node=2),
+             tierrt.nvme(["/mnt/nvme0/tierrt", "/mnt/nvme1/tierrt"])]
+
+Without a GPU the compute device is the CPU; the DRAM tier then holds the blocks being computed on::
+
+    tiers = [tierrt.dram("8GiB"), tierrt.nvme("/tmp/tierrt")]
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from .errors import ConfigError
+from .sizes import Size, format_size, parse_size
+
+__all__ = [
+    "TierSpec",
+    "GpuTier",
+    "DramTier",
+    "CxlTier",
+    "NvmeTier",
+    "gpu",
+    "dram",
+    "cxl",
+    "nvme",
+    "validate_tiers",
+    "NUMA_POLICIES",
+]
+
+NUMA_POLICIES = ("default", "bind", "interleave", "preferred")
+
+# Position of each kind in the hierarchy, fastest first.
+_RANK = {"gpu": 0, "dram": 1, "cxl": 2, "nvme": 3}
+
+
+@dataclass(frozen=True)
+class TierSpec:
+    """Base of every tier spec. ``budget`` is in bytes; ``None`` means "choose for me"."""
+
+    kind: str = field(init=False, default="")
+    budget: int | None = None
+
+    @property
+    def name(self) -> str:
+        """Short name used in reports and errors, e.g. "dram", "cxl2", "gpu0", "nvme"."""
+        return self.kind
+
+    def describe(self) -> str:
+        budget = "auto" if self.budget is None else format_size(self.budget)
+        return f"{self.name}({budget})"
+
+
+@dataclass(frozen=True)
+class GpuTier(TierSpec):
+    """Device memory of one CUDA GPU: the compute tier when present."""
+
+    kind: str = field(init=False, default="gpu")
+    index: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"gpu{self.index}"
+
+
+@dataclass(frozen=True)
+class DramTier(TierSpec):
+    """Host memory, one pinned arena bound to ``node`` (all nodes when None) with ``policy``."""
+
+    kind: str = field(init=False, default="dram")
+    node: int | tuple[int, ...] | None = None
+    policy: str = "default"
+
+    @property
+    def nodes(self) -> tuple[int, ...]:
+        if self.node is None:
+            return ()
+        return (self.node,) if isinstance(self.node, int) else tuple(self.node)
+
+
+@dataclass(frozen=True)
+class CxlTier(TierSpec):
+    """CPU-less NUMA node(s) (CXL memory expanders), one arena bound there."""
+
+    kind: str = field(init=False, default="cxl")
+    node: int | tuple[int, ...] | None = None
+
+    @property
+    def nodes(self) -> tuple[int, ...]:
+        if self.node is None:
+            return ()
+        return (self.node,) if isinstance(self.node, int) else tuple(self.node)
+
+    @property
+    def name(self) -> str:
+        nodes = self.nodes
+        return "cxl" + ("" if not nodes else "".join(str(n) for n in nodes))
+
+
+@dataclass(frozen=True)
+class NvmeTier(TierSpec):
+    """Files on one or more SSDs; data is striped RAID-0 style over ``paths`` (directories)."""
+
+    kind: str = field(init=False, default="nvme")
+    paths: tuple[str, ...] = ()
+    stripe: int = 1 << 20
+
+
+def gpu(index: int = 0, budget: Size | None = None) -> GpuTier:
+    """The GPU ``index`` as the compute tier; ``budget`` caps tierrt's use of its memory
+    (default: what is free when the model is offloaded, less a reserve for activations)."""
+    if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+        raise ConfigError(f"gpu(index): expected a GPU index >= 0, got {index!r}")
+    return GpuTier(budget=_budget(budget, "gpu budget"), index=index)
+
+
+def dram(
+    budget: Size | None = None, node: int | Sequence[int] | None = None, policy: str = "default"
+) -> DramTier:
+    """Host memory under a hard ``budget`` (e.g. "64GiB"), optionally bound to NUMA ``node``.
+
+    ``policy`` is one of "default", "bind", "interleave", "preferred" (NUMA placement of the arena).
+    ``budget=None`` lets tierrt pick a share of the free memory.
+    """
+    if policy not in NUMA_POLICIES:
+        raise ConfigError(f"dram(policy=...): expected one of {', '.join(NUMA_POLICIES)}, got {policy!r}")
+    return DramTier(budget=_budget(budget, "dram budget"), node=_nodes(node, "dram"), policy=policy)
+
+
+def cxl(budget: Size | None = None, node: int | Sequence[int] | None = None) -> CxlTier:
+    """Memory on CPU-less NUMA node(s) (CXL expanders) under ``budget``. ``node=None`` picks the
+    CPU-less nodes the topology reports."""
+    return CxlTier(budget=_budget(budget, "cxl budget"), node=_nodes(node, "cxl"))
+
+
+def nvme(
+    path_or_paths: str | os.PathLike | Sequence[str | os.PathLike],
+    budget: Size | None = None,
+    stripe: Size = "1MiB",
+) -> NvmeTier:
+    """Swap files in one directory or striped over several (one per SSD).
+
+    ``budget`` caps the space used (default: exactly what the placement needs, checked against the
+    free space). Directories are created if missing.
+    """
+    if isinstance(path_or_paths, (str, os.PathLike)):
+        paths = (os.fspath(path_or_paths),)
+    else:
+        paths = tuple(os.fspath(p) for p in path_or_paths)
+    if not paths or any(not p for p in paths):
+        raise ConfigError("nvme(): expected at least one directory path")
+    stripe_bytes = parse_size(stripe, what="nvme stripe")
+    if stripe_bytes < 4096 or stripe_bytes % 4096:
+        raise ConfigError(f"nvme(stripe=...): must be a multiple of 4KiB, got {format_size(stripe_bytes)}")
+    return NvmeTier(budget=_budget(budget, "nvme budget"), paths=paths, stripe=stripe_bytes)
+
+
+def validate_tiers(tiers: Sequence[TierSpec]) -> list[TierSpec]:
+    """Check a tier list and return it as a list.
+
+    Rules: every element is a tier spec; fastest first (gpu, dram, cxl, nvme); at most one GPU and
+    one DRAM tier; a DRAM tier is present (it holds the blocks being computed on, or staged for the
+    GPU); NVMe appears at most once (give it several paths to stripe).
+    """
+    if isinstance(tiers, TierSpec):
+        tiers = [tiers]
+    tiers = list(tiers)
+    if not tiers:
+        raise ConfigError(
+            "tiers: expected at least one tier, e.g. [tierrt.dram('8GiB'), tierrt.nvme('/tmp/x')]"
+        )
+    for tier in tiers:
+        if not isinstance(tier, TierSpec):
+            raise ConfigError(
+                f"tiers: {tier!r} is not a tier spec; build tiers with tierrt.gpu(), tierrt.dram(), "
+                "tierrt.cxl() and tierrt.nvme()"
+            )
+    ranks = [_RANK[t.kind] for t in tiers]
+    if ranks != sorted(ranks):
+        order = ", ".join(t.describe() for t in tiers)
+        raise ConfigError(f"tiers must be listed fastest first (gpu, dram, cxl, nvme); got [{order}]")
+    for kind in ("gpu", "dram", "nvme"):
+        if sum(1 for t in tiers if t.kind == kind) > 1:
+            hint = " (give one nvme() several paths to stripe over them)" if kind == "nvme" else ""
+            raise ConfigError(f"tiers: at most one {kind} tier is supported{hint}")
+    if not any(t.kind == "dram" for t in tiers):
+        raise ConfigError(
+            "tiers: a dram tier is required (it holds the blocks being computed on, or staged for the "
+            "GPU); add tierrt.dram(budget)"
+        )
+    return tiers
+
+
+def _budget(budget: Size | None, what: str) -> int | None:
+    if budget is None:
+        return None
+    nbytes = parse_size(budget, what=what)
+    if nbytes <= 0:
+        raise ConfigError(f"{what}: must be positive, got {budget!r}")
+    return nbytes
+
+
+def _nodes(node: int | Sequence[int] | None, what: str) -> int | tuple[int, ...] | None:
+    if node is None:
+        return None
+    if isinstance(node, bool):
+        raise ConfigError(f"{what}(node=...): expected a NUMA node number, got {node!r}")
+    if isinstance(node, int):
+        if node < 0:
+            raise ConfigError(f"{what}(node=...): NUMA node numbers are >= 0, got {node}")
+        return node
+    nodes = tuple(node)
+    if not nodes or any(not isinstance(n, int) or isinstance(n, bool) or n < 0 for n in nodes):
+        raise ConfigError(f"{what}(node=...): expected NUMA node numbers >= 0, got {node!r}")
+    return nodes
