@@ -216,6 +216,9 @@ def _bound_step(owner: BlockwiseOptimizer) -> Callable[..., Any]:
     def step(self: torch.optim.Optimizer, closure: Callable[[], Any] | None = None) -> Any:
         return owner.step(closure)
 
+    # LR schedulers wrap optimizer.step to check it runs before scheduler.step(); this step sets the
+    # flag they look for (_opt_called) itself, so mark it as already wrapped for them.
+    step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
     return step
 
 

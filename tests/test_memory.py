@@ -1,0 +1,50 @@
+"""Peak memory of a run through tierrt: the DRAM budget, the activations, and a small constant.
+
+Measured in subprocesses (so nothing else in the test session counts), with the kernel's own peak
+RSS counter (VmHWM, reset before the measured phase).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+HERE = os.path.dirname(__file__)
+MARGIN = 48 << 20  # tierrt's own memory outside its arenas (threads, Python objects) and allocator slack
+
+
+def run_probe(mode: str, nvme_dir: str, budget: int) -> dict:
+    result = subprocess.run(
+        [sys.executable, os.path.join(HERE, "rss_probe.py"), mode, nvme_dir, str(budget)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_peak_rss_is_budget_plus_activations(nvme_dir, capsys):
+    budget = 32 << 20
+    plain = run_probe("plain", nvme_dir, budget)
+    ours = run_probe("tierrt", nvme_dir, budget)
+    model = plain["model_bytes"]
+    assert budget < model / 2
+    assert ours["streamed"] > 2 * model  # weights really came from NVMe every step
+    # Plain: the loop adds gradients (the model's size) and the step's activations and temporaries to
+    # the process as it was with the model built.
+    activations = max(plain["peak"] - plain["built"] - model, 0)
+    # Through tierrt the model's own memory is released on entry (it lives in the arena and on NVMe);
+    # the loop may add the arena, the activations and tierrt's own small overhead.
+    above = ours["peak"] - (ours["built"] - model)
+    overhead = above - budget - activations
+    with capsys.disabled():
+        print(
+            f"\n[memory] model {model / 2**20:.1f}MiB, budget {budget / 2**20:.0f}MiB, activations "
+            f"{activations / 2**20:.1f}MiB; peak above the process without the model: plain "
+            f"{(plain['peak'] - plain['built'] + model) / 2**20:.1f}MiB, tierrt {above / 2**20:.1f}MiB; "
+            f"tierrt's own memory outside its arena {overhead / 2**20:.1f}MiB"
+        )
+    assert above <= budget + activations + MARGIN, (ours, plain)

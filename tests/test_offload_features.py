@@ -1,0 +1,166 @@
+"""Inference, generation, data-dependent order, buffers, frozen parameters, state_dict, traces."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import models
+import pytest
+import torch
+from test_offload_numerics import streaming_budget, train
+from torch import nn
+
+import tierrt
+
+
+def tiers_for(model: nn.Module, nvme_dir: str) -> list:
+    return [tierrt.dram(streaming_budget(model)), tierrt.nvme(nvme_dir)]
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_evaluation_matches_plain(mode, nvme_dir):
+    model = models.llama()
+    ids = models.token_batches(3)
+    ctx = torch.no_grad if mode == "no_grad" else torch.inference_mode
+    with ctx():
+        expected = [model(x).logits for x in ids]
+    with tierrt.offload(model, tiers=tiers_for(model, nvme_dir)) as rt:
+        with ctx():
+            got = [model(x).logits for x in ids]
+        report = rt.report()
+    for a, b in zip(expected, got):
+        assert torch.equal(a, b)
+    assert report.total.bytes_by_link["nvme->dram"] > 0
+
+
+def test_generation_with_kv_cache_matches_plain(nvme_dir):
+    model = models.gpt2()
+    model.eval()
+    prompt = models.token_batches(1, batch=1)[0][:, :6]
+    expected = model.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    with tierrt.offload(model, tiers=tiers_for(model, nvme_dir)) as rt:
+        got = model.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
+        report = rt.report()
+    assert torch.equal(expected, got)
+    assert report.total.steps >= 12  # one forward per generated token
+
+
+class Router(nn.Module):
+    """Visits its layers in an order that depends on the input (the trace must adapt)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(64, 64) for _ in range(6))
+        self.out = nn.Linear(64, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        order = range(6) if x.sum() > 0 else reversed(range(6))
+        for i in order:
+            x = torch.tanh(self.layers[i](x))
+        return self.out(x)
+
+
+def test_data_dependent_order_is_exact_and_counts_misses(nvme_dir):
+    torch.manual_seed(0)
+    reference = Router()
+    ours = copy.deepcopy(reference)
+    gen = torch.Generator().manual_seed(3)
+    batches = [
+        (
+            torch.randn(4, 64, generator=gen) * (1 if i % 3 else -1) + (2 if i % 3 else -2),
+            torch.randint(0, 4, (4,), generator=gen),
+        )
+        for i in range(9)
+    ]
+    ref_losses = train(reference, torch.optim.SGD(reference.parameters(), lr=0.1), batches, models.mlp_loss)
+    opt = torch.optim.SGD(ours.parameters(), lr=0.1)
+    with tierrt.offload(
+        ours, tiers=[tierrt.dram(streaming_budget(ours, 1)), tierrt.nvme(nvme_dir)], optimizer=opt
+    ) as rt:
+        losses = train(ours, opt, batches, models.mlp_loss)
+        report = rt.report()
+    for a, b in zip(ref_losses, losses):
+        assert torch.equal(a, b)
+    for a, b in zip(reference.parameters(), ours.parameters()):
+        assert torch.equal(a, b)
+    assert report.total.prefetch_misses > 0  # the order changed under the prefetcher
+    assert rt.pipeline.trace.changed_links > 0
+
+
+class WithBatchNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            nn.Sequential(nn.Linear(32, 32), nn.BatchNorm1d(32), nn.ReLU()) for _ in range(4)
+        )
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
+def test_buffers_move_with_their_module(nvme_dir):
+    torch.manual_seed(0)
+    reference = WithBatchNorm()
+    ours = copy.deepcopy(reference)
+    batches = models.mlp_batches(4, width=32)
+    train(reference, torch.optim.SGD(reference.parameters(), lr=0.1), batches, models.mlp_loss)
+    opt = torch.optim.SGD(ours.parameters(), lr=0.1)
+    with tierrt.offload(ours, tiers=tiers_for(ours, nvme_dir), optimizer=opt):
+        train(ours, opt, batches, models.mlp_loss)
+    for (name, a), b in zip(reference.state_dict().items(), ours.state_dict().values()):
+        assert torch.equal(a, b), name  # running statistics included
+
+
+def test_frozen_parameters_partial_finetune(nvme_dir):
+    reference = models.llama()
+    for name, p in reference.named_parameters():
+        p.requires_grad_("mlp" in name or "lm_head" in name)  # train only MLPs and the head
+    ours = copy.deepcopy(reference)
+    data = models.token_batches(3)
+    params_ref = [p for p in reference.parameters() if p.requires_grad]
+    ref_losses = train(reference, torch.optim.AdamW(params_ref, lr=1e-3), data, models.lm_loss)
+    opt = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-3)
+    with tierrt.offload(ours, tiers=tiers_for(ours, nvme_dir), optimizer=opt):
+        losses = train(ours, opt, data, models.lm_loss)
+    for a, b in zip(ref_losses, losses):
+        assert torch.equal(a, b)
+    for (name, a), b in zip(reference.named_parameters(), ours.parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_state_dict_inside_the_context_has_real_values(nvme_dir):
+    model = models.gpt2()
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    numel = sum(p.numel() for p in model.parameters())
+    with tierrt.offload(model, tiers=tiers_for(model, nvme_dir)):
+        got = model.state_dict()
+        assert set(got) == set(expected)
+        for key, value in expected.items():
+            assert torch.equal(value, got[key]), key
+        assert sum(p.numel() for p in model.parameters()) == numel
+
+
+def test_parameters_keep_shape_dtype_device_inside(nvme_dir):
+    model = models.llama()
+    shapes = [(n, p.shape, p.dtype, p.device) for n, p in model.named_parameters()]
+    with tierrt.offload(model, tiers=tiers_for(model, nvme_dir)):
+        inside = [(n, p.shape, p.dtype, p.device) for n, p in model.named_parameters()]
+        assert model.device.type == "cpu" and model.dtype == torch.float32
+    assert inside == shapes
+
+
+def test_chrome_trace(nvme_dir, tmp_path):
+    model = models.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with tierrt.offload(model, tiers=tiers_for(model, nvme_dir), optimizer=opt) as rt:
+        train(model, opt, models.mlp_batches(2), models.mlp_loss)
+        path = rt.trace(tmp_path / "run.json")
+    events = json.load(open(path))["traceEvents"]
+    lanes = {e["args"]["name"] for e in events if e.get("name") == "thread_name"}
+    assert "nvme->dram" in lanes
+    spans = [e for e in events if e.get("ph") == "X"]
+    assert spans and all(e["dur"] >= 0 for e in spans)
