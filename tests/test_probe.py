@@ -64,6 +64,8 @@ def test_quick_run_json_table_and_plot(tmp_path: Path) -> None:
     assert {r["block_size"] for r in nvme} == {128 << 10, 1 << 20}
     assert all(r["direct"] is True for r in nvme)  # ext4 under tmp_path takes O_DIRECT
     assert {r["threads"] for r in links if r["op"] == "copy"} == {1, os.cpu_count()}
+    if len(doc["topology"]["numa_nodes"]) == 1:  # one node: every host buffer is on it, by one name
+        assert {r["src"] for r in links if r["op"] in ("copy", "write")} == {"dram:0"}
     if not doc["topology"]["gpus"]:
         assert "gpu" in doc["skipped"]
     # the table on stdout
@@ -260,3 +262,35 @@ def test_console_script_installed() -> None:
         pytest.skip("not installed with pip -e here")
     res = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and "--quick" in res.stdout
+
+
+def test_info_reports_backends_and_features(tmp_path: Path) -> None:
+    import tierrt.info
+
+    facts = tierrt.info.info(tmp_path)
+    json.dumps(facts)
+    assert facts["version"] and facts["native_module"]["built"] is True
+    assert facts["o_direct"] == {
+        "path": str(tmp_path),
+        "supported": True,
+        "filesystem": facts["o_direct"]["filesystem"],
+        "device": facts["o_direct"]["device"],
+    }
+    assert facts["numa_nodes"] and facts["numa_nodes"][0]["id"] == 0
+    assert facts["transparent_hugepages"]["enabled"] in ("always", "madvise", "never")
+    assert facts["mlock_limit"]["soft"] is not None
+    assert isinstance(facts["cuda"]["available"], bool)
+    text = tierrt.info.format_info(facts)
+    for word in (
+        "native module",
+        "io backends",
+        "O_DIRECT",
+        "transparent hugepages",
+        "NUMA",
+        "CUDA",
+        "mlock",
+    ):
+        assert word in text
+    out = subprocess.run([sys.executable, "-m", "tierrt.info", str(tmp_path)], capture_output=True, text=True)
+    assert out.returncode == 0 and "O_DIRECT under" in out.stdout
+    assert list(tmp_path.iterdir()) == []  # the O_DIRECT check leaves nothing behind

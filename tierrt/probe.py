@@ -246,15 +246,16 @@ class Profile:
         widths = [
             max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(headers)
         ]
-        lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))]
-        lines.append("  ".join("-" * w for w in widths))
-        for row in rows:
-            lines.append(
-                "  ".join(
-                    c.rjust(w) if i >= 3 else c.ljust(w)
-                    for i, (c, w) in enumerate(zip(row, widths, strict=True))
-                )
-            )
+        right = {3, 4, 5, 7}  # numbers
+
+        def line(cells: Sequence[str]) -> str:
+            return "  ".join(
+                c.rjust(w) if i in right else c.ljust(w)
+                for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+            ).rstrip()
+
+        lines = [line(headers), line(["-" * w for w in widths])]
+        lines.extend(line(row) for row in rows)
         for what, why in self.skipped.items():
             lines.append(f"skipped {what}: {why}")
         return "\n".join(lines)
@@ -487,28 +488,48 @@ def measure_dram(
     return results
 
 
+@dataclass(frozen=True)
+class _HostNode:
+    """Where a link's host buffers live: ``name`` for the records ("dram:0", or "dram" when the node is
+    unknown on a multi-node machine) and ``bind``, the node to bind the arena to (None: no binding,
+    which is also what a single-node machine gets)."""
+
+    name: str
+    bind: int | None
+
+
+def _host_node(topo: _topology.Topology, preferred: int | None) -> _HostNode:
+    nodes = [n for n in topo.numa_nodes if n.mem_total]
+    if len(nodes) <= 1:
+        return _HostNode(f"dram:{nodes[0].id}" if nodes else "dram", None)
+    if preferred is not None and any(n.id == preferred for n in nodes):
+        kind = "cxl" if topo.node(preferred).is_cxl_candidate else "dram"
+        return _HostNode(f"{kind}:{preferred}", preferred)
+    return _HostNode("dram", None)
+
+
 class _NvmeTarget:
     """The test file under one ``--path`` and the arena buffer the I/O goes through."""
 
-    def __init__(self, directory: Path, size: int, buffer_bytes: int, node: int | None, device: str | None):
+    def __init__(
+        self, directory: Path, size: int, buffer_bytes: int, host: _HostNode, device: str | None
+    ) -> None:
         self.directory = directory
         self.size = size
         self.device = device
-        self.node = node
+        self.host = host
         self.path = directory / f"tierrt-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
         self.name = f"nvme:{directory}"
-        self.dram = f"dram:{node}" if node is not None else "dram"
+        self.dram = host.name
         self.buffer_bytes = buffer_bytes
         self.arena: Any = None
         self.buffer: Any = None
         self.fileset: Any = None
-        self.opener: Any = None
         self.direct: bool | None = None
 
     def open(self, engine: Any) -> None:
-        self.arena, _ = _make_arena(self.buffer_bytes + 2 * _MiB, self.node, name="probe-nvme")
+        self.arena, _ = _make_arena(self.buffer_bytes + 2 * _MiB, self.host.bind, name="probe-nvme")
         self.buffer = self.arena.alloc(self.buffer_bytes)
-        self.opener = engine
         self.fileset = engine.open([str(self.path)], self.size, create=True, preallocate=True, direct=True)
         self.direct = bool(getattr(self.fileset, "direct", False))
         if not self.direct:
@@ -590,14 +611,14 @@ def measure_nvme(
     return out
 
 
-def measure_gpu(gpu: _topology.GpuInfo, nbytes: int, repeats: int) -> list[LinkResult]:
-    """H2D and D2H between GPU ``gpu.index`` and (a) an arena on the GPU's NUMA node registered with
-    CUDA, (b) torch pinned tensors, (c) pageable memory."""
+def measure_gpu(gpu: _topology.GpuInfo, host_node: _HostNode, nbytes: int, repeats: int) -> list[LinkResult]:
+    """H2D and D2H between GPU ``gpu.index`` and (a) an arena on ``host_node`` (the GPU's NUMA node)
+    registered with CUDA, (b) torch pinned tensors, (c) pageable memory."""
     import torch
 
     dev = gpu.index
-    node = gpu.numa_node
-    host = f"dram:{node}" if node is not None else "dram"
+    node = host_node.bind
+    host = host_node.name
     name = f"gpu:{dev}"
     device_buf = torch.empty(nbytes, dtype=torch.uint8, device=f"cuda:{dev}")
     hosts: list[tuple[str, Any, str | None]] = []
@@ -856,8 +877,7 @@ def run_probe(
             buffer_bytes = (
                 max(min(size_b, max(16 * _MiB, bs * qd)) for bs, qd in combos) if combos else 16 * _MiB
             )
-            node = st.numa_node if len(topo.numa_nodes) > 1 else None
-            target = _NvmeTarget(p, size_b, buffer_bytes, node, st.device)
+            target = _NvmeTarget(p, size_b, buffer_bytes, _host_node(topo, st.numa_node), st.device)
             targets.append(target)
             cleanup.append(target.close)
 
@@ -892,7 +912,12 @@ def run_probe(
             profile.skipped["gpu"] = "no CUDA device (torch.cuda.is_available() is False)"
         elif "gpu" in wanted:
             for g in gpus:
-                plans.append(_Plan(f"gpu:{g.index} h2d/d2h", lambda g=g: measure_gpu(g, gpu_b, repeats)))
+                plans.append(
+                    _Plan(
+                        f"gpu:{g.index} h2d/d2h",
+                        lambda g=g: measure_gpu(g, _host_node(topo, g.numa_node), gpu_b, repeats),
+                    )
+                )
     if "kvikio" in wanted and gpus and targets:
         try:
             import kvikio  # type: ignore[import-not-found]  # noqa: F401
