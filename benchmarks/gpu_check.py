@@ -101,7 +101,7 @@ def host_arena_class() -> Any:
 
 def register(arena: Any) -> None:
     if hasattr(arena, "register_cuda"):
-        arena.register_cuda()
+        expect(arena.register_cuda() is not False, "HostArena.register_cuda() found no CUDA device")
     else:
         arena.cuda_register()
 

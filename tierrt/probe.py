@@ -626,7 +626,8 @@ def measure_gpu(gpu: _topology.GpuInfo, host_node: _HostNode, nbytes: int, repea
     try:
         arena, note = _make_arena(nbytes + 2 * _MiB, node, name="probe-pinned")
         if hasattr(arena, "register_cuda"):
-            arena.register_cuda()
+            if arena.register_cuda() is False:
+                raise RuntimeError("HostArena.register_cuda() found no CUDA device")
         elif hasattr(arena, "cuda_register"):
             arena.cuda_register()
         else:
