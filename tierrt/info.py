@@ -68,6 +68,12 @@ def _io_backends(native: Any, check: bool) -> dict[str, Any]:
         sysctl = int(Path("/proc/sys/kernel/io_uring_disabled").read_text().strip())
     uring: dict[str, Any] = {"built": built, "io_uring_disabled_sysctl": sysctl}
     threads: dict[str, Any] = {"built": native is not None and hasattr(native, "IOEngine")}
+    status = getattr(native, "io_uring_status", None) if native is not None else None
+    if status is not None:  # the kernel's answer without creating an engine
+        with contextlib.suppress(Exception):
+            ok, why = status()
+            uring["kernel_allows"] = bool(ok)
+            uring["kernel_reason"] = str(why) or None
     if check and native is not None:
         if built:
             uring.update(_engine_check(native, "io_uring"))

@@ -582,6 +582,13 @@ def measure_nvme(
 ) -> list[LinkResult]:
     """Write then read ``target``'s file with requests of ``block_size``, ``queue_depth`` in flight."""
     engine = engine_cls(backend=backend, queue_depth=queue_depth, block_size=block_size)
+    fixed = 0
+    if hasattr(engine, "register_buffers"):  # io_uring fixed buffers, as the runtime uses the arena
+        try:
+            fixed = engine.register_buffers([target.buffer])
+        except Exception as err:  # noqa: BLE001 - measured without them, and said so
+            log.info("io_uring fixed buffers not registered: %s", err)
+    note = f"io backend {getattr(engine, 'backend', backend)}" + (", fixed buffers" if fixed else "")
     out = []
     try:
         for op in ("write", "read"):
@@ -601,7 +608,7 @@ def measure_nvme(
                     memory="arena",
                     direct=target.direct,
                     device=target.device,
-                    note=f"io backend {getattr(engine, 'backend', backend)}",
+                    note=note,
                 )
             )
     finally:
@@ -806,7 +813,8 @@ def run_probe(
 
     if path is None:
         paths: list[Path] = [cache_dir()]
-        paths[0].mkdir(parents=True, exist_ok=True)
+        if "nvme" in wanted:
+            paths[0].mkdir(parents=True, exist_ok=True)
     elif isinstance(path, (str, os.PathLike)):
         paths = [Path(path)]
     else:
@@ -853,11 +861,13 @@ def run_probe(
             counts = sorted({all_threads, 1}, reverse=True)
             name = f"{kind}:{node.id}"
             mem_node = node.id if len(nodes) > 1 else None
+            # two buffers of nbytes: stay within a quarter of what the node has free
+            nbytes = min(dram_b, max(4 * _MiB, node.mem_free // 8 // 4096 * 4096))
             plans.append(
                 _Plan(
                     f"{name} copy",
-                    lambda mem_node=mem_node, cpus=cpus, counts=counts, name=name: measure_dram(
-                        mem_node, cpus, dram_b, counts, repeats, name
+                    lambda mem_node=mem_node, cpus=cpus, counts=counts, name=name, nbytes=nbytes: (
+                        measure_dram(mem_node, cpus, nbytes, counts, repeats, name)
                     ),
                 )
             )
