@@ -40,7 +40,6 @@ import datetime
 import json
 import logging
 import math
-import mmap
 import os
 import platform
 import statistics
@@ -269,131 +268,14 @@ def default_profile_path() -> Path:
 
 
 # --------------------------------------------------------------------------------------------------
-# the native pieces (with plain-Python stand-ins when the extension lacks them)
-
-
-class _PyArena:
-    """Stand-in for HostArena when tierrt._native has none: one anonymous mmap, page-aligned buffers,
-    no NUMA binding. Only used so that the probe still says something; the profile records it."""
-
-    def __init__(self, nbytes: int, **_: Any) -> None:
-        self._map = mmap.mmap(-1, max(nbytes, mmap.PAGESIZE))
-        with contextlib.suppress(AttributeError, OSError):
-            self._map.madvise(mmap.MADV_HUGEPAGE)
-        self._view = memoryview(self._map)
-        for off in range(0, len(self._map), mmap.PAGESIZE):
-            self._view[off] = 1
-        self._next = 0
-
-    def alloc(self, nbytes: int) -> memoryview:
-        start = self._next
-        end = start + nbytes
-        if end > len(self._map):
-            raise MemoryError("probe stand-in arena is full")
-        self._next = (end + 4095) // 4096 * 4096
-        return self._view[start:end]
-
-
-class _PyRequest:
-    def __init__(self, futures: list[Any]) -> None:
-        self._futures = futures
-
-    def wait(self) -> None:
-        for f in self._futures:
-            f.result()
-
-
-class _PyFileSet:
-    def __init__(self, path: str, size: int) -> None:
-        self.path = path
-        flags = os.O_RDWR | os.O_CREAT
-        try:
-            self.fd = os.open(path, flags | getattr(os, "O_DIRECT", 0), 0o600)
-            self.direct = hasattr(os, "O_DIRECT")
-        except OSError:
-            self.fd = os.open(path, flags, 0o600)
-            self.direct = False
-        try:
-            os.posix_fallocate(self.fd, 0, size)
-        except OSError:
-            os.close(self.fd)
-            raise
-
-    def close(self, remove: bool = True) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-        if remove:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
-
-
-class _PyIOEngine:
-    """Stand-in for IOEngine: a pool of ``queue_depth`` threads doing pread/pwrite of block_size."""
-
-    backend = "python-threads"
-
-    def __init__(
-        self, backend: str = "auto", queue_depth: int = 32, block_size: int = _MiB, threads: int = 0
-    ):
-        self.queue_depth = queue_depth
-        self.block_size = block_size
-        self._pool = ThreadPoolExecutor(max_workers=queue_depth)
-
-    def open(self, paths: Sequence[str], size: int, **_: Any) -> _PyFileSet:
-        return _PyFileSet(paths[0], size)
-
-    def _io(self, op: str, fs: _PyFileSet, offset: int, buffer: Any, nbytes: int) -> _PyRequest:
-        view = memoryview(buffer).cast("B")
-        futures = []
-        for start in range(0, nbytes, self.block_size):
-            n = min(self.block_size, nbytes - start)
-            part = view[start : start + n]
-            if op == "read":
-                futures.append(self._pool.submit(os.preadv, fs.fd, [part], offset + start))
-            else:
-                futures.append(self._pool.submit(os.pwritev, fs.fd, [part], offset + start))
-        return _PyRequest(futures)
-
-    def read(self, fs: _PyFileSet, offset: int, buffer: Any, nbytes: int) -> _PyRequest:
-        return self._io("read", fs, offset, buffer, nbytes)
-
-    def write(self, fs: _PyFileSet, offset: int, buffer: Any, nbytes: int) -> _PyRequest:
-        return self._io("write", fs, offset, buffer, nbytes)
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True)
-
-
-def _arena_class() -> tuple[Any, str]:
-    """(HostArena class, where it came from)."""
-    with contextlib.suppress(ImportError, AttributeError):
-        from .arena import HostArena  # type: ignore[attr-defined]
-
-        return HostArena, "tierrt.arena"
-    with contextlib.suppress(ImportError, AttributeError):
-        from ._native import HostArena  # type: ignore[attr-defined,no-redef]
-
-        return HostArena, "tierrt._native"
-    return _PyArena, "python stand-in (tierrt._native has no HostArena)"
-
-
-def _engine_class() -> tuple[Any, str]:
-    with contextlib.suppress(ImportError, AttributeError):
-        from .io import IOEngine  # type: ignore[attr-defined]
-
-        return IOEngine, "tierrt.io"
-    with contextlib.suppress(ImportError, AttributeError):
-        from ._native import IOEngine  # type: ignore[attr-defined,no-redef]
-
-        return IOEngine, "tierrt._native"
-    return _PyIOEngine, "python stand-in (tierrt._native has no IOEngine)"
+# the native pieces
 
 
 def _make_arena(nbytes: int, node: int | None, name: str) -> tuple[Any, str | None]:
-    """An arena of ``nbytes`` bound to ``node`` (None: no binding). Falls back to no binding, then
-    to no huge pages, when the kernel refuses; returns (arena, note)."""
-    cls, _ = _arena_class()
+    """An arena of ``nbytes`` bound to ``node`` (None: no binding). Falls back to no binding when the
+    kernel refuses (a container without mbind, say); returns (arena, note)."""
+    from .arena import HostArena
+
     attempts: list[dict[str, Any]] = []
     if node is not None:
         attempts.append({"nodes": [node], "policy": "bind"})
@@ -401,7 +283,7 @@ def _make_arena(nbytes: int, node: int | None, name: str) -> tuple[Any, str | No
     last: Exception | None = None
     for kw in attempts:
         try:
-            arena = cls(nbytes, lock=False, name=name, **kw)
+            arena = HostArena(nbytes, lock=False, name=name, **kw)
             note = None if (node is None or kw) else f"not bound to node {node} ({last})"
             return arena, note
         except (TierrtError, OSError, ValueError) as err:
@@ -823,8 +705,8 @@ def run_probe(
         paths = [check_path(p, size_b) for p in paths]
 
     topo = _topology.discover(storage_paths=[str(p) for p in paths] if "nvme" in wanted else ())
-    engine_cls, engine_from = _engine_class()
-    arena_cls, arena_from = _arena_class()
+    from .io import IOEngine as engine_cls
+
     profile = Profile(
         links=[],
         topology=topo.summary(),
@@ -842,7 +724,7 @@ def run_probe(
             "paths": [str(p) for p in paths],
             "gbps": "decimal GB/s (1e9 bytes/s); DRAM copy counts bytes copied once",
         },
-        features={"arena": arena_from, "io_engine": engine_from},
+        features={},
     )
 
     plans: list[_Plan] = []
@@ -979,7 +861,7 @@ def _gpu_kwargs(d: dict[str, Any]) -> dict[str, Any]:
 def _features(path: Path | None) -> dict[str, Any]:
     from .info import info
 
-    facts = info(path=path, check_engines=False)
+    facts = info(path=path, check_engines=True)
     keep = (
         "transparent_hugepages",
         "o_direct",
