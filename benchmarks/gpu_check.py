@@ -142,7 +142,7 @@ def gbps(nbytes: int, seconds: float) -> float:
 def environment(ctx: Context) -> dict[str, Any]:
     import tierrt
     from tierrt import topology
-    from tierrt.info import format_info, info
+    from tierrt.sysinfo import format_info, info
 
     torch = ctx.torch
     props = torch.cuda.get_device_properties(ctx.device)

@@ -265,9 +265,9 @@ def test_console_script_installed() -> None:
 
 
 def test_info_reports_backends_and_features(tmp_path: Path) -> None:
-    import tierrt.info
+    import tierrt
 
-    facts = tierrt.info.info(tmp_path)
+    facts = tierrt.info(tmp_path)
     json.dumps(facts)
     assert facts["version"] and facts["native_module"]["built"] is True
     assert facts["o_direct"] == {
@@ -280,7 +280,7 @@ def test_info_reports_backends_and_features(tmp_path: Path) -> None:
     assert facts["transparent_hugepages"]["enabled"] in ("always", "madvise", "never")
     assert facts["mlock_limit"]["soft"] is not None
     assert isinstance(facts["cuda"]["available"], bool)
-    text = tierrt.info.format_info(facts)
+    text = tierrt.format_info(facts)
     for word in (
         "native module",
         "io backends",
@@ -291,6 +291,8 @@ def test_info_reports_backends_and_features(tmp_path: Path) -> None:
         "mlock",
     ):
         assert word in text
-    out = subprocess.run([sys.executable, "-m", "tierrt.info", str(tmp_path)], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "tierrt.sysinfo", str(tmp_path)], capture_output=True, text=True
+    )
     assert out.returncode == 0 and "O_DIRECT under" in out.stdout
     assert list(tmp_path.iterdir()) == []  # the O_DIRECT check leaves nothing behind

@@ -38,6 +38,10 @@ def __getattr__(name: str):  # lazy: importing tierrt stays cheap and does not n
         from .report import Report
 
         return Report
+    if name in ("info", "format_info"):
+        from . import sysinfo
+
+        return getattr(sysinfo, name)
     raise AttributeError(f"module 'tierrt' has no attribute {name!r}")
 
 
@@ -47,6 +51,8 @@ __all__ = [
     "Runtime",
     "Report",
     "default_tiers",
+    "info",
+    "format_info",
     "gpu",
     "dram",
     "cxl",

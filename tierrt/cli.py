@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             return demo.main(args=args)
         if args.command == "info":
-            from .info import format_info
+            from .sysinfo import format_info
 
             print(format_info())
             return 0

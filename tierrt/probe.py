@@ -262,7 +262,7 @@ class Profile:
 
 def default_profile_path() -> Path:
     """``$XDG_CACHE_HOME/tierrt/profile.json``, or ``~/.cache/tierrt/profile.json``."""
-    from .info import cache_dir
+    from .sysinfo import cache_dir
 
     return cache_dir() / "profile.json"
 
@@ -664,7 +664,7 @@ def run_probe(
     ``links``: which of "dram", "nvme", "gpu", "kvikio" to measure. ``progress``: a progress bar on
     stderr (None: when stderr is a terminal). Raises :class:`ProbeError` for unusable paths.
     """
-    from .info import cache_dir
+    from .sysinfo import cache_dir
 
     wanted = set(links)
     unknown = wanted - {"dram", "nvme", "gpu", "kvikio"}
@@ -859,7 +859,7 @@ def _gpu_kwargs(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def _features(path: Path | None) -> dict[str, Any]:
-    from .info import info
+    from .sysinfo import info
 
     facts = info(path=path, check_engines=True)
     keep = (

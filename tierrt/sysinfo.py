@@ -5,11 +5,11 @@ tierrt.info [PATH]`` prints it (O_DIRECT is checked under PATH, default the cach
 
 Example::
 
-    >>> import tierrt.info
-    >>> facts = tierrt.info.info()
+    >>> import tierrt
+    >>> facts = tierrt.info()
     >>> facts["io_backends"]["threads"]["usable"]
     True
-    >>> print(tierrt.info.format_info(facts))     # doctest: +SKIP
+    >>> print(tierrt.format_info(facts))     # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -252,11 +252,11 @@ def format_info(facts: dict[str, Any] | None = None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m tierrt.info [--json] [PATH]``."""
+    """``python -m tierrt.sysinfo [--json] [PATH]``."""
     import argparse
 
     parser = argparse.ArgumentParser(
-        prog="python -m tierrt.info", description="Print tierrt's build and features."
+        prog="python -m tierrt.sysinfo", description="Print tierrt's build and features."
     )
     parser.add_argument("path", nargs="?", help="where to check O_DIRECT (default: the cache directory)")
     parser.add_argument("--json", action="store_true", help="print JSON")
