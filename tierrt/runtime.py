@@ -79,7 +79,8 @@ def offload(
     progress: bool | None = None,
     io_backend: str = "auto",
     queue_depth: int = 32,
-    restore: bool = True,
+    weights: str | os.PathLike | None = None,
+    restore: bool | None = None,
 ) -> Runtime:
     """Offload ``model`` across ``tiers`` for the duration of a ``with`` block.
 
@@ -98,7 +99,12 @@ def offload(
         progress: show a progress bar while the model is placed (default: when it is large).
         io_backend: "auto", "io_uring" or "threads" for NVMe I/O.
         queue_depth: NVMe requests kept in flight.
-        restore: on exit, give the parameters back as ordinary tensors with their trained values.
+        weights: a safetensors checkpoint (file or ``save_pretrained`` directory) to load the
+            parameters from, tensor by tensor straight into their tiers: with it, a model built on
+            the meta device (e.g. under ``accelerate.init_empty_weights()``) is never whole in memory.
+        restore: on exit, give the parameters back as ordinary tensors with their trained values on
+            the device they came from. Default: yes, except for parameters that came from the meta
+            device (they stay there; save them with :meth:`Runtime.save` first).
 
     Returns:
         A :class:`Runtime`; use it as a context manager. Errors in the arguments, budgets or paths
@@ -114,6 +120,7 @@ def offload(
         progress=progress,
         io_backend=io_backend,
         queue_depth=queue_depth,
+        weights=weights,
         restore=restore,
     )
 
@@ -133,7 +140,8 @@ class Runtime:
         progress: bool | None = None,
         io_backend: str = "auto",
         queue_depth: int = 32,
-        restore: bool = True,
+        weights: str | os.PathLike | None = None,
+        restore: bool | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ConfigError(f"offload(model): expected a torch.nn.Module, got {type(model).__name__}")
@@ -157,6 +165,9 @@ class Runtime:
         self.io_backend = io_backend
         self.queue_depth = queue_depth
         self.restore_on_exit = restore
+        self.weights_source = None if weights is None else os.fspath(weights)
+        self.weights_index: Any = None
+        self._trained = False
         self.active = False
         self.closed = False
         self.counters = Counters()
@@ -222,10 +233,7 @@ class Runtime:
                     f"parameter {name} is on {p.device}; tierrt takes models on the CPU or on "
                     f"the compute device {compute_device}"
                 )
-            if p.device.type == "meta":
-                raise HookError(
-                    f"parameter {name} is on the meta device (not materialised); build the model on the CPU"
-                )
+        self._check_sources(model, compute_device)
         compute = compute_spec.name if compute_spec else "dram"
 
         budgets = self._budgets(compute_spec)
@@ -322,6 +330,37 @@ class Runtime:
         self._step_started = time.perf_counter()
         self._step_mark = self.counters.copy()
 
+    def _check_sources(self, model: nn.Module, compute_device: torch.device) -> None:
+        """Every parameter must have a value: in memory, or in the ``weights`` checkpoint."""
+        from .weights import SafetensorsIndex
+
+        self._aliases: dict[int, list[str]] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            self._aliases.setdefault(id(p), []).append(name)
+        index = SafetensorsIndex(self.weights_source) if self.weights_source is not None else None
+        self.weights_index = index
+        missing = []
+        for name, p in model.named_parameters():
+            if p.device.type == "meta" and (index is None or index.find(self._aliases[id(p)]) is None):
+                missing.append(name)
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            where = (
+                f"the weights file {self.weights_source}" if index is not None else "no weights= checkpoint"
+            )
+            raise HookError(
+                f"{len(missing)} parameters are on the meta device (no values) and {where} does not provide "
+                f"them: {shown}. Pass weights= a safetensors checkpoint, or build the model on the CPU"
+            )
+        for name, buf in model.named_buffers():
+            if buf.device.type == "meta":
+                raise HookError(
+                    f"buffer {name} is on the meta device; build the model with its buffers real (e.g. "
+                    "accelerate.init_empty_weights(include_buffers=False), the default)"
+                )
+            if buf.device.type not in ("cpu",) and buf.device != compute_device:
+                raise ConfigError(f"buffer {name} is on {buf.device}, not on the CPU or {compute_device}")
+
     def _budgets(self, compute_spec: GpuTier | None) -> dict[str, int | None]:
         budgets: dict[str, int | None] = {}
         for spec in self.tier_specs:
@@ -388,7 +427,7 @@ class Runtime:
                     views = dict(zip(ks.layout.slots, store.host_views(bs, ks)))
                     with torch.no_grad():
                         for slot_index, view in views.items():
-                            view.copy_(bs.spec.slots[slot_index].param.detach())
+                            self._load_value(bs.spec.slots[slot_index], view)
                     ks.valid = {"dram"}
                     if ks.home != "dram":
                         keep = kind == "weight" and pipeline.compute == "dram" and bs.pinned
@@ -397,12 +436,28 @@ class Runtime:
             pipeline.drain()
         finally:
             bar.close()
-        # Everything is home: parameters now view their block (resident) or a placeholder.
+        # Everything is home: parameters now view their block (resident) or a placeholder. A meta
+        # parameter first becomes a real one (same Python object, so optimizers and modules keep it).
+        for bs in store.blocks:
+            for slot in bs.spec.slots:
+                if slot.param.is_meta:
+                    _swap_tensor(slot.param, torch.empty((), dtype=slot.dtype, device=compute_device))
         for bs in store.blocks:
             if pipeline.compute == "dram" and "dram" in bs.kinds["weight"].valid:
                 pipeline._attach(bs)
             else:
                 pipeline.detach(bs)
+
+    def _load_value(self, slot: Any, view: torch.Tensor) -> None:
+        """Fill ``view`` with the parameter's starting value: from the weights file when there is
+        one and it holds the parameter, else from the parameter itself."""
+        entry = None
+        if self.weights_index is not None:
+            entry = self.weights_index.find(self._aliases[id(slot.param)])
+        if entry is not None:
+            self.weights_index.read_into(entry, view)
+        else:
+            view.copy_(slot.param.detach())
 
     def _unplace_after_failure(self) -> None:
         """Placement failed part way: the parameters still hold their values; free the tiers."""
@@ -423,6 +478,7 @@ class Runtime:
             self._step_boundary()
 
     def _on_step_end(self) -> None:
+        self._trained = True
         self._step_boundary()
 
     def _step_boundary(self) -> None:
@@ -526,8 +582,7 @@ class Runtime:
             self.blockwise.remove()
         self._unpatch_model()
         try:
-            if self.restore_on_exit:
-                self._restore_all()
+            self._restore_all()
         except BaseException as exc:  # noqa: BLE001
             errors.append(exc)
         with _OWNERS_LOCK:
@@ -545,6 +600,19 @@ class Runtime:
             raise errors[0]
 
     def _restore_all(self) -> None:
+        if self.restore_on_exit is False:
+            log.warning(
+                "tierrt: restore=False: the model's parameters are left without values (meta); "
+                "their values are discarded with the tiers"
+            )
+        elif self.restore_on_exit is None:
+            meta = sum(1 for dev, _ in self._originals.values() if dev.type == "meta")
+            if meta and self._trained:
+                log.warning(
+                    "tierrt: %d parameters came from the meta device and stay there: their trained "
+                    "values are discarded with the tiers unless saved with rt.save(path) first",
+                    meta,
+                )
         for bs in self.store.blocks:  # type: ignore[union-attr]
             for slot in bs.spec.slots:
                 self._restore_slot(bs, slot)
@@ -554,7 +622,12 @@ class Runtime:
 
     def _restore_slot(self, bs: BlockState, slot: Any) -> None:
         device, dtype = self._originals[id(slot.param)]
-        slot.param.data = self._materialize(bs, slot, device=device, dtype=dtype)
+        if (device.type == "meta" and not self.restore_on_exit) or self.restore_on_exit is False:
+            _swap_tensor(slot.param, torch.empty(slot.shape, dtype=dtype, device="meta"))
+            return
+        slot.param.data = self._materialize(
+            bs, slot, device=torch.device("cpu") if device.type == "meta" else device, dtype=dtype
+        )
 
     def _move_optimizer_state(self) -> None:
         """Optimizer state made during blockwise steps lives on the CPU; follow the parameters."""
@@ -571,6 +644,39 @@ class Runtime:
                         and value.device != p.device
                     ):
                         state[key] = value.to(p.device)
+
+    # ---- saving ----------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> str:
+        """Write the model's current values (parameters in their original dtype, persistent buffers)
+        to a safetensors file, one tensor in memory at a time. Atomic (temporary file, fsync, rename).
+        Loadable with ``safetensors.torch.load_file`` or back into tierrt with ``weights=``."""
+        from .weights import write_safetensors
+
+        if not self.active:
+            raise HookError("save() needs an active tierrt context (inside the with-block)")
+        self.pipeline.drain()
+        where: dict[str, tuple[BlockState, Any]] = {}
+        specs = []
+        for bs in self.store.blocks:  # type: ignore[union-attr]
+            for slot in bs.spec.slots:
+                name = self._aliases[id(slot.param)][0]
+                where[name] = (bs, slot)
+                specs.append((name, self._originals[id(slot.param)][1], tuple(slot.shape)))
+        buffers = {}
+        for module_name, module in self.model.named_modules():
+            for buf_name, buf in module._buffers.items():
+                if buf is not None and buf_name not in module._non_persistent_buffers_set:
+                    key = f"{module_name}.{buf_name}" if module_name else buf_name
+                    buffers[key] = buf
+                    specs.append((key, buf.dtype, tuple(buf.shape)))
+
+        def produce(name: str) -> torch.Tensor:
+            if name in buffers:
+                return buffers[name].detach().cpu()
+            bs, slot = where[name]
+            return self._materialize(bs, slot, torch.device("cpu"), self._originals[id(slot.param)][1])
+
+        return write_safetensors(path, specs, produce)
 
     # ---- observability ---------------------------------------------------------------------------
     def report(self) -> Report:
@@ -619,3 +725,11 @@ class Runtime:
     def describe(self) -> str:
         """The placement in words."""
         return "" if self.placement is None else self.placement.describe()
+
+
+def _swap_tensor(param: nn.Parameter, value: torch.Tensor) -> None:
+    """Make ``param`` (the same Python object) hold ``value``, even across device types that
+    ``param.data = value`` refuses (meta <-> cpu). Its attributes and ``requires_grad`` stay."""
+    replacement = nn.Parameter(value, requires_grad=param.requires_grad)
+    replacement.__dict__.update(param.__dict__)
+    torch.utils.swap_tensors(param, replacement)

@@ -1,0 +1,91 @@
+"""Loading a checkpoint straight into the tiers (meta-device models) and saving trained values."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import models
+import pytest
+import torch
+from test_offload_numerics import streaming_budget, train
+
+import tierrt
+
+
+def save_pretrained(model, directory) -> str:
+    model.save_pretrained(directory, safe_serialization=True)
+    return str(directory)
+
+
+def test_meta_model_loads_from_checkpoint_and_trains_like_plain(nvme_dir, tmp_path):
+    accelerate = pytest.importorskip("accelerate")
+    reference = models.llama()
+    ckpt = save_pretrained(reference, tmp_path / "ckpt")
+    with accelerate.init_empty_weights():
+        ours = models.llama()
+    assert all(p.is_meta for p in ours.parameters())
+    data = models.token_batches(3)
+    ref_losses = train(reference, torch.optim.SGD(reference.parameters(), lr=0.05), data, models.lm_loss)
+    opt = torch.optim.SGD(ours.parameters(), lr=0.05)
+    with tierrt.offload(
+        ours, tiers=[tierrt.dram(streaming_budget(ours)), tierrt.nvme(nvme_dir)], optimizer=opt, weights=ckpt
+    ) as rt:
+        losses = train(ours, opt, data, models.lm_loss)
+        saved = rt.save(tmp_path / "trained.safetensors")
+    for a, b in zip(ref_losses, losses):
+        assert torch.equal(a, b)
+    assert all(p.is_meta for p in ours.parameters())  # meta in, meta out: values went to the file
+    from safetensors.torch import load_file
+
+    values = load_file(saved)
+    for name, p in reference.named_parameters():
+        assert torch.equal(values[name], p), name
+
+
+def test_saved_file_round_trips_into_a_cpu_model(nvme_dir, tmp_path):
+    model = models.gpt2()
+    expected = copy.deepcopy(model)
+    with tierrt.offload(model, tiers=[tierrt.dram(streaming_budget(model)), tierrt.nvme(nvme_dir)]) as rt:
+        path = rt.save(tmp_path / "m.safetensors")
+    fresh = models.gpt2(seed=5)
+    with tierrt.offload(
+        fresh, tiers=[tierrt.dram(streaming_budget(fresh)), tierrt.nvme(nvme_dir)], weights=path
+    ):
+        pass
+    for (name, a), b in zip(expected.named_parameters(), fresh.parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_meta_model_without_weights_is_refused(nvme_dir):
+    with torch.device("meta"):
+        model = models.mlp()
+    with pytest.raises(tierrt.HookError, match="meta device"):
+        with tierrt.offload(model, tiers=[tierrt.dram("8MiB"), tierrt.nvme(nvme_dir)]):
+            pass
+
+
+def test_corrupt_checkpoint(nvme_dir, tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\xff" * 64)
+    model = models.mlp()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(tierrt.CorruptStoreError, match="corrupt header"):
+        with tierrt.offload(model, tiers=[tierrt.dram("8MiB"), tierrt.nvme(nvme_dir)], weights=bad):
+            pass
+    for a, b in zip(before, model.parameters()):
+        assert torch.equal(a, b)
+    assert os.listdir(nvme_dir) == []
+
+
+def test_checkpoint_shape_mismatch(nvme_dir, tmp_path):
+    small = models.mlp(width=64)
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in small.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    model = models.mlp(width=128)
+    with pytest.raises(tierrt.ConfigError, match="shape"):
+        with tierrt.offload(
+            model, tiers=[tierrt.dram("8MiB"), tierrt.nvme(nvme_dir)], weights=tmp_path / "w.safetensors"
+        ):
+            pass
