@@ -61,10 +61,7 @@ struct V {
     _mm_storeu_si128(static_cast<__m128i*>(p), packed);
   }
   static inline void store_f16(void* p, reg x) {
-    __m128i h = _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m256i nan32 = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
-    const __m128i nan16 = _mm_packs_epi32(_mm256_castsi256_si128(nan32), _mm256_extracti128_si256(nan32, 1));
-    h = _mm_blendv_epi8(h, _mm_set1_epi16(0x7E00), nan16);
+    const __m128i h = _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     _mm_storeu_si128(static_cast<__m128i*>(p), h);
   }
   static inline reg add(reg a, reg b) { return _mm256_add_ps(a, b); }

@@ -44,9 +44,7 @@ struct V {
     _mm256_storeu_si256(static_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
   }
   static inline void store_f16(void* p, reg x) {
-    __m256i h = _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-    h = _mm256_mask_mov_epi16(h, nan, _mm256_set1_epi16(0x7E00));
+    const __m256i h = _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     _mm256_storeu_si256(static_cast<__m256i*>(p), h);
   }
   static inline reg add(reg a, reg b) { return _mm512_add_ps(a, b); }

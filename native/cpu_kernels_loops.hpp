@@ -9,7 +9,7 @@
 //   V::reg                     a vector of W floats
 //   V::load(const float*) / V::store(float*, reg)           unaligned
 //   V::load_bf16(const void*) / V::load_f16(const void*)     W 16-bit values -> fp32 (exact)
-//   V::store_bf16(void*, reg) / V::store_f16(void*, reg)     fp32 -> W 16-bit values (RNE, torch NaNs)
+//   V::store_bf16(void*, reg) / V::store_f16(void*, reg)     fp32 -> W 16-bit values (RNE, torch's NaNs)
 //   V::add, sub, mul, div, sqrt, fmadd(a, b, c) = a*b + c rounded once, max_nan (torch.maximum)
 //   V::sqrt_rsqrt14            the square root with SqrtKind::kRsqrt14 rounding
 //   V::SumSq                   16 float64 accumulators: add(const reg x[16 / W]) does acc[j] += x[j]^2

@@ -6,8 +6,8 @@
 // multiply-add (add with alpha, lerp, addcmul), everything else is one correctly rounded fp32 op.
 //
 // NaN: NaN positions follow torch; NaN payloads are not specified (ATen's own vector and scalar
-// paths and compilers' operand orders differ there), except in the fp16/bf16 outputs, which use
-// torch's canonical NaN encodings (see f32_to_bf16 / f32_to_f16).
+// paths and compilers' operand orders differ there), except in the fp16/bf16 outputs, which encode
+// a NaN as torch does (see f32_to_bf16 / f32_to_f16).
 #pragma once
 
 #include <cmath>
@@ -51,13 +51,13 @@ inline float f16_to_f32(uint16_t h) {
   return bits_f32(sign | ((exp + 112u) << 23) | (mant << 13));
 }
 
-// IEEE binary16, round to nearest even, overflow to infinity; every NaN becomes 0x7E00, as torch's
-// `.to(torch.float16)` writes it.
+// IEEE binary16, round to nearest even, overflow to infinity; a NaN keeps its sign and the top bits
+// of its payload and becomes quiet, as torch's `.to(torch.float16)` (the F16C instruction) writes it.
 inline uint16_t f32_to_f16(float f) {
   const uint32_t x = f32_bits(f);
   const uint32_t sign = (x >> 16) & 0x8000u;
   const uint32_t ax = x & 0x7FFFFFFFu;
-  if (ax > 0x7F800000u) return 0x7E00;
+  if (ax > 0x7F800000u) return static_cast<uint16_t>(sign | 0x7E00u | ((ax >> 13) & 0x3FFu));
   if (ax >= 0x477FF000u) return static_cast<uint16_t>(sign | 0x7C00u);  // >= 65520: rounds to inf
   if (ax >= 0x38800000u) {  // normal binary16 (>= 2^-14)
     const uint32_t rounded = ax + 0xFFFu + ((ax >> 13) & 1u);
