@@ -442,7 +442,6 @@ class UringEngine final : public Engine {
           if (!head_) tail_ = nullptr;
           set_pending(npending_);
         }
-        need_wake_ = !stop && inflight_ + batch.size() < queue_depth_;
       }
       if (ctl && inflight_ == 0) {
         do_control(ctl);
@@ -451,6 +450,13 @@ class UringEngine final : public Engine {
       for (Chunk* c : batch) dispatch(c);
       batch.clear();
       if (stop && inflight_ == 0) break;
+      {
+        // Decide whether to sleep only now: dispatch may have completed or parked chunks at once
+        // (injected faults), freeing slots that queued work can use.
+        std::lock_guard<std::mutex> lk(mu_);
+        if (!stopping_ && !control_ && head_ && inflight_ < queue_depth_) continue;
+        need_wake_ = !stopping_ && inflight_ < queue_depth_;
+      }
       int ret = io_uring_submit_and_wait(&ring_, 1);
       unsigned head;
       io_uring_cqe* cqe;

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import threading
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -151,6 +152,7 @@ def test_bad_arguments_are_config_errors():
         a.alloc(True)
     with pytest.raises(ConfigError):
         a.alloc(1.5)
+    assert a.alloc(np.int64(4096)) == 0  # integers of other types are fine
 
 
 def test_double_free_and_foreign_offsets_are_config_errors():

@@ -447,6 +447,21 @@ def test_register_cuda_without_a_gpu_is_a_no_op(arena):
     assert arena.unregister_cuda() is False
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error path without a usable GPU")
+def test_cuda_register_failure_names_the_cuda_error(arena):
+    with pytest.raises(tierrt.TierrtError, match="cannot load the CUDA runtime"):
+        arena.native.cuda_register("libtierrt-no-such-cudart.so")
+    try:
+        arena.native.cuda_register("")  # a libcudart on the library path, but no GPU or driver
+    except tierrt.TierrtError as err:
+        if "cannot load" in str(err):
+            pytest.skip("no libcudart on this machine")
+        assert "cudaHostRegister of 16.00MiB failed" in str(err) and "cudaError" in str(err)
+    else:
+        pytest.fail("cudaHostRegister succeeded without a CUDA device")
+    assert arena.cuda_registered is False
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_register_cuda_pins_the_arena(arena):
     assert arena.register_cuda() is True

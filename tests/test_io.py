@@ -361,12 +361,14 @@ def test_read_past_end_of_file(backend, tmp_path):
         out = bytearray(10_000)
         assert eng.read(fs, 0, out).wait() == 10_000 and bytes(out) == content
         with pytest.raises(IOEngineError) as info:
-            eng.read(fs, 8 * KiB, bytearray(8 * KiB)).wait()
+            eng.read(fs, 8 * KiB, aligned(8 * KiB)).wait()  # O_DIRECT, then buffered for the tail
         err = info.value
         assert err.path == path and err.op == "read" and err.errno is None
         assert err.offset == 8 * KiB and err.nbytes == 4 * KiB and err.transferred == 10_000 - 8 * KiB
         expected = f"short read: {10_000 - 8 * KiB} of 4096 bytes at offset 8192 of {path}, end of file"
         assert expected in str(err)
+        with pytest.raises(IOEngineError, match="end of file"):
+            eng.read(fs, 8 * KiB, bytearray(8 * KiB)).wait()  # buffered all the way
         fs.close()
     assert len(file_bytes(path)) == 10_000  # create=False never extends or truncates
 
@@ -670,3 +672,26 @@ def test_close_with_requests_in_flight(backend, tmp_path):
     with pytest.raises(ConfigError, match="closed"):
         eng.read(fs, 0, bytearray(10))
     fs.close(remove=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["error", "stall"])
+def test_chunks_finished_at_dispatch_free_their_slots(backend, mode, tmp_path):
+    """Chunks failed or parked by a fault at dispatch must not leave queued work waiting."""
+    with IOEngine(backend, queue_depth=2, block_size="4KiB") as eng:
+        fs = eng.open(str(tmp_path / "f.swap"), MiB)
+        data = pattern(64 * KiB, 12)
+        assert eng.write(fs, 0, data).wait() == 64 * KiB
+        eng.inject_fault(op="read", mode=mode, count=2)
+        first = eng.read(fs, 0, aligned(8 * KiB))  # its two chunks take both slots and fault
+        out = aligned(56 * KiB)
+        rest = eng.read(fs, 8 * KiB, out)
+        assert rest.wait(timeout=30) == 56 * KiB and np.array_equal(out, data[8 * KiB :])
+        if mode == "stall":
+            assert not first.done()
+            eng.clear_faults()
+            assert first.wait(timeout=30) == 8 * KiB
+        else:
+            with pytest.raises(IOEngineError):
+                first.wait(timeout=30)
+        fs.close(remove=True)

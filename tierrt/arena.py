@@ -14,6 +14,7 @@ while something still views it.
 
 Example::
 
+    >>> import torch
     >>> from tierrt.arena import HostArena
     >>> arena = HostArena("64MiB", name="dram")
     >>> w = arena.tensor(1024, 1024, dtype=torch.float32)   # a tensor living in the arena
@@ -105,16 +106,20 @@ def as_tensor(buf: Any, dtype: torch.dtype | None = None, shape: Sequence[int] |
 
 
 def _loaded_cudart() -> str:
-    """Path of the CUDA runtime library torch uses: the one mapped in this process, else one shipped
-    in an ``nvidia-*`` wheel, else "" (let the native side try the usual sonames)."""
+    """Path of the CUDA runtime library torch uses: one mapped in this process (preferring a copy
+    shipped in a Python package, as torch's is), else one in an ``nvidia-*`` wheel, else "" (the
+    native side then tries the usual sonames)."""
+    mapped: list[str] = []
     try:
         with open("/proc/self/maps") as maps:
             for line in maps:
-                path = line.split()[-1] if line.strip() else ""
-                if "libcudart.so" in os.path.basename(path):
-                    return path
+                fields = line.split()
+                if len(fields) >= 6 and os.path.basename(fields[-1]).startswith("libcudart.so"):
+                    mapped.append(fields[-1])
     except OSError:
         pass
+    if mapped:
+        return sorted(mapped, key=lambda path: "-packages" not in path)[0]
     for root in sys.path:
         for pattern in ("nvidia/cuda_runtime/lib/libcudart.so*", "nvidia/cu*/lib/libcudart.so*"):
             found = sorted(glob.glob(os.path.join(root, pattern)))
