@@ -84,6 +84,9 @@ class Pipeline:
         # hooks keep an index of which storage belongs to which block).
         self.on_attach: Callable[[BlockState], None] | None = None
         self.on_detach: Callable[[BlockState], None] | None = None
+        # The optimizer's pending updates (scheduler.optimizer.OptimizerPipeline), applied before a
+        # block is used again.
+        self.updates: Any = None
 
     @property
     def blocks(self) -> list[BlockState]:
@@ -168,6 +171,8 @@ class Pipeline:
     def acquire(self, bs: BlockState, phase: str) -> None:
         """Make ``bs`` resident and attached; count a hit or a miss; prefetch what comes next."""
         self.reap_all()
+        if self.updates is not None and self.updates.has_pending(bs.index):
+            self.updates.apply(bs.index)
         event: Event = (phase, bs.index)
         self.trace.observe(event)
         self._clock += 1
@@ -261,6 +266,10 @@ class Pipeline:
         protect = set(window) | {event[1]}
         for block_index in window:
             bs = self.blocks[block_index]
+            if self.updates is not None and self.updates.has_pending(block_index):
+                if not self.updates.prefetch_block(bs, protect):
+                    break
+                continue
             if bs.pinned:
                 continue
             if not self._start_weight_fetch(bs, demand=False, protect=protect):
@@ -430,6 +439,41 @@ class Pipeline:
                 self.store.drop(ks, "dram")
 
         self._submit(bs, kind, steps, f"dram->{ks.home}", on_reap, self.flusher)
+
+    def read_slot(
+        self,
+        bs: BlockState,
+        kind: str,
+        slot_index: int,
+        device: torch.device,
+        dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
+        """A fresh tensor with the current value of one parameter's share of ``bs.kind``."""
+        if self.updates is not None and self.updates.has_pending(bs.index):
+            self.updates.apply(bs.index)
+        ks = bs.kinds[kind]
+        self.ensure_host(bs, kind)
+        ks.pins += 1
+        try:
+            view = self.store.slot_view(bs, ks, bs.spec.slots[slot_index], "dram")
+            return view.to(device=device, dtype=dtype or view.dtype, copy=True)
+        finally:
+            ks.pins -= 1
+
+    def write_slot(self, bs: BlockState, kind: str, slot_index: int, value: torch.Tensor) -> None:
+        """Set one parameter's share of ``bs.kind`` (other parameters' shares keep their values)."""
+        if self.updates is not None and self.updates.has_pending(bs.index):
+            self.updates.apply(bs.index)
+        ks = bs.kinds[kind]
+        self.ensure_host(bs, kind)
+        ks.pins += 1
+        try:
+            self.store.slot_view(bs, ks, bs.spec.slots[slot_index], "dram").copy_(value)
+        finally:
+            ks.pins -= 1
+        if kind == "weight" and bs.attached and self.compute != "dram" and bs.refcount == 0:
+            self.detach(bs)
+        self.mark_modified(bs, kind, "dram")
 
     def mark_modified(self, bs: BlockState, kind: str, tier: str = "dram") -> None:
         """The copy on ``tier`` was changed in place: it is now the only current copy."""

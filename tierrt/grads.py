@@ -13,7 +13,7 @@ that took part in no backward since the last ``zero_grad()`` is skipped by the o
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -37,12 +37,15 @@ class GradientStore:
         self.store = store
         self.present: dict[int, set[int]] = {}  # block index -> slot indices holding a gradient
         self.pending_blocks: set[int] = set()  # blocks whose DRAM gradient buffer is not yet home
+        self.updates: Any = None  # the optimizer's pending updates (they still need these gradients)
 
     def has_any(self) -> bool:
         return any(self.present.values())
 
     def accumulate(self, bs: BlockState, slot: ParamSlot, grad: torch.Tensor) -> None:
         """Add ``grad`` (a parameter's fresh gradient) into the block's gradient buffer."""
+        if self.updates is not None and self.updates.has_pending(bs.index):
+            self.updates.apply(bs.index)  # it reads the gradients we are about to overwrite
         ks = bs.kinds["grad"]
         pipeline = self.pipeline
         if ks.inflight is not None:
@@ -88,25 +91,32 @@ class GradientStore:
         """``optimizer.zero_grad()`` for offloaded parameters.
 
         ``set_to_none=True`` forgets every gradient (no I/O). ``set_to_none=False`` keeps them as
-        zeros, as torch does, so that a following step sees zero gradients."""
+        zeros, as torch does, so that a following step sees zero gradients. A block whose update is
+        still pending keeps its gradients until that update ran."""
         for bs in self.pipeline.blocks:
-            if "grad" not in bs.kinds:
+            if "grad" not in bs.kinds or not self.present.get(bs.index):
                 continue
-            ks = bs.kinds["grad"]
-            if ks.inflight is not None:
-                self.pipeline.wait(bs, "grad")
-            present = self.present.get(bs.index)
-            if not present:
+            if self.updates is not None and self.updates.on_zero_grad(bs, set_to_none):
                 continue
-            if set_to_none:
-                present.clear()
-                ks.valid = set()
-                if ks.host is not None and ks.home != "dram":
-                    self.store.drop(ks, "dram")
-            else:
-                self.pipeline.ensure_host(bs, "grad", demand=True)
-                for view in self.slot_grads(bs).values():
-                    view.zero_()
-                ks.valid = {"dram"}
-                self._send_home(bs)
-        self.pending_blocks.clear()
+            self.zero_block(bs, set_to_none)
+        self.pending_blocks = {i for i in self.pending_blocks if self.present.get(i)}
+
+    def zero_block(self, bs: BlockState, set_to_none: bool) -> None:
+        ks = bs.kinds["grad"]
+        if ks.inflight is not None:
+            self.pipeline.wait(bs, "grad")
+        present = self.present.get(bs.index)
+        if not present:
+            return
+        if set_to_none:
+            present.clear()
+            ks.valid = set()
+            if ks.host is not None and ks.home != "dram":
+                self.store.drop(ks, "dram")
+            self.pending_blocks.discard(bs.index)
+        else:
+            self.pipeline.ensure_host(bs, "grad", demand=True)
+            for view in self.slot_grads(bs).values():
+                view.zero_()
+            ks.valid = {"dram"}
+            self._send_home(bs)

@@ -53,7 +53,7 @@ class Placement:
 
 
 def _kinds_for(
-    partition: Partition, compute_dtype: torch.dtype | None, train: bool
+    partition: Partition, compute_dtype: torch.dtype | None, train: bool, state_kinds: dict[str, torch.dtype]
 ) -> list[dict[str, KindLayout]]:
     out = []
     for spec in partition.blocks:
@@ -64,6 +64,8 @@ def _kinds_for(
             kinds["master"] = make_layout(spec, "master", None, trainable_only=True)
         if trainable and train:
             kinds["grad"] = make_layout(spec, "grad", None, trainable_only=True)
+            for kind, dtype in state_kinds.items():
+                kinds[kind] = make_layout(spec, kind, dtype, trainable_only=True)
         out.append(kinds)
     return out
 
@@ -76,6 +78,7 @@ def plan_placement(
     compute_dtype: torch.dtype | None,
     depth: int | None,
     train: bool = True,
+    state_kinds: dict[str, torch.dtype] | None = None,
 ) -> Placement:
     """Choose homes for every kind of every block.
 
@@ -83,20 +86,22 @@ def plan_placement(
     ("gpu0", "dram", "cxl", "nvme"); ``None`` means unbounded (NVMe sized to fit). ``depth``: blocks
     to prefetch ahead (None: 2, or fewer when the budget is tight).
     """
-    layouts = _kinds_for(partition, compute_dtype, train)
+    state_kinds = dict(state_kinds or {})
+    layouts = _kinds_for(partition, compute_dtype, train, state_kinds)
     weights = [k["weight"].nbytes for k in layouts]
     grads = [k["grad"].nbytes if "grad" in k else 0 for k in layouts]
     masters = [k["master"].nbytes if "master" in k else 0 for k in layouts]
     acquisitions = [sum(weights[i] for i in set(needed)) for _, needed in partition.hook_targets]
     max_acq = max(acquisitions, default=max(weights))
-    max_w, max_g, max_m = max(weights), max(grads), max(masters)
+    states = [sum(k[name].nbytes for name in state_kinds if name in k) for k in layouts]
+    max_w, max_g, max_m, max_s = max(weights), max(grads), max(masters), max(states)
 
     compute_budget = budgets[compute]
     assert compute_budget is not None
     # In backward a block's weights and gradient buffer are both in DRAM; the optimizer holds a
     # block's master weights and gradients with its compute weights.
     if compute == "dram":
-        minimum = max(max_acq + max_g, max_w + max_g + max_m + (max_w if max_m else 0))
+        minimum = max(max_acq + max_g, max_w + max_g + max_m + max_s + (max_w if max_m else 0))
     else:
         minimum = max_acq
     wanted_depth = 2 if depth is None else max(0, depth)
@@ -126,7 +131,7 @@ def plan_placement(
     homes: list[dict[str, str]] = [{} for _ in layouts]
     if compute != "dram":
         # DRAM stages what moves between NVMe and the GPU, and holds the optimizer's working blocks.
-        staging = (depth_used + 1) * max_w + 2 * (max_g + max_m)
+        staging = (depth_used + 1) * max_w + 2 * (max_g + max_m + max_s)
         dram_budget = budgets.get("dram")
         if dram_budget is not None and dram_budget < staging:
             raise TierCapacityError(
@@ -157,7 +162,8 @@ def plan_placement(
             needed["dram"] += weights[i]
         # With CPU compute, gradients and master weights may live in DRAM too if room is left.
         compute_left = spare
-        for kind, sizes in (("grad", grads), ("master", masters)):
+        state_sizes = {name: [k[name].nbytes if name in k else 0 for k in layouts] for name in state_kinds}
+        for kind, sizes in (("grad", grads), ("master", masters), *state_sizes.items()):
             for i in range(len(layouts)):
                 if sizes[i] and kind in layouts[i] and sizes[i] <= compute_left and "weight" in homes[i]:
                     homes[i][kind] = "dram"

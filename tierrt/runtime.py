@@ -37,7 +37,7 @@ from .blocks import BlockSelector, Partition, partition_model
 from .errors import ConfigError, HookError, TierCapacityError
 from .grads import GradientStore
 from .hooks import HookSet
-from .optim.generic import BlockwiseOptimizer
+from .optim.blockwise import BlockwiseOptimizer
 from .placement import Placement, plan_placement
 from .report import Counters, Report, write_chrome_trace
 from .sizes import format_size
@@ -81,6 +81,8 @@ def offload(
     queue_depth: int = 32,
     weights: str | os.PathLike | None = None,
     restore: bool | None = None,
+    native_optimizer: bool | None = None,
+    deferred_step: bool = True,
 ) -> Runtime:
     """Offload ``model`` across ``tiers`` for the duration of a ``with`` block.
 
@@ -105,6 +107,11 @@ def offload(
         restore: on exit, give the parameters back as ordinary tensors with their trained values on
             the device they came from. Default: yes, except for parameters that came from the meta
             device (they stay there; save them with :meth:`Runtime.save` first).
+        native_optimizer: run Adam/AdamW/SGD on tierrt's kernels with their state in the tiers
+            (default: when the optimizer's options allow; ``True`` insists, ``False`` keeps the torch
+            optimizer, stepped block by block with its state in DRAM).
+        deferred_step: ``optimizer.step()`` returns once the update pipeline is started; each block's
+            update completes at the latest when the block is next used (same results, less I/O).
 
     Returns:
         A :class:`Runtime`; use it as a context manager. Errors in the arguments, budgets or paths
@@ -122,6 +129,8 @@ def offload(
         queue_depth=queue_depth,
         weights=weights,
         restore=restore,
+        native_optimizer=native_optimizer,
+        deferred_step=deferred_step,
     )
 
 
@@ -142,6 +151,8 @@ class Runtime:
         queue_depth: int = 32,
         weights: str | os.PathLike | None = None,
         restore: bool | None = None,
+        native_optimizer: bool | None = None,
+        deferred_step: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ConfigError(f"offload(model): expected a torch.nn.Module, got {type(model).__name__}")
@@ -165,6 +176,8 @@ class Runtime:
         self.io_backend = io_backend
         self.queue_depth = queue_depth
         self.restore_on_exit = restore
+        self.native_optimizer = native_optimizer
+        self.deferred_step = deferred_step
         self.weights_source = None if weights is None else os.fspath(weights)
         self.weights_index: Any = None
         self._trained = False
@@ -238,6 +251,18 @@ class Runtime:
 
         budgets = self._budgets(compute_spec)
         partition = partition_model(model, self.block_selector)
+        if self.optimizer is not None and not any(p.requires_grad for p in params):
+            raise HookError("an optimizer was given but no parameter of the model requires grad")
+        blockwise = None
+        if self.optimizer is not None:  # checked now: a wrong optimizer fails before anything moves
+            blockwise = BlockwiseOptimizer(
+                self.optimizer,
+                partition.block_of_param,
+                native=self.native_optimizer,
+                deferred=self.deferred_step,
+                on_step_end=self._on_step_end,
+            )
+            log.info("tierrt optimizer: %s", blockwise.updater.describe())
         placement = plan_placement(
             partition,
             compute=compute,
@@ -245,21 +270,10 @@ class Runtime:
             compute_dtype=self.compute_dtype,
             depth=self.prefetch,
             train=any(p.requires_grad for p in params),
+            state_kinds=blockwise.state_kinds if blockwise is not None else None,
         )
         self.partition, self.placement = partition, placement
         log.info("tierrt placement: %s", placement.describe())
-        if self.optimizer is not None and not any(p.requires_grad for p in params):
-            raise HookError("an optimizer was given but no parameter of the model requires grad")
-        blockwise = None
-        if self.optimizer is not None:  # checked now: a wrong optimizer fails before anything moves
-            blockwise = BlockwiseOptimizer(
-                self.optimizer,
-                None,
-                None,
-                None,  # type: ignore[arg-type]
-                partition.block_of_param,
-                on_step_end=self._on_step_end,
-            )
 
         # Create tiers: paths are checked (and swap files preallocated) before anything moves.
         nvme_spec = next((t for t in self.tier_specs if isinstance(t, NvmeTier)), None)
@@ -553,15 +567,7 @@ class Runtime:
             if "master" in bs.kinds and bs.kinds["master"].layout.position(slot.index) is not None
             else "weight"
         )
-        pipeline = self.pipeline
-        ks = bs.kinds[kind]
-        pipeline.ensure_host(bs, kind)
-        ks.pins += 1
-        try:
-            view = self.store.slot_view(bs, ks, slot, "dram")  # type: ignore[union-attr]
-            return view.to(device=device, dtype=dtype or view.dtype, copy=True)
-        finally:
-            ks.pins -= 1
+        return self.pipeline.read_slot(bs, kind, slot.index, device, dtype)
 
     # ---- close -----------------------------------------------------------------------------------
     def close(self) -> None:
@@ -573,6 +579,8 @@ class Runtime:
             return
         errors: list[BaseException] = []
         try:
+            if self.blockwise is not None:
+                self.blockwise.finish()  # pending updates of the last step
             self.pipeline.drain()
         except BaseException as exc:  # noqa: BLE001
             errors.append(exc)
@@ -582,6 +590,8 @@ class Runtime:
             self.blockwise.remove()
         self._unpatch_model()
         try:
+            if self.blockwise is not None and self.restore_on_exit is not False:
+                self.blockwise.export_state()
             self._restore_all()
         except BaseException as exc:  # noqa: BLE001
             errors.append(exc)

@@ -1,0 +1,256 @@
+"""A user's torch optimizer, taken over for the offloaded parameters.
+
+``optimizer.step()``, ``zero_grad()``, ``state_dict()`` and ``load_state_dict()`` of the optimizer
+passed to :func:`tierrt.offload` are replaced (on that object only, restored on exit):
+
+- Adam, AdamW and SGD with the options tierrt's kernels implement run natively: fp32 master weights
+  and optimizer state live in the tiers, each block's update is one SIMD pass, and the results are
+  those of torch's own optimizer bit for bit. ``state_dict()`` / ``load_state_dict()`` speak torch's
+  format, so a state saved from tierrt loads into a plain torch optimizer and back.
+- Any other per-parameter optimizer is stepped block by block with its state in DRAM.
+- LBFGS (which needs every parameter at once) is refused.
+
+Hyperparameters live in ``param_groups`` as usual (LR schedulers keep working); step hooks run once
+per ``step()``; a ``closure`` is evaluated first, as torch's optimizers do.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+from collections.abc import Callable
+from itertools import chain
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..errors import ConfigError, HookError
+from .updaters import HyperSnapshot, Updater, choose_updater
+
+if TYPE_CHECKING:
+    from tierrt.scheduler.optimizer import OptimizerPipeline
+    from tierrt.scheduler.pipeline import Pipeline
+
+    from ..grads import GradientStore
+    from ..store import TensorStore
+
+log = logging.getLogger("tierrt.optim")
+
+__all__ = ["BlockwiseOptimizer"]
+
+_MISSING = object()
+_PATCHED = ("step", "zero_grad", "state_dict", "load_state_dict")
+
+
+class BlockwiseOptimizer:
+    """Takes over one torch optimizer for the offloaded parameters of a model."""
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        block_of_param: dict[int, int],
+        *,
+        native: bool | None = None,
+        deferred: bool = True,
+        on_step_end: Callable[[], None] | None = None,
+    ) -> None:
+        if isinstance(optimizer, torch.optim.LBFGS):
+            raise HookError(
+                "LBFGS needs every parameter at once in each step; tierrt cannot step it "
+                "block by block. Use a per-parameter optimizer (SGD, Adam, AdamW, ...)"
+            )
+        self.optimizer = optimizer
+        self.block_of_param = block_of_param
+        self.on_step_end = on_step_end
+        self.deferred = deferred
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.managed_blocks = sorted({block_of_param[id(p)] for p in params if id(p) in block_of_param})
+        self.unmanaged = [p for p in params if id(p) not in block_of_param]
+        if not self.managed_blocks:
+            raise HookError(
+                "the optimizer holds none of the offloaded model's parameters; build it over "
+                "model.parameters()"
+            )
+        self.updater: Updater = choose_updater(optimizer, native)
+        self.pipeline: Pipeline | None = None
+        self.store: TensorStore | None = None
+        self.grads: GradientStore | None = None
+        self.updates: OptimizerPipeline | None = None
+        self.grad_mul: float = 1.0  # set by clip_grad_norm_ (and loss scaling) until the next step
+        self._saved_attrs: dict[str, Any] = {}
+
+    @property
+    def state_kinds(self) -> dict[str, torch.dtype]:
+        return dict(self.updater.state_kinds)
+
+    def attach(self, pipeline: Pipeline, store: TensorStore, grads: GradientStore) -> None:
+        """Connect to the runtime once the model is placed."""
+        from tierrt.scheduler.optimizer import OptimizerPipeline
+
+        self.pipeline, self.store, self.grads = pipeline, store, grads
+        self.updates = OptimizerPipeline(pipeline, grads, self.updater, deferred=self.deferred)
+        self.updates.managed = set(self.managed_blocks)
+        pipeline.updates = self.updates
+        grads.updates = self.updates
+
+    # ---- installation ----------------------------------------------------------------------------
+    def install(self) -> None:
+        opt = self.optimizer
+        for name in _PATCHED:
+            self._saved_attrs[name] = opt.__dict__.get(name, _MISSING)
+        owner = self
+
+        def step(self: torch.optim.Optimizer, closure: Callable[[], Any] | None = None) -> Any:
+            return owner.step(closure)
+
+        # LR schedulers wrap optimizer.step to check it runs before scheduler.step(); this step sets
+        # the flag they look for (_opt_called) itself, so it counts as already wrapped for them.
+        step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+
+        def zero_grad(self: torch.optim.Optimizer, set_to_none: bool = True) -> None:
+            owner.zero_grad(set_to_none)
+
+        def state_dict(self: torch.optim.Optimizer) -> dict[str, Any]:
+            return owner.state_dict()
+
+        def load_state_dict(self: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:
+            owner.load_state_dict(state_dict)
+
+        for name, fn in (
+            ("step", step),
+            ("zero_grad", zero_grad),
+            ("state_dict", state_dict),
+            ("load_state_dict", load_state_dict),
+        ):
+            setattr(opt, name, types.MethodType(fn, opt))
+
+    def remove(self) -> None:
+        opt = self.optimizer
+        for name, value in self._saved_attrs.items():
+            if value is _MISSING:
+                opt.__dict__.pop(name, None)
+            else:
+                setattr(opt, name, value)
+        self._saved_attrs.clear()
+
+    # ---- zero_grad -------------------------------------------------------------------------------
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        assert self.grads is not None
+        self.grads.zero(set_to_none)
+        for p in self.unmanaged:
+            if p.grad is not None:
+                if set_to_none:
+                    p.grad = None
+                else:
+                    if p.grad.grad_fn is not None:
+                        p.grad.detach_()
+                    else:
+                        p.grad.requires_grad_(False)
+                    p.grad.zero_()
+
+    # ---- step ------------------------------------------------------------------------------------
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        assert self.updates is not None and self.pipeline is not None
+        opt = self.optimizer
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        args: tuple[Any, ...] = (opt,)
+        kwargs: dict[str, Any] = {}
+        from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
+
+        for pre_hook in chain(_global_optimizer_pre_hooks.values(), opt._optimizer_step_pre_hooks.values()):
+            result = pre_hook(opt, args, kwargs)
+            if result is not None:
+                args, kwargs = result
+        grad_mul, self.grad_mul = self.grad_mul, 1.0
+        self.updates.record(self.managed_blocks, HyperSnapshot.take(opt), grad_mul)
+        if any(p.grad is not None for p in self.unmanaged):
+            self._step_unmanaged(grad_mul)
+        opt._opt_called = True  # type: ignore[attr-defined]  # what LR schedulers look for
+        if hasattr(opt, "_optimizer_step_code"):
+            opt._optimizer_step_code()
+        for post_hook in chain(
+            opt._optimizer_step_post_hooks.values(), _global_optimizer_post_hooks.values()
+        ):
+            post_hook(opt, args, kwargs)
+        if self.on_step_end is not None:
+            self.on_step_end()
+        return loss
+
+    def _step_unmanaged(self, grad_mul: float) -> None:
+        """Parameters of the optimizer outside the offloaded model step plainly."""
+        opt = self.optimizer
+        raw = getattr(type(opt).step, "__wrapped__", type(opt).step)
+        hidden: dict[torch.nn.Parameter, torch.Tensor | None] = {}
+        managed = set(self.block_of_param)
+        for group in opt.param_groups:
+            for p in group["params"]:
+                if id(p) in managed and p.grad is not None:
+                    hidden[p] = p.grad
+                    p.grad = None
+        if grad_mul != 1.0:
+            with torch.no_grad():
+                for p in self.unmanaged:
+                    if p.grad is not None:
+                        p.grad.mul_(grad_mul)
+        try:
+            raw(opt)
+        finally:
+            for p, grad in hidden.items():
+                p.grad = grad
+
+    # ---- state -----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """torch's format: {"state": {index: {...}}, "param_groups": [...]} with every tensor read
+        from the tiers (or, for the torch updater, the optimizer's own state)."""
+        assert self.updates is not None
+        self.updates.apply_all()
+        opt = self.optimizer
+        if not self.updater.native:
+            return type(opt).state_dict(opt)
+        from .state import native_state_dict
+
+        return native_state_dict(self, opt)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        assert self.updates is not None
+        self.updates.apply_all()
+        opt = self.optimizer
+        if not self.updater.native:
+            type(opt).load_state_dict(opt, state_dict)
+            return
+        from .state import load_native_state_dict
+
+        load_native_state_dict(self, opt, state_dict)
+
+    def finish(self) -> None:
+        """Apply every pending update (before leaving the context, saving, ...)."""
+        if self.updates is not None:
+            self.updates.apply_all()
+
+    def export_state(self) -> None:
+        """On exit: put the native state into ``optimizer.state`` in torch's format, on each
+        parameter's device, so the optimizer keeps working on the restored model."""
+        if not self.updater.native:
+            return
+        sd = self.state_dict()
+        opt = self.optimizer
+        params = [p for group in opt.param_groups for p in group["params"]]
+        for index, state in sd["state"].items():
+            p = params[index]
+            opt.state[p] = {
+                k: (v.to(p.device) if isinstance(v, torch.Tensor) and v.dim() > 0 else v)
+                for k, v in state.items()
+            }
+
+
+def check_optimizer_matches(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:
+    groups = optimizer.param_groups
+    saved = state_dict.get("param_groups")
+    if not isinstance(saved, list) or len(saved) != len(groups):
+        raise ConfigError("load_state_dict: the state dict has a different number of parameter groups")
+    for group, saved_group in zip(groups, saved):
+        if len(group["params"]) != len(saved_group["params"]):
+            raise ConfigError("load_state_dict: a parameter group's size does not match the state dict")

@@ -1,0 +1,325 @@
+"""Per-block optimizer updates: the arithmetic of one step over one block's DRAM copies.
+
+Two kinds of updater:
+
+- :class:`NativeAdamUpdater` / :class:`NativeSGDUpdater` run tierrt's SIMD kernels
+  (:mod:`tierrt.optim.kernels`) over fp32 master weights and optimizer state homed in the tiers
+  ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer" kinds), writing compute-dtype
+  weights in the same pass. Their results equal torch.optim.Adam/AdamW/SGD bit for bit.
+- :class:`TorchUpdater` runs the user's own torch optimizer on just the block's parameters, its
+  state kept by the optimizer in DRAM: any per-parameter optimizer works.
+
+Hyperparameters come from a :class:`HyperSnapshot` taken when ``optimizer.step()`` was called, so an
+LR scheduler stepping right after does not change an update that runs later.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from ..store import BlockState, TensorStore
+
+log = logging.getLogger("tierrt.optim")
+
+__all__ = [
+    "HyperSnapshot",
+    "Updater",
+    "TorchUpdater",
+    "NativeAdamUpdater",
+    "NativeSGDUpdater",
+    "choose_updater",
+]
+
+
+@dataclass
+class HyperSnapshot:
+    """Hyperparameters of every param group at the time of ``step()`` (tensors cloned)."""
+
+    groups: list[dict[str, Any]]
+
+    @classmethod
+    def take(cls, optimizer: torch.optim.Optimizer) -> HyperSnapshot:
+        groups = []
+        for group in optimizer.param_groups:
+            values = {}
+            for key, value in group.items():
+                if key == "params":
+                    continue
+                values[key] = value.clone() if isinstance(value, torch.Tensor) else value
+            groups.append(values)
+        return cls(groups)
+
+    def same_as(self, other: HyperSnapshot) -> bool:
+        if len(self.groups) != len(other.groups):
+            return False
+        for a, b in zip(self.groups, other.groups):
+            if a.keys() != b.keys():
+                return False
+            for key in a:
+                x, y = a[key], b[key]
+                if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+                    if not (
+                        isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and torch.equal(x, y)
+                    ):
+                        return False
+                elif x != y:
+                    return False
+        return True
+
+
+class Updater:
+    """What one optimizer needs per block: which state kinds, and how to apply one step."""
+
+    #: kinds of optimizer state homed in the tiers, with their dtype (trainable slots only)
+    state_kinds: dict[str, torch.dtype] = {}
+    native = False
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+        self.group_of: dict[int, int] = {}
+        for index, group in enumerate(optimizer.param_groups):
+            for p in group["params"]:
+                self.group_of[id(p)] = index
+
+    def describe(self) -> str:
+        return type(self).__name__
+
+    def apply(
+        self,
+        store: TensorStore,
+        bs: BlockState,
+        wkind: str,
+        slots: list[int],
+        hyper: HyperSnapshot,
+        grad_mul: float,
+    ) -> None:
+        raise NotImplementedError
+
+    def has_state(self, param: torch.nn.Parameter) -> bool:
+        raise NotImplementedError
+
+
+def _views(store: TensorStore, bs: BlockState, kind: str) -> dict[int, torch.Tensor]:
+    ks = bs.kinds[kind]
+    return dict(zip(ks.layout.slots, store.host_views(bs, ks)))
+
+
+class TorchUpdater(Updater):
+    """The user's torch optimizer, stepped for one block's parameters at a time."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        super().__init__(optimizer)
+        step = type(optimizer).step
+        self._raw_step: Callable[..., Any] = getattr(step, "__wrapped__", step)
+
+    def describe(self) -> str:
+        return f"torch {type(self.optimizer).__name__} (state in DRAM, stepped block by block)"
+
+    def has_state(self, param: torch.nn.Parameter) -> bool:
+        return bool(self.optimizer.state.get(param))
+
+    def apply(
+        self,
+        store: TensorStore,
+        bs: BlockState,
+        wkind: str,
+        slots: list[int],
+        hyper: HyperSnapshot,
+        grad_mul: float,
+    ) -> None:
+        weights = _views(store, bs, wkind)
+        grads = _views(store, bs, "grad")
+        touched = []
+        for slot_index in slots:
+            param = bs.spec.slots[slot_index].param
+            grad = grads[slot_index]
+            if grad_mul != 1.0:
+                grad.mul_(grad_mul)
+            param.data = weights[slot_index]
+            param.grad = grad
+            touched.append(param)
+        opt = self.optimizer
+        current = [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
+        try:
+            for group, values in zip(opt.param_groups, hyper.groups):
+                group.update(values)
+            with torch.no_grad():
+                self._raw_step(opt)
+        finally:
+            for group, values in zip(opt.param_groups, current):
+                group.update(values)
+            for param in touched:
+                param.grad = None
+
+
+class NativeAdamUpdater(Updater):
+    """torch.optim.Adam / AdamW arithmetic on tierrt's kernels, state in the tiers."""
+
+    native = True
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        super().__init__(optimizer)
+        from . import kernels
+
+        self.kernels = kernels
+        self.decoupled = isinstance(optimizer, torch.optim.AdamW)
+        self.amsgrad = any(g.get("amsgrad", False) for g in optimizer.param_groups)
+        self.state_kinds = {"exp_avg": torch.float32, "exp_avg_sq": torch.float32}
+        if self.amsgrad:
+            self.state_kinds["max_exp_avg_sq"] = torch.float32
+        self.steps: dict[int, int] = {}  # id(param) -> torch's state["step"]
+
+    def describe(self) -> str:
+        return f"native {type(self.optimizer).__name__} (SIMD kernel, states in the tiers)"
+
+    def has_state(self, param: torch.nn.Parameter) -> bool:
+        return self.steps.get(id(param), 0) > 0
+
+    def apply(
+        self,
+        store: TensorStore,
+        bs: BlockState,
+        wkind: str,
+        slots: list[int],
+        hyper: HyperSnapshot,
+        grad_mul: float,
+    ) -> None:
+        weights = _views(store, bs, wkind)
+        grads = _views(store, bs, "grad")
+        m = _views(store, bs, "exp_avg")
+        v = _views(store, bs, "exp_avg_sq")
+        vmax = _views(store, bs, "max_exp_avg_sq") if self.amsgrad else {}
+        out = _views(store, bs, "weight") if wkind == "master" else {}
+        for slot_index in slots:
+            param = bs.spec.slots[slot_index].param
+            group = hyper.groups[self.group_of[id(param)]]
+            step = self.steps.get(id(param), 0) + 1
+            if step == 1:  # fresh state: torch starts from zeros
+                m[slot_index].zero_()
+                v[slot_index].zero_()
+                if self.amsgrad:
+                    vmax[slot_index].zero_()
+            self.kernels.adam_step_(
+                weights[slot_index],
+                grads[slot_index],
+                m[slot_index],
+                v[slot_index],
+                step=step,
+                lr=float(group["lr"]),
+                betas=(float(group["betas"][0]), float(group["betas"][1])),
+                eps=float(group["eps"]),
+                weight_decay=float(group["weight_decay"]),
+                decoupled=self.decoupled,
+                amsgrad=bool(group.get("amsgrad", False)),
+                max_exp_avg_sq=vmax.get(slot_index) if group.get("amsgrad", False) else None,
+                maximize=bool(group.get("maximize", False)),
+                grad_scale=grad_mul,
+                out=out.get(slot_index),
+            )
+            self.steps[id(param)] = step
+
+
+class NativeSGDUpdater(Updater):
+    """torch.optim.SGD arithmetic on tierrt's kernels, momentum buffers in the tiers."""
+
+    native = True
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        super().__init__(optimizer)
+        from . import kernels
+
+        self.kernels = kernels
+        self.momentum = any(float(g.get("momentum", 0.0)) != 0.0 for g in optimizer.param_groups)
+        self.state_kinds = {"momentum_buffer": torch.float32} if self.momentum else {}
+        self.has_buffer: set[int] = set()
+
+    def describe(self) -> str:
+        return "native SGD (SIMD kernel" + (", momentum in the tiers)" if self.momentum else ")")
+
+    def has_state(self, param: torch.nn.Parameter) -> bool:
+        return id(param) in self.has_buffer
+
+    def apply(
+        self,
+        store: TensorStore,
+        bs: BlockState,
+        wkind: str,
+        slots: list[int],
+        hyper: HyperSnapshot,
+        grad_mul: float,
+    ) -> None:
+        weights = _views(store, bs, wkind)
+        grads = _views(store, bs, "grad")
+        bufs = _views(store, bs, "momentum_buffer") if self.momentum else {}
+        out = _views(store, bs, "weight") if wkind == "master" else {}
+        for slot_index in slots:
+            param = bs.spec.slots[slot_index].param
+            group = hyper.groups[self.group_of[id(param)]]
+            momentum = float(group.get("momentum", 0.0))
+            first = id(param) not in self.has_buffer
+            self.kernels.sgd_step_(
+                weights[slot_index],
+                grads[slot_index],
+                bufs.get(slot_index) if momentum else None,
+                lr=float(group["lr"]),
+                momentum=momentum,
+                dampening=float(group.get("dampening", 0.0)),
+                nesterov=bool(group.get("nesterov", False)),
+                weight_decay=float(group.get("weight_decay", 0.0)),
+                maximize=bool(group.get("maximize", False)),
+                first_step=first,
+                grad_scale=grad_mul,
+                out=out.get(slot_index),
+            )
+            if momentum:
+                self.has_buffer.add(id(param))
+
+
+def choose_updater(optimizer: torch.optim.Optimizer, native: bool | None) -> Updater:
+    """The native updater for Adam, AdamW and SGD with options it implements; else the torch one.
+
+    ``native=True`` insists (a clear error says why not), ``False`` always uses the torch optimizer.
+    """
+    reason = _native_refusal(optimizer)
+    if native is False:
+        return TorchUpdater(optimizer)
+    if reason is not None:
+        if native:
+            raise ConfigError(f"native optimizer step unavailable: {reason}")
+        log.info("tierrt: %s; stepping the torch optimizer block by block instead", reason)
+        return TorchUpdater(optimizer)
+    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        return NativeAdamUpdater(optimizer)
+    return NativeSGDUpdater(optimizer)
+
+
+def _native_refusal(optimizer: torch.optim.Optimizer) -> str | None:
+    if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD):
+        return f"{type(optimizer).__name__} has no native kernel (Adam, AdamW and SGD do)"
+    for group in optimizer.param_groups:
+        for flag in ("fused", "foreach"):
+            if group.get(flag):
+                return f"{flag}=True asks for torch's own {flag} arithmetic"
+        for flag in ("capturable", "differentiable"):
+            if group.get(flag):
+                return f"{flag}=True is not supported by the native kernel"
+        for key, value in group.items():
+            if key != "params" and isinstance(value, torch.Tensor):
+                return f"tensor-valued hyperparameter {key}"
+            if key == "betas" and any(isinstance(b, torch.Tensor) for b in value):
+                return "tensor-valued betas"
+        for p in group["params"]:
+            if p.dtype != torch.float32 and not p.is_meta:
+                return (
+                    f"parameters in {p.dtype} (the native kernel keeps fp32 master weights; pass "
+                    "compute_dtype= for low-precision compute)"
+                )
+    return None
