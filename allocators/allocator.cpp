@@ -38,10 +38,32 @@ Allocator::Allocator(uint64_t capacity, uint64_t alignment, std::string name)
   by_offset_.emplace(0, capacity_);
 }
 
-bool Allocator::alloc_locked(uint64_t rounded, uint64_t* offset) {
+bool Allocator::alloc_locked(uint64_t rounded, uint64_t* offset, bool from_top) {
   // Best fit: the smallest extent whose size >= rounded; among equal sizes the lowest offset.
   auto it = by_size_.lower_bound({rounded, 0});
   if (it == by_size_.end()) return false;
+  if (from_top) {
+    // Same size class, highest offset; the block comes from the extent's back end.
+    auto last = std::prev(by_size_.upper_bound({it->first, std::numeric_limits<uint64_t>::max()}));
+    it = last;
+    const uint64_t extent_size = it->first;
+    const uint64_t extent_offset = it->second;
+    const uint64_t start = extent_offset + extent_size - rounded;
+    by_size_.erase(it);
+    if (extent_size == rounded) {
+      by_offset_.erase(extent_offset);
+    } else {
+      by_offset_[extent_offset] = extent_size - rounded;
+      by_size_.emplace(extent_size - rounded, extent_offset);
+    }
+    live_.emplace(start, rounded);
+    in_use_ += rounded;
+    peak_in_use_ = std::max(peak_in_use_, in_use_);
+    high_water_ = std::max(high_water_, start + rounded);
+    ++total_allocs_;
+    *offset = start;
+    return true;
+  }
   const uint64_t extent_size = it->first;
   const uint64_t extent_offset = it->second;
   auto oit = by_offset_.find(extent_offset);
@@ -89,7 +111,7 @@ void Allocator::throw_capacity(uint64_t nbytes) const {
       .with("budget", static_cast<int64_t>(capacity_));
 }
 
-std::optional<uint64_t> Allocator::try_alloc(uint64_t nbytes) {
+std::optional<uint64_t> Allocator::try_alloc(uint64_t nbytes, bool from_top) {
   if (nbytes == 0) {
     throw NativeError("ConfigError", tier_label(name_) + ": cannot allocate 0 bytes").with("requested", 0);
   }
@@ -97,12 +119,12 @@ std::optional<uint64_t> Allocator::try_alloc(uint64_t nbytes) {
   const uint64_t rounded = round_up(nbytes);
   uint64_t offset = 0;
   std::lock_guard<std::mutex> lock(mutex_);
-  if (!alloc_locked(rounded, &offset)) return std::nullopt;
+  if (!alloc_locked(rounded, &offset, from_top)) return std::nullopt;
   return offset;
 }
 
-uint64_t Allocator::alloc(uint64_t nbytes) {
-  auto offset = try_alloc(nbytes);
+uint64_t Allocator::alloc(uint64_t nbytes, bool from_top) {
+  auto offset = try_alloc(nbytes, from_top);
   if (!offset) throw_capacity(nbytes);
   return *offset;
 }

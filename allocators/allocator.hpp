@@ -52,9 +52,12 @@ class Allocator {
   // Offset of a new range of nbytes (rounded up to the alignment). Throws TierCapacityError (fields
   // tier, requested, free, largest_free, budget) when no free extent holds it, ConfigError when
   // nbytes == 0.
-  uint64_t alloc(uint64_t nbytes);
+  // from_top: best fit too, but the highest offset among equal sizes, carved from the extent's back.
+  // Callers put short-lived buffers at the top and long-lived ones at the bottom, so that the two
+  // populations do not interleave and fragment each other.
+  uint64_t alloc(uint64_t nbytes, bool from_top = false);
   // Like alloc() but returns nullopt instead of throwing TierCapacityError.
-  std::optional<uint64_t> try_alloc(uint64_t nbytes);
+  std::optional<uint64_t> try_alloc(uint64_t nbytes, bool from_top = false);
   // Returns the range starting at offset. Throws ConfigError when no live allocation starts there.
   void free(uint64_t offset);
   // Same as free() but reports an unknown offset by returning false (for destructors).
@@ -76,7 +79,7 @@ class Allocator {
   std::vector<std::pair<uint64_t, uint64_t>> live_allocations() const;
 
  private:
-  bool alloc_locked(uint64_t rounded, uint64_t* offset);
+  bool alloc_locked(uint64_t rounded, uint64_t* offset, bool from_top = false);
   uint64_t current_end_locked() const;
   [[noreturn]] void throw_capacity(uint64_t nbytes) const;
 

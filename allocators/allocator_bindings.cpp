@@ -51,14 +51,21 @@ Sizes are rounded up to ``alignment`` (a power of two) and nothing else.
            }),
            py::arg("capacity"), py::arg("alignment") = 4096, py::arg("name") = "")
       .def(
-          "alloc", [](Allocator& a, py::handle nbytes) { return a.alloc(size_arg(nbytes, "nbytes")); },
-          py::arg("nbytes"),
+          "alloc",
+          [](Allocator& a, py::handle nbytes, bool from_top) {
+            return a.alloc(size_arg(nbytes, "nbytes"), from_top);
+          },
+          py::arg("nbytes"), py::arg("from_top") = false,
           "Offset of a new range of nbytes (rounded up to the alignment). Raises TierCapacityError "
           "(tier, requested, free, largest_free, budget) when it does not fit, ConfigError for 0.")
       .def(
           "try_alloc",
-          [](Allocator& a, py::handle nbytes) { return a.try_alloc(size_arg(nbytes, "nbytes")); },
-          py::arg("nbytes"), "Like alloc(), but returns None when the request does not fit.")
+          [](Allocator& a, py::handle nbytes, bool from_top) {
+            return a.try_alloc(size_arg(nbytes, "nbytes"), from_top);
+          },
+          py::arg("nbytes"), py::arg("from_top") = false,
+          "Like alloc(), but returns None when the request does not fit. from_top=True takes the "
+          "highest-offset best fit (short-lived buffers at the top, long-lived ones at the bottom).")
       .def(
           "free", [](Allocator& a, py::handle offset) { a.free(size_arg(offset, "offset")); },
           py::arg("offset"),

@@ -26,8 +26,9 @@ py::dict allocator_stats_dict(const AllocatorStats& s);  // allocator_bindings.c
 
 namespace {
 
-std::unique_ptr<ArenaBuffer> arena_alloc(const std::shared_ptr<HostArena>& arena, uint64_t nbytes) {
-  const uint64_t offset = arena->allocator().alloc(nbytes);
+std::unique_ptr<ArenaBuffer> arena_alloc(const std::shared_ptr<HostArena>& arena, uint64_t nbytes,
+                                         bool from_top = false) {
+  const uint64_t offset = arena->allocator().alloc(nbytes, from_top);
   return std::make_unique<ArenaBuffer>(arena, offset, nbytes, true);
 }
 
@@ -93,19 +94,21 @@ policy: "default" (no nodes), "bind", "interleave", "preferred" (one node, or se
            py::arg("populate_threads") = 0)
       .def(
           "alloc",
-          [](const std::shared_ptr<HostArena>& self, py::handle nbytes) {
-            return arena_alloc(self, size_arg(nbytes, "nbytes"));
+          [](const std::shared_ptr<HostArena>& self, py::handle nbytes, bool from_top) {
+            return arena_alloc(self, size_arg(nbytes, "nbytes"), from_top);
           },
-          py::arg("nbytes"),
+          py::arg("nbytes"), py::arg("from_top") = false,
           "A new owning ArenaBuffer of nbytes. TierCapacityError when it does not fit, ConfigError for 0.")
       .def(
           "try_alloc",
-          [](const std::shared_ptr<HostArena>& self, py::handle nbytes) -> std::unique_ptr<ArenaBuffer> {
-            const auto offset = self->allocator().try_alloc(size_arg(nbytes, "nbytes"));
+          [](const std::shared_ptr<HostArena>& self, py::handle nbytes,
+             bool from_top) -> std::unique_ptr<ArenaBuffer> {
+            const auto offset = self->allocator().try_alloc(size_arg(nbytes, "nbytes"), from_top);
             if (!offset) return nullptr;
             return std::make_unique<ArenaBuffer>(self, *offset, size_arg(nbytes, "nbytes"), true);
           },
-          py::arg("nbytes"), "Like alloc(), but returns None when the request does not fit.")
+          py::arg("nbytes"), py::arg("from_top") = false,
+          "Like alloc(), but returns None when the request does not fit (from_top: see Allocator).")
       .def(
           "buffer_at",
           [](const std::shared_ptr<HostArena>& self, py::handle offset, py::handle nbytes) {

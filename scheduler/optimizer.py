@@ -18,9 +18,11 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from tierrt.errors import TierCapacityError
 from tierrt.optim.updaters import HyperSnapshot, Updater
+from tierrt.sizes import format_size
 
 from .transfer import Span
 
@@ -42,7 +44,7 @@ class PendingUpdate:
     block: int
     slots: list[int]
     hyper: HyperSnapshot
-    grad_mul: float
+    muls: dict[int, list[float]]  # slot -> gradient multipliers (clip coefficients, 1/loss scale)
     recorded: float
 
 
@@ -66,6 +68,14 @@ class OptimizerPipeline:
         self.order: list[int] = []  # pending blocks in the order they will be applied
         self.zero_after: dict[int, bool] = {}  # block -> set_to_none of a zero_grad() that came meanwhile
         self.managed: set[int] = set()
+        # Step transaction: NVMe-homed state changed by the open step keeps its previous extent until
+        # every block's update is home (commit), so a failed write can restore the previous step.
+        self.transactional = updater.transactional and pipeline.store.nvme is not None
+        self.step_open = False
+        self.step_kinds: list[tuple[BlockState, str]] = []
+        self.step_number = 0
+        self._snapshot: Any = None
+        pipeline.on_write_error = self.rollback
 
     # ---- kinds -----------------------------------------------------------------------------------
     def weight_kind(self, bs: BlockState) -> str:
@@ -78,18 +88,35 @@ class OptimizerPipeline:
         return kinds
 
     # ---- recording -------------------------------------------------------------------------------
-    def record(self, blocks: list[int], hyper: HyperSnapshot, grad_mul: float) -> None:
+    def changed_kinds(self, bs: BlockState) -> list[str]:
+        """Kinds an update rewrites."""
+        kinds = [self.weight_kind(bs)] + [k for k in self.updater.state_kinds if k in bs.kinds]
+        if "master" in bs.kinds:
+            kinds.append("weight")
+        return kinds
+
+    def record(self, blocks: list[int], hyper: HyperSnapshot) -> None:
         """``step()``: one pending update per block that has gradients."""
         self.apply_all()  # a second step() before the first one's updates ran: finish those first
+        self.commit()
+        self.step_number += 1
         now = time.perf_counter()
         for index in blocks:
             present = self.grads.present.get(index)
             if not present:
                 continue
-            self.pending[index] = PendingUpdate(index, sorted(present), hyper, grad_mul, now)
+            muls = {
+                slot: list(self.grads.muls[(index, slot)])
+                for slot in present
+                if (index, slot) in self.grads.muls
+            }
+            self.pending[index] = PendingUpdate(index, sorted(present), hyper, muls, now)
             self.order.append(index)
+        if self.transactional and self.pending:
+            self._open_step()
         if not self.deferred:
             self.apply_all()
+            self.commit()
         else:
             self.prefetch_next(None)
 
@@ -134,13 +161,16 @@ class OptimizerPipeline:
         for kind in kinds:
             bs.kinds[kind].pins += 1
         try:
+            missing = sum(bs.kinds[k].nbytes for k in kinds if bs.kinds[k].host is None)
+            if missing:  # room for all of them at once, so they cannot fragment each other out
+                pipeline.make_room("dram", missing, {index})
             for kind in kinds:
                 pipeline.ensure_host(bs, kind, protect={index})
             self.prefetch_next(index)
             wkind = self.weight_kind(bs)
             if wkind == "weight" and bs.attached and pipeline.compute != "dram":
                 pipeline.detach(bs)
-            self.updater.apply(pipeline.store, bs, wkind, update.slots, update.hyper, update.grad_mul)
+            self.updater.apply(pipeline.store, bs, wkind, update.slots, update.hyper, update.muls)
         finally:
             for kind in kinds:
                 bs.kinds[kind].pins -= 1
@@ -167,6 +197,83 @@ class OptimizerPipeline:
         for kind in changed:
             keep = kind == "weight"
             pipeline.flush(bs, kind, drop=not keep)
+
+    # ---- step transactions ----------------------------------------------------------------------
+    def _open_step(self) -> None:
+        store = self.pipeline.store
+        kinds = [
+            (self.pipeline.blocks[i], kind)
+            for i in self.order
+            for kind in self.changed_kinds(self.pipeline.blocks[i])
+        ]
+        nvme_kinds = [(bs, kind) for bs, kind in kinds if bs.kinds[kind].home == "nvme"]
+        need = sum(bs.kinds[kind].nbytes for bs, kind in nvme_kinds)
+        assert store.nvme is not None
+        free = int(store.nvme.allocator.stats()["free"])
+        if need > free:
+            self.pending.clear()
+            self.order.clear()
+            raise TierCapacityError(
+                f"nvme tier is full: step {self.step_number} writes {format_size(need)} of optimizer state "
+                f"copy-on-write but only {format_size(free)} is free; nothing was changed, the model and "
+                "optimizer keep the previous step's values. Give the nvme tier more room",
+                tier="nvme",
+                requested=need,
+                free=free,
+            )
+        for bs, kind in nvme_kinds:
+            bs.kinds[kind].in_step = True
+        self.step_kinds = nvme_kinds
+        self._snapshot = self.updater.snapshot()
+        self.step_open = True
+
+    def commit(self) -> None:
+        """Every update of the open step is home: release the previous step's extents."""
+        if not self.step_open:
+            return
+        self.apply_all()
+        for bs, kind in self.step_kinds:
+            self.pipeline.wait(bs, kind)
+        for bs, kind in self.step_kinds:
+            self.pipeline.store.commit_kind(bs.kinds[kind])
+        self.step_kinds = []
+        self.step_open = False
+
+    def rollback(self, error: BaseException) -> BaseException:
+        """Writing the open step's state failed: put every block back to the previous step."""
+        if not self.step_open:
+            return error
+        self.step_open = False
+        self.pending.clear()
+        self.order.clear()
+        pipeline = self.pipeline
+        for bs, kind in self.step_kinds:
+            try:
+                pipeline.wait(bs, kind)
+            except BaseException:  # noqa: BLE001 - the first error is the one reported
+                pass
+        for bs, kind in self.step_kinds:
+            ks = bs.kinds[kind]
+            if kind == "weight" and bs.attached and bs.refcount == 0:
+                pipeline.detach(bs)
+            if ks.gpu is not None and pipeline.store.gpu is not None:  # a copy of the new values
+                pipeline.store.gpu.release(ks.nbytes)
+                ks.gpu = None
+            pipeline.store.rollback_kind(ks)
+        self.step_kinds = []
+        self.updater.restore(self._snapshot)
+        for index, set_to_none in list(self.zero_after.items()):
+            self.grads.zero_block(pipeline.blocks[index], set_to_none)
+        self.zero_after.clear()
+        message = (
+            f"writing step {self.step_number}'s optimizer state failed ({error}); the step was rolled "
+            "back: every offloaded parameter and its optimizer state hold the previous step's values"
+        )
+        details = dict(getattr(error, "details", {}) or {})
+        try:
+            return type(error)(message, **details)
+        except TypeError:
+            return error
 
     def apply_all(self) -> None:
         while self.order:

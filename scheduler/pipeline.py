@@ -35,7 +35,7 @@ log = logging.getLogger("tierrt.scheduler")
 
 __all__ = ["Pipeline", "Placeholders"]
 
-OnReap = Callable[[BaseException | None], None]
+OnReap = Callable[[BaseException | None], BaseException | None]
 
 
 class Placeholders:
@@ -87,6 +87,8 @@ class Pipeline:
         # The optimizer's pending updates (scheduler.optimizer.OptimizerPipeline), applied before a
         # block is used again.
         self.updates: Any = None
+        # Called when writing state of an open optimizer step fails; returns the error to raise.
+        self.on_write_error: Callable[[BaseException], BaseException] | None = None
 
     @property
     def blocks(self) -> list[BlockState]:
@@ -137,9 +139,10 @@ class Pipeline:
             self.counters.record_transfer(
                 f"{src}->{dst}", kind, transfer.nbytes, transfer.finished - transfer.started
             )
-        if on_reap is not None:
-            on_reap(transfer.error)
+        replacement = on_reap(transfer.error) if on_reap is not None else None
         if transfer.error is not None:
+            if replacement is not None and replacement is not transfer.error:
+                raise replacement from transfer.error
             raise transfer.error
         return True
 
@@ -426,14 +429,21 @@ class Pipeline:
             if drop:
                 self.store.drop(ks, "dram")
             return
-        steps, new_extent = self.store.write_steps(ks)
+        try:
+            steps, new_extent = self.store.write_steps(ks)
+        except TierCapacityError as exc:  # the NVMe tier is full
+            if ks.in_step and self.on_write_error is not None:
+                raise self.on_write_error(exc) from exc
+            raise
 
         def on_reap(
             error: BaseException | None, ks: KindState = ks, new_extent: int | None = new_extent
-        ) -> None:
+        ) -> BaseException | None:
             if error is not None:
                 self.store.abort_write(new_extent)  # old home copy untouched; DRAM copy kept
-                return
+                if ks.in_step and self.on_write_error is not None:
+                    return self.on_write_error(error)
+                return None
             self.store.commit_write(ks, new_extent)
             if drop and ks.host is not None:
                 self.store.drop(ks, "dram")

@@ -38,6 +38,13 @@ class GradientStore:
         self.present: dict[int, set[int]] = {}  # block index -> slot indices holding a gradient
         self.pending_blocks: set[int] = set()  # blocks whose DRAM gradient buffer is not yet home
         self.updates: Any = None  # the optimizer's pending updates (they still need these gradients)
+        # Multipliers applied to a slot's gradient since it was computed (clip_grad_norm_, loss
+        # scaling), kept as factors rather than applied, so no gradient I/O is needed for them.
+        self.muls: dict[tuple[int, int], list[float]] = {}
+        # Per-parameter gradient norms by norm type, computed when a block's gradients are complete
+        # (for the norm types clip_grad_norm_ asked for before), so clipping needs no I/O.
+        self.norms: dict[tuple[int, int, float], torch.Tensor] = {}
+        self.tracked_norms: set[float] = set()
 
     def has_any(self) -> bool:
         return any(self.present.values())
@@ -46,11 +53,15 @@ class GradientStore:
         """Add ``grad`` (a parameter's fresh gradient) into the block's gradient buffer."""
         if self.updates is not None and self.updates.has_pending(bs.index):
             self.updates.apply(bs.index)  # it reads the gradients we are about to overwrite
+        if any(key[0] == bs.index for key in self.muls):
+            self.realize(bs)  # the stored value is grad * factors: make it so before adding
         ks = bs.kinds["grad"]
         pipeline = self.pipeline
         if ks.inflight is not None:
             pipeline.wait(bs, "grad")
         present = self.present.setdefault(bs.index, set())
+        for norm_type in self.tracked_norms:
+            self.norms.pop((bs.index, slot.index, norm_type), None)
         if present and "dram" not in ks.valid:
             pipeline.ensure_host(bs, "grad", demand=True)  # earlier micro-batches, sent home
         elif ks.host is None:
@@ -77,6 +88,8 @@ class GradientStore:
     def _send_home(self, bs: BlockState) -> None:
         self.pending_blocks.discard(bs.index)
         ks = bs.kinds["grad"]
+        if self.tracked_norms and ks.host is not None and "dram" in ks.valid:
+            self._compute_norms(bs)
         if ks.home == "dram" or ks.host is None:
             return
         self.pipeline.flush(bs, "grad", drop=True)
@@ -102,6 +115,7 @@ class GradientStore:
         self.pending_blocks = {i for i in self.pending_blocks if self.present.get(i)}
 
     def zero_block(self, bs: BlockState, set_to_none: bool) -> None:
+        self._forget_factors(bs)
         ks = bs.kinds["grad"]
         if ks.inflight is not None:
             self.pipeline.wait(bs, "grad")
@@ -120,3 +134,78 @@ class GradientStore:
                 view.zero_()
             ks.valid = {"dram"}
             self._send_home(bs)
+
+    # ---- clipping support ----------------------------------------------------------------------
+    def _forget_factors(self, bs: BlockState) -> None:
+        for key in [k for k in self.muls if k[0] == bs.index]:
+            del self.muls[key]
+        for key in [k for k in self.norms if k[0] == bs.index]:
+            del self.norms[key]
+
+    def _compute_norms(self, bs: BlockState) -> None:
+        grads = self.slot_grads(bs)
+        for norm_type in self.tracked_norms:
+            slots = [i for i in grads if (bs.index, i) not in self.muls]
+            if slots:
+                values = torch._foreach_norm([grads[i] for i in slots], norm_type)
+                for i, value in zip(slots, values):
+                    self.norms[(bs.index, i, norm_type)] = value
+
+    def norm(self, bs: BlockState, slot_index: int, norm_type: float) -> torch.Tensor:
+        """torch's norm of one parameter's gradient (as ``torch._foreach_norm`` computes it)."""
+        self.tracked_norms.add(norm_type)
+        key = (bs.index, slot_index, norm_type)
+        factors = self.muls.get((bs.index, slot_index), [])
+        if not factors and key in self.norms:
+            return self.norms[key]
+        if self.updates is not None and self.updates.has_pending(bs.index):
+            self.updates.apply(bs.index)
+        ks = bs.kinds["grad"]
+        self.pipeline.ensure_host(bs, "grad")
+        ks.pins += 1
+        try:
+            grad = self.store.slot_view(bs, ks, bs.spec.slots[slot_index], "dram")
+            if factors:
+                grad = grad.clone()
+                for factor in factors:
+                    grad.mul_(factor)
+            value = torch._foreach_norm([grad], norm_type)[0]
+        finally:
+            ks.pins -= 1
+        if not factors:
+            self.norms[key] = value
+        return value
+
+    def scale(self, bs: BlockState, slot_index: int, factor: float) -> None:
+        """``grad.mul_(factor)`` for one parameter, recorded as a factor (applied at the update)."""
+        self.muls.setdefault((bs.index, slot_index), []).append(factor)
+        for norm_type in self.tracked_norms:
+            self.norms.pop((bs.index, slot_index, norm_type), None)
+
+    def realize(self, bs: BlockState) -> None:
+        """Apply the recorded factors to the stored gradients of ``bs`` (in place, in order)."""
+        keys = [k for k in self.muls if k[0] == bs.index]
+        if not keys:
+            return
+        ks = bs.kinds["grad"]
+        self.pipeline.ensure_host(bs, "grad")
+        for key in keys:
+            view = self.store.slot_view(bs, ks, bs.spec.slots[key[1]], "dram")
+            for factor in self.muls.pop(key):
+                view.mul_(factor)
+        ks.valid = {"dram"}
+        self.pending_blocks.add(bs.index)
+
+    def clamp(self, bs: BlockState, slots: list[int], value: float) -> None:
+        """``clip_grad_value_`` for some parameters of ``bs``."""
+        if self.updates is not None and self.updates.has_pending(bs.index):
+            self.updates.apply(bs.index)
+        self.realize(bs)
+        ks = bs.kinds["grad"]
+        self.pipeline.ensure_host(bs, "grad")
+        for slot_index in slots:
+            self.store.slot_view(bs, ks, bs.spec.slots[slot_index], "dram").clamp_(min=-value, max=value)
+            for norm_type in self.tracked_norms:
+                self.norms.pop((bs.index, slot_index, norm_type), None)
+        ks.valid = {"dram"}
+        self._send_home(bs)

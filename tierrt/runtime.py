@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import threading
 import time
 import weakref
@@ -284,15 +285,45 @@ class Runtime:
             if need_nvme:
                 assert nvme_spec is not None
                 largest = max(k.layout.nbytes for kinds in placement.kinds for k in kinds.values())
-                size = need_nvme + 4 * largest + (64 << 20)  # headroom for copy-on-write writes
-                if nvme_spec.budget is not None and nvme_spec.budget < size:
-                    raise TierCapacityError(
-                        f"nvme budget {format_size(nvme_spec.budget)} is below the {format_size(size)} the "
-                        f"placement needs there ({format_size(need_nvme)} of state plus room to write "
-                        "blocks copy-on-write)",
-                        tier="nvme",
-                        requested=size,
-                        budget=nvme_spec.budget,
+                minimal = need_nvme + 4 * largest + (64 << 20)  # headroom for copy-on-write writes
+                # A step keeps the previous step's optimizer state until the new one is home.
+                step_bytes = 0
+                if blockwise is not None and blockwise.updater.transactional:
+                    changed = {"weight", "master", *blockwise.state_kinds}
+                    step_bytes = sum(
+                        k.layout.nbytes
+                        for kinds in placement.kinds
+                        for name, k in kinds.items()
+                        if name in changed and k.home == "nvme"
+                    )
+                size = minimal + step_bytes
+                if nvme_spec.budget is not None:
+                    if nvme_spec.budget < minimal:
+                        raise TierCapacityError(
+                            f"nvme budget {format_size(nvme_spec.budget)} is below the "
+                            f"{format_size(minimal)} the placement needs there ({format_size(need_nvme)} of "
+                            "state plus room to write blocks copy-on-write)",
+                            tier="nvme",
+                            requested=minimal,
+                            budget=nvme_spec.budget,
+                        )
+                    size = nvme_spec.budget
+                else:
+                    free = (
+                        min(shutil.disk_usage(p).free for p in nvme_spec.paths if os.path.isdir(p))
+                        if all(os.path.isdir(p) for p in nvme_spec.paths)
+                        else size
+                    )
+                    if free * len(nvme_spec.paths) < size * 1.02 and step_bytes:
+                        size = minimal
+                self._step_atomic = step_bytes > 0 and size >= minimal + step_bytes
+                if step_bytes and not self._step_atomic:
+                    log.warning(
+                        "tierrt: the nvme tier (%s) has no room to keep the previous step's optimizer "
+                        "state while writing the next (%s more); a failed write then loses "
+                        "step atomicity (each block stays whole)",
+                        format_size(size),
+                        format_size(step_bytes),
                     )
                 engine = _native.IOEngine(self.io_backend, self.queue_depth, 1 << 20)
                 nvme_store = NvmeTierStore(nvme_spec, size, engine)
@@ -337,9 +368,15 @@ class Runtime:
         if blockwise is not None:
             assert self.grads is not None
             blockwise.attach(self.pipeline, store, self.grads)
+            if not getattr(self, "_step_atomic", False) and blockwise.updates is not None:
+                blockwise.updates.transactional = False
             blockwise.install()
             self.blockwise = blockwise
+        self._slot_index = {id(slot.param): (bs, slot.index) for bs in store.blocks for slot in bs.spec.slots}
         self._patch_model()
+        from .clip import ClipPatch
+
+        ClipPatch.install(self)
         self.active = True
         self._step_started = time.perf_counter()
         self._step_mark = self.counters.copy()
@@ -589,6 +626,9 @@ class Runtime:
         if self.blockwise is not None:
             self.blockwise.remove()
         self._unpatch_model()
+        from .clip import ClipPatch
+
+        ClipPatch.remove(self)
         try:
             if self.blockwise is not None and self.restore_on_exit is not False:
                 self.blockwise.export_state()
@@ -654,6 +694,46 @@ class Runtime:
                         and value.device != p.device
                     ):
                         state[key] = value.to(p.device)
+
+    # ---- gradients (clip_grad_norm_ and friends) ---------------------------------------------------
+    def owns(self, param: torch.Tensor) -> bool:
+        """True when ``param`` is one of the parameters this active runtime offloads."""
+        return self.active and id(param) in self._slot_index
+
+    def _slot(self, param: torch.Tensor) -> tuple[BlockState, int]:
+        return self._slot_index[id(param)]
+
+    def grad_info(self, param: torch.Tensor) -> tuple[torch.device, torch.dtype] | None:
+        """(device, dtype) of ``param``'s offloaded gradient as clipping sees it, None without one."""
+        if self.grads is None:
+            return None
+        bs, slot_index = self._slot(param)
+        if slot_index not in self.grads.present.get(bs.index, ()):
+            return None
+        ks = bs.kinds["grad"]
+        return torch.device("cpu"), ks.layout.dtypes[ks.layout.slots.index(slot_index)]
+
+    def grad_norm(self, param: torch.Tensor, norm_type: float) -> torch.Tensor:
+        assert self.grads is not None
+        bs, slot_index = self._slot(param)
+        return self.grads.norm(bs, slot_index, norm_type)
+
+    def scale_grads(self, params: list[torch.Tensor], factor: float) -> None:
+        assert self.grads is not None
+        for p in params:
+            if self.grad_info(p) is not None:
+                bs, slot_index = self._slot(p)
+                self.grads.scale(bs, slot_index, factor)
+
+    def clamp_grads(self, params: list[torch.Tensor], value: float) -> None:
+        assert self.grads is not None
+        by_block: dict[int, list[int]] = {}
+        for p in params:
+            if self.grad_info(p) is not None:
+                bs, slot_index = self._slot(p)
+                by_block.setdefault(bs.index, []).append(slot_index)
+        for index, slots in by_block.items():
+            self.grads.clamp(self.store.blocks[index], slots, value)  # type: ignore[union-attr]
 
     # ---- saving ----------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> str:

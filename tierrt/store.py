@@ -139,8 +139,11 @@ class HostTier:
             )
         self.registered_cuda = False
 
-    def try_alloc(self, nbytes: int) -> HostBuffer | None:
-        buf = self.arena.try_alloc(nbytes)
+    def try_alloc(self, nbytes: int, transient: bool = False) -> HostBuffer | None:
+        """An arena range, or None when no free extent holds it. ``transient`` buffers (gradients,
+        optimizer state in flight) come from the top of the arena and cached weights from the
+        bottom, so the two do not fragment each other."""
+        buf = self.arena.try_alloc(nbytes, from_top=transient)
         return None if buf is None else HostBuffer(self, buf)
 
     def alloc(self, nbytes: int) -> HostBuffer:
@@ -307,8 +310,11 @@ class KindState:
     gpu: torch.Tensor | None = None
     valid: set[str] = field(default_factory=set)
     inflight: Any = None  # the Transfer currently moving this kind
-    on_reap: Callable[[], None] | None = None
-    superseded: list[int] = field(default_factory=list)  # NVMe extents awaiting step commit
+    on_reap: Callable[..., Any] | None = None
+    # Step transaction: while ``in_step``, the first copy-on-write of this kind keeps the extent that
+    # holds the previous step's value (``step_undo``) until the step commits or rolls back.
+    in_step: bool = False
+    step_undo: int | None = None
     version: int = 0
     pins: int = 0  # > 0 while compute or the optimizer works on the DRAM copy: not evictable
 
@@ -352,7 +358,6 @@ class TensorStore:
         self.nvme = nvme
         self.gpu = gpu
         self.blocks: list[BlockState] = []
-        self.in_step = False
         self._h2d_stream = None
         self._d2h_stream = None
 
@@ -387,7 +392,7 @@ class TensorStore:
         """Make sure ``ks`` has a DRAM buffer (contents not yet valid). False when there is no room."""
         if ks.host is not None:
             return True
-        buf = self.dram.try_alloc(ks.nbytes)
+        buf = self.dram.try_alloc(ks.nbytes, transient=ks.layout.kind != "weight")
         if buf is None:
             return False
         ks.host = buf
@@ -486,8 +491,8 @@ class TensorStore:
         if new_extent is not None:
             assert self.nvme is not None
             if ks.extent is not None:
-                if self.in_step:
-                    ks.superseded.append(ks.extent)
+                if ks.in_step and ks.step_undo is None:
+                    ks.step_undo = ks.extent  # the previous step's value, until the step commits
                 else:
                     self.nvme.allocator.free(ks.extent)
             ks.extent = new_extent
@@ -525,19 +530,23 @@ class TensorStore:
         return self._d2h_stream
 
     # ---- step transactions ---------------------------------------------------------------------
-    def begin_step(self) -> None:
-        self.in_step = True
+    def commit_kind(self, ks: KindState) -> None:
+        """The step is complete: the previous step's extent is no longer needed."""
+        if ks.step_undo is not None and self.nvme is not None:
+            self.nvme.allocator.free(ks.step_undo)
+        ks.step_undo = None
+        ks.in_step = False
 
-    def commit_step(self) -> None:
-        """Free the NVMe extents that this step's writes superseded."""
-        self.in_step = False
-        if self.nvme is None:
-            return
-        for bs in self.blocks:
-            for ks in bs.kinds.values():
-                for extent in ks.superseded:
-                    self.nvme.allocator.free(extent)
-                ks.superseded.clear()
+    def rollback_kind(self, ks: KindState) -> None:
+        """Give an NVMe-homed ``ks`` back its previous step's value (the DRAM copy is dropped)."""
+        ks.in_step = False
+        if ks.step_undo is not None:
+            assert self.nvme is not None
+            if ks.extent is not None:
+                self.nvme.allocator.free(ks.extent)
+            ks.extent, ks.step_undo = ks.step_undo, None
+        ks.valid = {"nvme"} if ks.extent is not None else set()
+        ks.host = None
 
     def close(self) -> None:
         for tier in self.host_tiers.values():

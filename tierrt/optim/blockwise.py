@@ -76,7 +76,6 @@ class BlockwiseOptimizer:
         self.store: TensorStore | None = None
         self.grads: GradientStore | None = None
         self.updates: OptimizerPipeline | None = None
-        self.grad_mul: float = 1.0  # set by clip_grad_norm_ (and loss scaling) until the next step
         self._saved_attrs: dict[str, Any] = {}
 
     @property
@@ -164,10 +163,9 @@ class BlockwiseOptimizer:
             result = pre_hook(opt, args, kwargs)
             if result is not None:
                 args, kwargs = result
-        grad_mul, self.grad_mul = self.grad_mul, 1.0
-        self.updates.record(self.managed_blocks, HyperSnapshot.take(opt), grad_mul)
+        self.updates.record(self.managed_blocks, HyperSnapshot.take(opt))
         if any(p.grad is not None for p in self.unmanaged):
-            self._step_unmanaged(grad_mul)
+            self._step_unmanaged()
         opt._opt_called = True  # type: ignore[attr-defined]  # what LR schedulers look for
         if hasattr(opt, "_optimizer_step_code"):
             opt._optimizer_step_code()
@@ -179,7 +177,7 @@ class BlockwiseOptimizer:
             self.on_step_end()
         return loss
 
-    def _step_unmanaged(self, grad_mul: float) -> None:
+    def _step_unmanaged(self) -> None:
         """Parameters of the optimizer outside the offloaded model step plainly."""
         opt = self.optimizer
         raw = getattr(type(opt).step, "__wrapped__", type(opt).step)
@@ -190,11 +188,6 @@ class BlockwiseOptimizer:
                 if id(p) in managed and p.grad is not None:
                     hidden[p] = p.grad
                     p.grad = None
-        if grad_mul != 1.0:
-            with torch.no_grad():
-                for p in self.unmanaged:
-                    if p.grad is not None:
-                        p.grad.mul_(grad_mul)
         try:
             raw(opt)
         finally:
@@ -226,9 +219,10 @@ class BlockwiseOptimizer:
         load_native_state_dict(self, opt, state_dict)
 
     def finish(self) -> None:
-        """Apply every pending update (before leaving the context, saving, ...)."""
+        """Apply every pending update and commit the step (before leaving the context, saving, ...)."""
         if self.updates is not None:
             self.updates.apply_all()
+            self.updates.commit()
 
     def export_state(self) -> None:
         """On exit: put the native state into ``optimizer.state`` in torch's format, on each

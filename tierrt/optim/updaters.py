@@ -99,12 +99,34 @@ class Updater:
         wkind: str,
         slots: list[int],
         hyper: HyperSnapshot,
-        grad_mul: float,
+        muls: dict[int, list[float]],
     ) -> None:
+        """Update ``slots`` of ``bs`` (DRAM copies of every kind are current). ``muls``: multipliers
+        (clip coefficients, inverse loss scales) applied to a slot's gradient first, in order, as
+        torch's in-place multiplies would be."""
         raise NotImplementedError
 
     def has_state(self, param: torch.nn.Parameter) -> bool:
         raise NotImplementedError
+
+    #: whether a step can be undone (its counters snapshotted, its state written copy-on-write)
+    transactional = False
+
+    def snapshot(self) -> Any:
+        """Counters a step changes outside the tiers (undone by :meth:`restore` on rollback)."""
+        return None
+
+    def restore(self, snapshot: Any) -> None:
+        pass
+
+
+def _scaled(grad: torch.Tensor, factors: list[float]) -> tuple[torch.Tensor, float]:
+    """The gradient after all multipliers but the last (on a copy), and the last one."""
+    if len(factors) > 1:
+        grad = grad.clone()
+        for factor in factors[:-1]:
+            grad.mul_(factor)
+    return grad, (factors[-1] if factors else 1.0)
 
 
 def _views(store: TensorStore, bs: BlockState, kind: str) -> dict[int, torch.Tensor]:
@@ -133,16 +155,16 @@ class TorchUpdater(Updater):
         wkind: str,
         slots: list[int],
         hyper: HyperSnapshot,
-        grad_mul: float,
+        muls: dict[int, list[float]],
     ) -> None:
         weights = _views(store, bs, wkind)
         grads = _views(store, bs, "grad")
         touched = []
         for slot_index in slots:
             param = bs.spec.slots[slot_index].param
-            grad = grads[slot_index]
-            if grad_mul != 1.0:
-                grad.mul_(grad_mul)
+            grad, last = _scaled(grads[slot_index], muls.get(slot_index, []))
+            if last != 1.0:
+                grad = grad * last
             param.data = weights[slot_index]
             param.grad = grad
             touched.append(param)
@@ -177,6 +199,14 @@ class NativeAdamUpdater(Updater):
             self.state_kinds["max_exp_avg_sq"] = torch.float32
         self.steps: dict[int, int] = {}  # id(param) -> torch's state["step"]
 
+    transactional = True
+
+    def snapshot(self) -> Any:
+        return dict(self.steps)
+
+    def restore(self, snapshot: Any) -> None:
+        self.steps = dict(snapshot)
+
     def describe(self) -> str:
         return f"native {type(self.optimizer).__name__} (SIMD kernel, states in the tiers)"
 
@@ -190,7 +220,7 @@ class NativeAdamUpdater(Updater):
         wkind: str,
         slots: list[int],
         hyper: HyperSnapshot,
-        grad_mul: float,
+        muls: dict[int, list[float]],
     ) -> None:
         weights = _views(store, bs, wkind)
         grads = _views(store, bs, "grad")
@@ -207,9 +237,10 @@ class NativeAdamUpdater(Updater):
                 v[slot_index].zero_()
                 if self.amsgrad:
                     vmax[slot_index].zero_()
+            grad, last = _scaled(grads[slot_index], muls.get(slot_index, []))
             self.kernels.adam_step_(
                 weights[slot_index],
-                grads[slot_index],
+                grad,
                 m[slot_index],
                 v[slot_index],
                 step=step,
@@ -221,7 +252,7 @@ class NativeAdamUpdater(Updater):
                 amsgrad=bool(group.get("amsgrad", False)),
                 max_exp_avg_sq=vmax.get(slot_index) if group.get("amsgrad", False) else None,
                 maximize=bool(group.get("maximize", False)),
-                grad_scale=grad_mul,
+                grad_scale=last,
                 out=out.get(slot_index),
             )
             self.steps[id(param)] = step
@@ -241,6 +272,14 @@ class NativeSGDUpdater(Updater):
         self.state_kinds = {"momentum_buffer": torch.float32} if self.momentum else {}
         self.has_buffer: set[int] = set()
 
+    transactional = True
+
+    def snapshot(self) -> Any:
+        return set(self.has_buffer)
+
+    def restore(self, snapshot: Any) -> None:
+        self.has_buffer = set(snapshot)
+
     def describe(self) -> str:
         return "native SGD (SIMD kernel" + (", momentum in the tiers)" if self.momentum else ")")
 
@@ -254,7 +293,7 @@ class NativeSGDUpdater(Updater):
         wkind: str,
         slots: list[int],
         hyper: HyperSnapshot,
-        grad_mul: float,
+        muls: dict[int, list[float]],
     ) -> None:
         weights = _views(store, bs, wkind)
         grads = _views(store, bs, "grad")
@@ -265,9 +304,10 @@ class NativeSGDUpdater(Updater):
             group = hyper.groups[self.group_of[id(param)]]
             momentum = float(group.get("momentum", 0.0))
             first = id(param) not in self.has_buffer
+            grad, last = _scaled(grads[slot_index], muls.get(slot_index, []))
             self.kernels.sgd_step_(
                 weights[slot_index],
-                grads[slot_index],
+                grad,
                 bufs.get(slot_index) if momentum else None,
                 lr=float(group["lr"]),
                 momentum=momentum,
@@ -276,7 +316,7 @@ class NativeSGDUpdater(Updater):
                 weight_decay=float(group.get("weight_decay", 0.0)),
                 maximize=bool(group.get("maximize", False)),
                 first_step=first,
-                grad_scale=grad_mul,
+                grad_scale=last,
                 out=out.get(slot_index),
             )
             if momentum:
