@@ -695,6 +695,11 @@ class Runtime:
                     ):
                         state[key] = value.to(p.device)
 
+    def synchronize(self) -> None:
+        """Wait until every transfer in flight has finished (raising the first failure)."""
+        if self.pipeline is not None:
+            self.pipeline.drain()
+
     # ---- gradients (clip_grad_norm_ and friends) ---------------------------------------------------
     def owns(self, param: torch.Tensor) -> bool:
         """True when ``param`` is one of the parameters this active runtime offloads."""

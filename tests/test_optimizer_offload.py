@@ -1,0 +1,232 @@
+"""Optimizer offload: native Adam/AdamW/SGD with state in the tiers, equal to torch bit for bit.
+
+Every case trains the same model from the same weights twice — plainly with torch's optimizer and
+through tierrt with the optimizer's state on NVMe under a DRAM budget below the training state — and
+compares losses, weights and optimizer state with ``torch.equal``.
+"""
+
+from __future__ import annotations
+
+import copy
+import errno
+
+import models
+import pytest
+import torch
+from test_offload_numerics import CASES, streaming_budget
+from torch.nn.utils import clip_grad_norm_  # imported by name, as many training scripts do
+
+import tierrt
+
+LOOPS = ("plain", "scheduler_clip_accum")
+
+
+def run(model, opt, data, loss_fn, *, sched=None, clip=None, accum=1, clip_by_name=False):
+    losses = []
+    for i, batch in enumerate(data):
+        loss = loss_fn(model, batch)
+        (loss / accum).backward()
+        if (i + 1) % accum == 0:
+            if clip is not None:
+                fn = clip_grad_norm_ if clip_by_name else torch.nn.utils.clip_grad_norm_
+                losses.append(fn(model.parameters(), clip).detach().clone())
+            opt.step()
+            if sched is not None:
+                sched.step()
+            opt.zero_grad()
+        losses.append(loss.detach().clone())
+    return losses
+
+
+def make_opt(kind, params):
+    params = list(params)
+    decay = [p for p in params if p.dim() > 1]
+    no_decay = [p for p in params if p.dim() <= 1]
+    groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if kind == "adamw":
+        return torch.optim.AdamW(groups, lr=2e-3, weight_decay=0.05)
+    if kind == "adam_l2_amsgrad":
+        return torch.optim.Adam(groups, lr=1e-3, weight_decay=0.01, amsgrad=True)
+    if kind == "sgd_nesterov":
+        return torch.optim.SGD(groups, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3)
+    if kind == "sgd_plain":
+        return torch.optim.SGD(groups, lr=0.05)
+    if kind == "rmsprop":  # no native kernel: the torch optimizer is stepped block by block
+        return torch.optim.RMSprop(groups, lr=1e-3)
+    raise ValueError(kind)
+
+
+def compare(
+    name,
+    opt_kind,
+    nvme_dir,
+    *,
+    sched=False,
+    clip=None,
+    accum=1,
+    deferred=True,
+    steps=4,
+    native=None,
+    clip_by_name=False,
+):
+    build, batches_fn, loss_fn = CASES[name]
+    reference = build()
+    ours = copy.deepcopy(reference)
+    data = batches_fn(steps)
+    ref_opt = make_opt(opt_kind, reference.parameters())
+    ref_sched = torch.optim.lr_scheduler.StepLR(ref_opt, step_size=1, gamma=0.7) if sched else None
+    ref = run(reference, ref_opt, data, loss_fn, sched=ref_sched, clip=clip, accum=accum)
+
+    opt = make_opt(opt_kind, ours.parameters())
+    our_sched = (
+        torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.7) if sched else None
+    )  # before entry
+    with tierrt.offload(
+        ours,
+        tiers=[tierrt.dram(streaming_budget(ours)), tierrt.nvme(nvme_dir)],
+        optimizer=opt,
+        deferred_step=deferred,
+        native_optimizer=native,
+    ) as rt:
+        got = run(
+            ours, opt, data, loss_fn, sched=our_sched, clip=clip, accum=accum, clip_by_name=clip_by_name
+        )
+        state_inside = opt.state_dict()
+        report = rt.report()
+    assert len(ref) == len(got)
+    for i, (a, b) in enumerate(zip(ref, got)):
+        assert torch.equal(a, b), f"value {i} differs: {a} vs {b}"
+    for (n, a), b in zip(reference.named_parameters(), ours.parameters()):
+        assert torch.equal(a, b), f"weight {n} differs"
+    assert_state_equal(ref_opt.state_dict(), state_inside)
+    assert_state_equal(ref_opt.state_dict(), opt.state_dict())  # exported on exit, torch's own format
+    return rt, report
+
+
+def assert_state_equal(a, b):
+    assert a["param_groups"] == b["param_groups"]
+    assert set(a["state"]) == set(b["state"])
+    for index, entry in a["state"].items():
+        other = b["state"][index]
+        assert set(entry) == set(other), (entry.keys(), other.keys())
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, other[key]), f"state {index}.{key} differs"
+            else:
+                assert value == other[key]
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "mlp", "tied", "checkpoint"])
+def test_adamw_native_bitwise(name, nvme_dir):
+    rt, report = compare(name, "adamw", nvme_dir)
+    assert rt.blockwise.updater.native
+    assert report.total.bytes_by_kind["exp_avg dram->nvme"] > 0  # state really lives on NVMe
+
+
+@pytest.mark.parametrize("opt_kind", ["adam_l2_amsgrad", "sgd_nesterov", "sgd_plain", "rmsprop"])
+def test_other_optimizers_bitwise(opt_kind, nvme_dir):
+    rt, _ = compare("llama", opt_kind, nvme_dir)
+    assert rt.blockwise.updater.native == (opt_kind != "rmsprop")
+
+
+def test_scheduler_clipping_and_accumulation(nvme_dir):
+    compare("gpt2", "adamw", nvme_dir, sched=True, clip=0.5, accum=2, steps=6)
+
+
+def test_clip_imported_by_name_is_patched(nvme_dir):
+    compare("llama", "adamw", nvme_dir, clip=0.1, clip_by_name=True)
+
+
+def test_clip_with_synchronous_step(nvme_dir):
+    compare("mlp", "sgd_nesterov", nvme_dir, clip=0.05, deferred=False)
+
+
+def test_torch_updater_matches_too(nvme_dir):
+    compare("tied", "adamw", nvme_dir, native=False)
+
+
+def test_state_dict_round_trips_with_plain_torch(nvme_dir):
+    build, batches_fn, loss_fn = CASES["llama"]
+    data = batches_fn(4)
+    reference = build()
+    ours = copy.deepcopy(reference)
+    ref_opt = make_opt("adamw", reference.parameters())
+    ref = run(reference, ref_opt, data, loss_fn)
+
+    # Two steps through tierrt, then save the state and continue plainly in a fresh optimizer.
+    opt = make_opt("adamw", ours.parameters())
+    with tierrt.offload(
+        ours, tiers=[tierrt.dram(streaming_budget(ours)), tierrt.nvme(nvme_dir)], optimizer=opt
+    ):
+        first = run(ours, opt, data[:2], loss_fn)
+        saved = copy.deepcopy(opt.state_dict())
+    fresh = make_opt("adamw", ours.parameters())
+    fresh.load_state_dict(saved)
+    second = run(ours, fresh, data[2:], loss_fn)
+    for a, b in zip(ref, first + second):
+        assert torch.equal(a, b)
+    for a, b in zip(reference.parameters(), ours.parameters()):
+        assert torch.equal(a, b)
+
+    # The reverse: two plain steps, then load that state into tierrt and continue there.
+    reference2 = build()
+    ours2 = copy.deepcopy(reference2)
+    plain_opt = make_opt("adamw", ours2.parameters())
+    run(ours2, plain_opt, data[:2], loss_fn)
+    saved = copy.deepcopy(plain_opt.state_dict())
+    opt2 = make_opt("adamw", ours2.parameters())
+    with tierrt.offload(
+        ours2, tiers=[tierrt.dram(streaming_budget(ours2)), tierrt.nvme(nvme_dir)], optimizer=opt2
+    ):
+        opt2.load_state_dict(saved)
+        rest = run(ours2, opt2, data[2:], loss_fn)
+    assert all(torch.equal(a, b) for a, b in zip(ref[2:], rest))
+    for a, b in zip(reference.parameters(), ours2.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_load_state_dict_of_wrong_shape_is_refused(nvme_dir):
+    model = models.mlp()
+    opt = make_opt("adamw", model.parameters())
+    with tierrt.offload(
+        model, tiers=[tierrt.dram(streaming_budget(model)), tierrt.nvme(nvme_dir)], optimizer=opt
+    ):
+        bad = {"state": {}, "param_groups": [{"params": [0]}]}
+        with pytest.raises(tierrt.ConfigError, match="parameter groups"):
+            opt.load_state_dict(bad)
+
+
+@pytest.mark.parametrize("deferred", [True, False])
+def test_full_nvme_mid_run_keeps_previous_step(deferred, nvme_dir):
+    """Writes of step 2's optimizer state fail with ENOSPC: the error is clear and every block still
+    holds step 1's weights and optimizer state, loadable with state_dict()."""
+    build, batches_fn, loss_fn = CASES["llama"]
+    data = batches_fn(3)
+    reference = build()
+    ours = copy.deepcopy(reference)
+    ref_opt = make_opt("adamw", reference.parameters())
+    run(reference, ref_opt, data[:1], loss_fn)  # the reference after step 1
+
+    opt = make_opt("adamw", ours.parameters())
+    with tierrt.offload(
+        ours,
+        tiers=[tierrt.dram(streaming_budget(ours)), tierrt.nvme(nvme_dir)],
+        optimizer=opt,
+        deferred_step=deferred,
+    ) as rt:
+        run(ours, opt, data[:1], loss_fn)
+        loss_fn(ours, data[1]).backward()
+        rt.synchronize()  # the gradients are home; now the disk "fills"
+        rt.engine.inject_fault(op="write", errno=errno.ENOSPC, count=10**6)
+        with pytest.raises(tierrt.IOEngineError, match="rolled back") as info:
+            opt.step()
+            opt.zero_grad()
+            loss_fn(ours, data[2])  # deferred: step 2's updates run as the next forward needs them
+        assert info.value.errno == errno.ENOSPC
+        rt.engine.clear_faults()
+        assert_state_equal(ref_opt.state_dict(), opt.state_dict())
+        values = ours.state_dict()
+        for name, p in reference.named_parameters():
+            assert torch.equal(values[name], p), name
+    for a, b in zip(reference.parameters(), ours.parameters()):
+        assert torch.equal(a, b)
