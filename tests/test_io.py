@@ -16,6 +16,7 @@ import logging
 import mmap
 import os
 import shutil
+import signal
 import subprocess
 import time
 import weakref
@@ -694,4 +695,30 @@ def test_chunks_finished_at_dispatch_free_their_slots(backend, mode, tmp_path):
         else:
             with pytest.raises(IOEngineError):
                 first.wait(timeout=30)
+        fs.close(remove=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_wait_is_interruptible_by_signals(backend, tmp_path):
+    class Interrupted(Exception):
+        pass
+
+    def handler(signum, frame):
+        raise Interrupted
+
+    with IOEngine(backend) as eng:
+        fs = eng.open(str(tmp_path / "f.swap"), MiB)
+        eng.inject_fault(op="write", mode="stall")
+        req = eng.write(fs, 0, b"y" * 4096)
+        old = signal.signal(signal.SIGALRM, handler)
+        try:
+            signal.setitimer(signal.ITIMER_REAL, 0.05)
+            with pytest.raises(Interrupted):
+                req.wait()  # no timeout: only the signal ends this wait
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old)
+        assert not req.done()
+        eng.clear_faults()
+        assert req.wait(timeout=30) == 4096
         fs.close(remove=True)
