@@ -182,6 +182,10 @@ class DeepSpeedAio:
         cpu0, start = cpu_seconds(), time.perf_counter()
         for off, n in parts:
             view = self.tensor[:n]
+            if not handle.is_pinned(view):
+                raise RuntimeError(
+                    "DeepSpeed does not see its tensor as pinned: it would use a bounce buffer"
+                )
             if op == "read":
                 handle.async_pread(view, self.path, off)
             else:

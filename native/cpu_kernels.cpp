@@ -19,6 +19,8 @@
 
 namespace tierrt::cpu {
 
+std::atomic<int64_t> g_prefetch_bytes{kPrefetchBytes};
+
 const char* dtype_name(DType d) {
   switch (d) {
     case DType::kBFloat16:
@@ -182,17 +184,19 @@ int resolve_threads(int threads) {
 
 namespace {
 
-// Splits [0, n) into contiguous chunks, one per part, each a multiple of `align` elements (except
-// the last) and at least `min_chunk` elements; calls body(begin, end) for each on the pool.
+// Splits [0, n) into contiguous parts, each a multiple of `align` elements long (except the last),
+// and calls body(begin, end) for each on up to `threads` threads (each thread handles at least
+// min_chunk elements). Threads claim the parts one by one, several per thread, so that a thread
+// preempted by other work on the same cores holds back only its current part.
 template <class Body>
 void parallel_chunks(int64_t n, int threads, int64_t align, int64_t min_chunk, const Body& body) {
   if (n <= 0) return;
-  const int64_t max_parts = std::max<int64_t>(1, n / min_chunk);
-  int64_t parts = std::min<int64_t>(resolve_threads(threads), max_parts);
-  if (parts <= 1) {
+  const int64_t t = std::min<int64_t>(resolve_threads(threads), std::max<int64_t>(1, n / min_chunk));
+  if (t <= 1) {
     body(0, n);
     return;
   }
+  int64_t parts = std::min<int64_t>(t * kPartsPerThread, std::max<int64_t>(t, n / (min_chunk * 4)));
   int64_t chunk = (n + parts - 1) / parts;
   chunk = (chunk + align - 1) / align * align;
   parts = (n + chunk - 1) / chunk;
@@ -200,21 +204,25 @@ void parallel_chunks(int64_t n, int threads, int64_t align, int64_t min_chunk, c
     const int64_t begin = part * chunk;
     body(begin, std::min(n, begin + chunk));
   };
-  ThreadPool::instance().run(static_cast<int>(parts), task);
+  ThreadPool::instance().run(static_cast<int>(t), static_cast<int>(parts), task);
 }
 
 }  // namespace
 
 void adam_step(const KernelTable& k, const AdamArrays& arrays, int64_t n, const AdamScalars& s,
                int threads) {
+  AdamArrays a = arrays;
+  a.stream_out = a.out != nullptr && n * static_cast<int64_t>(dtype_size(a.out_dtype)) >= kStreamOutBytes;
   parallel_chunks(n, threads, 64, kMinPerThread,
-                  [&](int64_t begin, int64_t end) { k.adam(arrays, s, begin, end); });
+                  [&](int64_t begin, int64_t end) { k.adam(a, s, begin, end); });
 }
 
 void sgd_step(const KernelTable& k, const SgdArrays& arrays, int64_t n, const SgdScalars& s,
               int threads) {
+  SgdArrays a = arrays;
+  a.stream_out = a.out != nullptr && n * static_cast<int64_t>(dtype_size(a.out_dtype)) >= kStreamOutBytes;
   parallel_chunks(n, threads, 64, kMinPerThread,
-                  [&](int64_t begin, int64_t end) { k.sgd(arrays, s, begin, end); });
+                  [&](int64_t begin, int64_t end) { k.sgd(a, s, begin, end); });
 }
 
 double grad_sumsq(const KernelTable& k, const void* grad, DType dtype, int64_t n, int threads) {

@@ -7,6 +7,7 @@
 #include <immintrin.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 
 #include "cpu_kernels.hpp"
@@ -50,20 +51,29 @@ struct V {
   static inline reg load_f16(const void* p) {
     return _mm256_cvtph_ps(_mm_loadu_si128(static_cast<const __m128i*>(p)));
   }
-  static inline void store_bf16(void* p, reg x) {
+  // fp32 -> bf16, round to nearest even; NaN -> 0xFFFF (torch's encoding).
+  static inline __m128i bf16_bits(reg x) {
     const __m256i b = _mm256_castps_si256(x);
     const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
     __m256i r = _mm256_add_epi32(_mm256_add_epi32(b, _mm256_set1_epi32(0x7FFF)), odd);
     r = _mm256_srli_epi32(r, 16);
     const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
     r = _mm256_or_si256(r, _mm256_and_si256(nan, _mm256_set1_epi32(0xFFFF)));  // r <= 0xFFFF
-    const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
-    _mm_storeu_si128(static_cast<__m128i*>(p), packed);
+    return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+  }
+  static inline void store_bf16(void* p, reg x) {
+    _mm_storeu_si128(static_cast<__m128i*>(p), bf16_bits(x));
   }
   static inline void store_f16(void* p, reg x) {
     const __m128i h = _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     _mm_storeu_si128(static_cast<__m128i*>(p), h);
   }
+  static inline void stream(float* p, reg x) { _mm256_stream_ps(p, x); }
+  static inline void stream_bf16(void* p, reg x) { _mm_stream_si128(static_cast<__m128i*>(p), bf16_bits(x)); }
+  static inline void stream_f16(void* p, reg x) {
+    _mm_stream_si128(static_cast<__m128i*>(p), _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  static inline void fence() { _mm_sfence(); }
   static inline reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
   static inline reg sub(reg a, reg b) { return _mm256_sub_ps(a, b); }
   static inline reg mul(reg a, reg b) { return _mm256_mul_ps(a, b); }

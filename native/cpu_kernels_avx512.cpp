@@ -7,6 +7,7 @@
 #include <immintrin.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 
 #include "cpu_kernels.hpp"
@@ -34,19 +35,31 @@ struct V {
   static inline reg load_f16(const void* p) {
     return _mm512_cvtph_ps(_mm256_loadu_si256(static_cast<const __m256i*>(p)));
   }
-  static inline void store_bf16(void* p, reg x) {
+  // fp32 -> bf16, round to nearest even; NaN -> 0xFFFF (torch's encoding).
+  static inline __m256i bf16_bits(reg x) {
     const __m512i b = _mm512_castps_si512(x);
     const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
     __m512i r = _mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7FFF)), odd);
     r = _mm512_srli_epi32(r, 16);
     const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
     r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0xFFFF));
-    _mm256_storeu_si256(static_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+    return _mm512_cvtepi32_epi16(r);
+  }
+  static inline void store_bf16(void* p, reg x) {
+    _mm256_storeu_si256(static_cast<__m256i*>(p), bf16_bits(x));
   }
   static inline void store_f16(void* p, reg x) {
     const __m256i h = _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     _mm256_storeu_si256(static_cast<__m256i*>(p), h);
   }
+  static inline void stream(float* p, reg x) { _mm512_stream_ps(p, x); }
+  static inline void stream_bf16(void* p, reg x) {
+    _mm256_stream_si256(static_cast<__m256i*>(p), bf16_bits(x));
+  }
+  static inline void stream_f16(void* p, reg x) {
+    _mm256_stream_si256(static_cast<__m256i*>(p), _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  static inline void fence() { _mm_sfence(); }
   static inline reg add(reg a, reg b) { return _mm512_add_ps(a, b); }
   static inline reg sub(reg a, reg b) { return _mm512_sub_ps(a, b); }
   static inline reg mul(reg a, reg b) { return _mm512_mul_ps(a, b); }

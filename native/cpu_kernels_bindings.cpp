@@ -251,6 +251,10 @@ does not depend on the thread count or the instruction set.)doc");
   m.def("sqrt_f32", &sqrt_py, arg("src"), arg("dst"), arg("n"), py::kw_only(), arg("sqrt") = "ieee",
         arg("threads") = 0, arg("isa") = "auto", py::call_guard<py::gil_scoped_release>(),
         "Square roots of n float32 values with the given rounding ('ieee' or 'rsqrt14').");
+  m.def(
+      "_set_prefetch_distance",
+      [](int64_t bytes) { return cpu::g_prefetch_bytes.exchange(bytes); }, arg("bytes"),
+      "Tuning (benchmarks only): software prefetch distance of the steps in bytes; returns the old one.");
   m.def("cpu_features", &cpu_features_py,
         "The CPU's vector features, the instruction sets the kernels can use and the one 'auto' picks.");
 }

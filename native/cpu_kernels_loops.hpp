@@ -12,6 +12,9 @@
 //   V::store_bf16(void*, reg) / V::store_f16(void*, reg)     fp32 -> W 16-bit values (RNE, torch's NaNs)
 //   V::add, sub, mul, div, sqrt, fmadd(a, b, c) = a*b + c rounded once, max_nan (torch.maximum)
 //   V::sqrt_rsqrt14            the square root with SqrtKind::kRsqrt14 rounding
+//   V::stream(float*, reg), V::stream_bf16(void*, reg), V::stream_f16(void*, reg)
+//                              the same stores, non-temporal; the address aligned to the store's size
+//   V::fence()                 orders the non-temporal stores before what follows (sfence)
 //   V::SumSq                   16 float64 accumulators: add(const reg x[16 / W]) does acc[j] += x[j]^2
 //                              for the 16 floats of x; store(double[16]) writes them in lane order
 //
@@ -27,7 +30,8 @@ enum OutKind : int { kOutNone = 0, kOutF32 = 1, kOutBF16 = 2, kOutF16 = 3 };
 constexpr size_t out_size(int out) { return out == kOutF32 ? 4 : (out == kOutNone ? 0 : 2); }
 
 // Software prefetch distance in bytes of fp32 data (0: rely on the hardware prefetchers).
-constexpr int64_t kPrefetchBytes = 0;
+inline int64_t prefetch_bytes() { return g_prefetch_bytes.load(std::memory_order_relaxed); }
+
 
 template <DType G>
 inline typename V::reg load_grad_vec(const void* ptr) {
@@ -49,6 +53,26 @@ inline void store_out_vec(void* ptr, typename V::reg x) {
   } else if constexpr (OUT == kOutF16) {
     V::store_f16(ptr, x);
   }
+}
+
+template <int OUT>
+inline void stream_out_vec(void* ptr, typename V::reg x) {
+  if constexpr (OUT == kOutF32) {
+    V::stream(static_cast<float*>(ptr), x);
+  } else if constexpr (OUT == kOutBF16) {
+    V::stream_bf16(ptr, x);
+  } else if constexpr (OUT == kOutF16) {
+    V::stream_f16(ptr, x);
+  }
+}
+
+// Elements to process before out + i * os is aligned for a non-temporal vector store (W * os bytes).
+template <int OUT>
+inline int64_t stream_peel(const void* out, int64_t i) {
+  constexpr int64_t bytes = V::W * static_cast<int64_t>(out_size(OUT));
+  const auto address = reinterpret_cast<uintptr_t>(out) + static_cast<uintptr_t>(i) * out_size(OUT);
+  return static_cast<int64_t>((bytes - static_cast<int64_t>(address % bytes)) % bytes) /
+         static_cast<int64_t>(out_size(OUT));
 }
 
 template <SqrtKind SQ>
@@ -77,9 +101,10 @@ struct AdamVec {
 };
 
 // One vector of the Adam step (see scalar::adam_element for the operation each line reproduces).
-template <DType G, int OUT, WeightDecay WD, SqrtKind SQ>
-inline void adam_vec(float* p_ptr, const void* g_ptr, float* m_ptr, float* v_ptr, float* vmax_ptr,
-                     void* o_ptr, const AdamVec& c) {
+// Returns the updated weights (stored to p_ptr already) for the optional output.
+template <DType G, WeightDecay WD, SqrtKind SQ>
+inline typename V::reg adam_vec(float* p_ptr, const void* g_ptr, float* m_ptr, float* v_ptr,
+                                float* vmax_ptr, const AdamVec& c) {
   using reg = typename V::reg;
   reg g = load_grad_vec<G>(g_ptr);
   if (c.has_grad_mul) g = V::mul(g, c.grad_mul);
@@ -103,10 +128,41 @@ inline void adam_vec(float* p_ptr, const void* g_ptr, float* m_ptr, float* v_ptr
   const reg denom = V::add(V::div(sqrt_vec<SQ>(v), c.bc2_sqrt), c.eps);
   p = V::add(p, V::div(V::mul(c.neg_step_size, m), denom));
   V::store(p_ptr, p);
-  store_out_vec<OUT>(o_ptr, p);
+  return p;
 }
 
 inline void prefetch(const void* ptr) { __builtin_prefetch(ptr, 0, 3); }
+
+// Whether [begin, end) stores its weight output with non-temporal stores (see AdamArrays::stream_out).
+inline bool use_stream(bool stream_out, int64_t begin, int64_t end) {
+  return stream_out && end - begin >= 64 * V::W;
+}
+
+// Elements [i, i + k), k < W, through zero-padded staging buffers and the same vector code.
+template <DType G, int OUT, WeightDecay WD, SqrtKind SQ>
+void adam_partial(const AdamArrays& a, const AdamVec& c, int64_t i, int64_t k) {
+  constexpr int W = V::W;
+  constexpr size_t gs = G == DType::kFloat32 ? 4 : 2;
+  constexpr size_t os = out_size(OUT);
+  const bool ams = a.max_exp_avg_sq != nullptr;
+  const size_t bytes = static_cast<size_t>(k) * 4;
+  alignas(64) float p[W] = {}, m[W] = {}, v[W] = {}, mx[W] = {};
+  alignas(64) unsigned char gb[W * 4] = {}, ob[W * 4] = {};
+  std::memcpy(p, a.param + i, bytes);
+  std::memcpy(m, a.exp_avg + i, bytes);
+  std::memcpy(v, a.exp_avg_sq + i, bytes);
+  std::memcpy(gb, static_cast<const char*>(a.grad) + i * gs, static_cast<size_t>(k) * gs);
+  if (ams) std::memcpy(mx, a.max_exp_avg_sq + i, bytes);
+  const typename V::reg pv = adam_vec<G, WD, SQ>(p, gb, m, v, ams ? mx : nullptr, c);
+  std::memcpy(a.param + i, p, bytes);
+  std::memcpy(a.exp_avg + i, m, bytes);
+  std::memcpy(a.exp_avg_sq + i, v, bytes);
+  if (ams) std::memcpy(a.max_exp_avg_sq + i, mx, bytes);
+  if constexpr (OUT != kOutNone) {
+    store_out_vec<OUT>(ob, pv);
+    std::memcpy(static_cast<char*>(a.out) + i * os, ob, static_cast<size_t>(k) * os);
+  }
+}
 
 template <DType G, int OUT, WeightDecay WD, SqrtKind SQ>
 void adam_loop(const AdamArrays& a, const AdamScalars& s, int64_t begin, int64_t end) {
@@ -117,35 +173,38 @@ void adam_loop(const AdamArrays& a, const AdamScalars& s, int64_t begin, int64_t
   const bool ams = a.max_exp_avg_sq != nullptr;
   const char* g = static_cast<const char*>(a.grad);
   char* o = static_cast<char*>(a.out);
+  const int64_t pf = prefetch_bytes();
   int64_t i = begin;
+  bool stream = false;
+  if constexpr (OUT != kOutNone) {
+    if (use_stream(a.stream_out, begin, end)) {
+      stream = true;
+      const int64_t peel = stream_peel<OUT>(o, i);
+      if (peel > 0) adam_partial<G, OUT, WD, SQ>(a, c, i, peel);
+      i += peel;
+    }
+  }
   for (; i + W <= end; i += W) {
-    if constexpr (kPrefetchBytes > 0) {
-      constexpr int64_t d = kPrefetchBytes / 4;
+    if (pf > 0) {
+      const int64_t d = pf / 4;
       prefetch(a.param + i + d);
       prefetch(a.exp_avg + i + d);
       prefetch(a.exp_avg_sq + i + d);
       prefetch(g + (i + d) * gs);
     }
-    adam_vec<G, OUT, WD, SQ>(a.param + i, g + i * gs, a.exp_avg + i, a.exp_avg_sq + i,
-                                ams ? a.max_exp_avg_sq + i : nullptr,
-                                OUT != kOutNone ? o + i * os : nullptr, c);
+    const typename V::reg p = adam_vec<G, WD, SQ>(a.param + i, g + i * gs, a.exp_avg + i,
+                                                  a.exp_avg_sq + i,
+                                                  ams ? a.max_exp_avg_sq + i : nullptr, c);
+    if constexpr (OUT != kOutNone) {
+      if (stream) {
+        stream_out_vec<OUT>(o + i * os, p);
+      } else {
+        store_out_vec<OUT>(o + i * os, p);
+      }
+    }
   }
-  if (i < end) {
-    const size_t k = static_cast<size_t>(end - i);
-    alignas(64) float p[W] = {}, m[W] = {}, v[W] = {}, mx[W] = {};
-    alignas(64) unsigned char gb[W * 4] = {}, ob[W * 4] = {};
-    std::memcpy(p, a.param + i, k * 4);
-    std::memcpy(m, a.exp_avg + i, k * 4);
-    std::memcpy(v, a.exp_avg_sq + i, k * 4);
-    std::memcpy(gb, g + i * gs, k * gs);
-    if (ams) std::memcpy(mx, a.max_exp_avg_sq + i, k * 4);
-    adam_vec<G, OUT, WD, SQ>(p, gb, m, v, ams ? mx : nullptr, ob, c);
-    std::memcpy(a.param + i, p, k * 4);
-    std::memcpy(a.exp_avg + i, m, k * 4);
-    std::memcpy(a.exp_avg_sq + i, v, k * 4);
-    if (ams) std::memcpy(a.max_exp_avg_sq + i, mx, k * 4);
-    if constexpr (OUT != kOutNone) std::memcpy(o + i * os, ob, k * os);
-  }
+  if (i < end) adam_partial<G, OUT, WD, SQ>(a, c, i, end - i);
+  if (stream) V::fence();
 }
 
 template <DType G, int OUT, SqrtKind SQ>
@@ -209,8 +268,8 @@ struct SgdVec {
 };
 
 // One vector of the SGD step (see scalar::sgd_element).
-template <DType G, int OUT, int MOM>
-inline void sgd_vec(float* p_ptr, const void* g_ptr, float* b_ptr, void* o_ptr, const SgdVec& c) {
+template <DType G, int MOM>
+inline typename V::reg sgd_vec(float* p_ptr, const void* g_ptr, float* b_ptr, const SgdVec& c) {
   using reg = typename V::reg;
   reg g = load_grad_vec<G>(g_ptr);
   if (c.has_grad_mul) g = V::mul(g, c.grad_mul);
@@ -228,7 +287,27 @@ inline void sgd_vec(float* p_ptr, const void* g_ptr, float* b_ptr, void* o_ptr, 
   }
   p = V::fmadd(g, c.neg_lr, p);
   V::store(p_ptr, p);
-  store_out_vec<OUT>(o_ptr, p);
+  return p;
+}
+
+template <DType G, int OUT, int MOM>
+void sgd_partial(const SgdArrays& a, const SgdVec& c, int64_t i, int64_t k) {
+  constexpr int W = V::W;
+  constexpr size_t gs = G == DType::kFloat32 ? 4 : 2;
+  constexpr size_t os = out_size(OUT);
+  const size_t bytes = static_cast<size_t>(k) * 4;
+  alignas(64) float p[W] = {}, b[W] = {};
+  alignas(64) unsigned char gb[W * 4] = {}, ob[W * 4] = {};
+  std::memcpy(p, a.param + i, bytes);
+  std::memcpy(gb, static_cast<const char*>(a.grad) + i * gs, static_cast<size_t>(k) * gs);
+  if constexpr (MOM == kMomentum) std::memcpy(b, a.momentum_buf + i, bytes);
+  const typename V::reg pv = sgd_vec<G, MOM>(p, gb, b, c);
+  std::memcpy(a.param + i, p, bytes);
+  if constexpr (MOM != kNoMomentum) std::memcpy(a.momentum_buf + i, b, bytes);
+  if constexpr (OUT != kOutNone) {
+    store_out_vec<OUT>(ob, pv);
+    std::memcpy(static_cast<char*>(a.out) + i * os, ob, static_cast<size_t>(k) * os);
+  }
 }
 
 template <DType G, int OUT, int MOM>
@@ -239,23 +318,36 @@ void sgd_loop(const SgdArrays& a, const SgdScalars& s, int64_t begin, int64_t en
   const SgdVec c(s);
   const char* g = static_cast<const char*>(a.grad);
   char* o = static_cast<char*>(a.out);
+  const int64_t pf = prefetch_bytes();
   int64_t i = begin;
+  bool stream = false;
+  if constexpr (OUT != kOutNone) {
+    if (use_stream(a.stream_out, begin, end)) {
+      stream = true;
+      const int64_t peel = stream_peel<OUT>(o, i);
+      if (peel > 0) sgd_partial<G, OUT, MOM>(a, c, i, peel);
+      i += peel;
+    }
+  }
   for (; i + W <= end; i += W) {
-    sgd_vec<G, OUT, MOM>(a.param + i, g + i * gs, MOM != kNoMomentum ? a.momentum_buf + i : nullptr,
-                         OUT != kOutNone ? o + i * os : nullptr, c);
+    if (pf > 0) {
+      const int64_t d = pf / 4;
+      prefetch(a.param + i + d);
+      prefetch(g + (i + d) * gs);
+      if constexpr (MOM == kMomentum) prefetch(a.momentum_buf + i + d);
+    }
+    const typename V::reg p =
+        sgd_vec<G, MOM>(a.param + i, g + i * gs, MOM != kNoMomentum ? a.momentum_buf + i : nullptr, c);
+    if constexpr (OUT != kOutNone) {
+      if (stream) {
+        stream_out_vec<OUT>(o + i * os, p);
+      } else {
+        store_out_vec<OUT>(o + i * os, p);
+      }
+    }
   }
-  if (i < end) {
-    const size_t k = static_cast<size_t>(end - i);
-    alignas(64) float p[W] = {}, b[W] = {};
-    alignas(64) unsigned char gb[W * 4] = {}, ob[W * 4] = {};
-    std::memcpy(p, a.param + i, k * 4);
-    std::memcpy(gb, g + i * gs, k * gs);
-    if constexpr (MOM == kMomentum) std::memcpy(b, a.momentum_buf + i, k * 4);
-    sgd_vec<G, OUT, MOM>(p, gb, b, ob, c);
-    std::memcpy(a.param + i, p, k * 4);
-    if constexpr (MOM != kNoMomentum) std::memcpy(a.momentum_buf + i, b, k * 4);
-    if constexpr (OUT != kOutNone) std::memcpy(o + i * os, ob, k * os);
-  }
+  if (i < end) sgd_partial<G, OUT, MOM>(a, c, i, end - i);
+  if (stream) V::fence();
 }
 
 template <DType G, int OUT>
@@ -299,7 +391,9 @@ double sumsq_block_impl(const void* grad, int64_t n, int64_t block) {
   const char* g = static_cast<const char*>(grad);
   typename V::SumSq sums;
   int64_t i = begin;
+  const int64_t pf = prefetch_bytes() / 4;
   for (; i + 16 <= end; i += 16) {
+    if (pf > 0) prefetch(g + (i + pf) * gs);
     typename V::reg x[16 / V::W];
     for (int h = 0; h < 16 / V::W; ++h) x[h] = load_grad_vec<G>(g + (i + h * V::W) * gs);
     sums.add(x);

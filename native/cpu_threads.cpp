@@ -107,9 +107,10 @@ void ThreadPool::worker_loop() {
   }
 }
 
-void ThreadPool::run(int parts, const std::function<void(int)>& task) {
-  if (parts <= 1) {
-    if (parts == 1) task(0);
+void ThreadPool::run(int threads, int parts, const std::function<void(int)>& task) {
+  if (parts <= 0) return;
+  if (threads <= 1 || parts == 1) {
+    for (int part = 0; part < parts; ++part) task(part);
     return;
   }
   std::unique_lock<std::mutex> busy(run_mutex_, std::try_to_lock);
@@ -117,8 +118,9 @@ void ThreadPool::run(int parts, const std::function<void(int)>& task) {
     for (int part = 0; part < parts; ++part) task(part);
     return;
   }
-  if (parts > kMaxThreads) parts = kMaxThreads;  // callers already cap; a guard, not a policy
-  ensure_workers(parts - 1);
+  if (threads > kMaxThreads) threads = kMaxThreads;  // callers already cap; a guard, not a policy
+  if (threads > parts) threads = parts;
+  ensure_workers(threads - 1);
   uint64_t generation;
   {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -129,7 +131,11 @@ void ThreadPool::run(int parts, const std::function<void(int)>& task) {
     remaining_.store(parts, std::memory_order_release);
     next_.store((generation & 0xFFFFFFFFu) << 32, std::memory_order_release);
   }
-  wake_.notify_all();
+  if (threads - 1 >= static_cast<int>(workers_.size())) {
+    wake_.notify_all();
+  } else {
+    for (int w = 0; w < threads - 1; ++w) wake_.notify_one();
+  }
   int part;
   while (claim(generation, parts, &part)) {
     task(part);

@@ -1,7 +1,9 @@
 // A small persistent thread pool for the CPU kernels.
 //
-// run(parts, task) calls task(0..parts-1), each part on one thread: the calling thread takes part 0
-// and pool workers (created on first need, kept for the life of the process) take the others.
+// run(threads, parts, task) calls task(0..parts-1) on up to `threads` threads: the calling thread and
+// threads - 1 pool workers (created on first need, kept for the life of the process) claim parts
+// one at a time until none is left, so a thread that the OS preempts (other work on the same cores)
+// holds back at most the part it is in; the others take the rest.
 // Workers are parked on a condition variable between calls, so an idle pool costs nothing. The
 // caller's floating-point control word (MXCSR: rounding mode, flush-to-zero, denormals-are-zero) is
 // applied in every worker for the duration of the call, so a step computes the same bits on every
@@ -28,7 +30,7 @@ class ThreadPool {
   static ThreadPool& instance();
   static constexpr int kMaxThreads = 1024;
 
-  void run(int parts, const std::function<void(int)>& task);
+  void run(int threads, int parts, const std::function<void(int)>& task);
 
   int workers() const { return static_cast<int>(workers_.size()); }
 

@@ -8,6 +8,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
+#include <chrono>
 #include <memory>
 #include <optional>
 #include <string>
@@ -82,10 +84,23 @@ class PyRequest {
 
   uint64_t wait(std::optional<double> timeout) {
     if (timeout && *timeout < 0) throw config_error("Request.wait: timeout cannot be negative");
-    bool ok;
-    {
-      py::gil_scoped_release nogil;
-      ok = req_->wait_for(timeout ? *timeout : -1.0);
+    // Wait in slices so that Ctrl-C (or any signal handler raising) interrupts a long wait; the
+    // request stays in flight and keeps its buffer.
+    const auto start = std::chrono::steady_clock::now();
+    bool ok = false;
+    for (;;) {
+      double slice = 0.1;
+      if (timeout) {
+        double left = *timeout - std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+        slice = std::max(0.0, std::min(slice, left));
+      }
+      {
+        py::gil_scoped_release nogil;
+        ok = req_->wait_for(slice);
+      }
+      if (ok) break;
+      if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+      if (timeout && std::chrono::steady_clock::now() - start >= std::chrono::duration<double>(*timeout)) break;
     }
     if (!ok) {
       std::string msg = std::string(io::op_name(req_->op())) + " of " + format_size(req_->nbytes()) +

@@ -25,9 +25,11 @@ SIZES = [1, 15, 16, 17, 1000003]
 def assert_bits_equal(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
     """Equal bit patterns; NaNs must sit in the same places (their payloads are not compared)."""
     assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    int_dtype = {4: torch.int32, 2: torch.int16}[actual.element_size()]
+    if torch.equal(actual.view(int_dtype), expected.view(int_dtype)):
+        return
     nan_a, nan_e = torch.isnan(actual), torch.isnan(expected)
     assert torch.equal(nan_a, nan_e), f"{what}: NaN positions differ"
-    int_dtype = {4: torch.int32, 2: torch.int16}[actual.element_size()]
     a = actual.view(int_dtype)[~nan_a]
     e = expected.view(int_dtype)[~nan_e]
     if not torch.equal(a, e):
@@ -444,3 +446,27 @@ def test_empty_tensors_are_a_no_op():
     kernels.adamw_step_(e, e.clone(), e.clone(), e.clone(), step=1)
     kernels.sgd_step_(e, e.clone(), e.clone(), lr=0.1, momentum=0.9)
     assert kernels.grad_stats(e) == (0.0, False)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_fused_output_large_and_unaligned(out_dtype):
+    """Large steps store the output non-temporally; an output at an odd offset is peeled first."""
+    n = (4 << 20) // torch.empty(0, dtype=out_dtype).element_size() + 1001
+    gen = torch.Generator().manual_seed(4)
+    p0 = make_param(n, gen)
+    for isa, threads in VARIANTS:
+        for offset in (0, 3):
+            backing = torch.empty(n + offset, dtype=out_dtype)
+            out = backing[offset:]
+            st = NativeAdam(p0, isa, threads, False)
+            st.out = out
+            st.step(make_grad(n, gen), 1, weight_decay=0.01, decoupled=True)
+            assert_bits_equal(out, st.param.to(out_dtype), f"isa={isa} threads={threads} offset={offset}")
+            buf = torch.empty(n)
+            param = p0.clone()
+            kernels.sgd_step_(param, make_grad(n, gen), buf, lr=0.1, momentum=0.9, first_step=True, out=out,
+                              threads=threads, isa=isa)  # fmt: skip
+            assert_bits_equal(out, param.to(out_dtype), f"sgd isa={isa} threads={threads} offset={offset}")
+            src = torch.randn(n, generator=gen)
+            kernels.convert_(src, out, threads=threads, isa=isa)
+            assert_bits_equal(out, src.to(out_dtype), f"convert isa={isa} offset={offset}")

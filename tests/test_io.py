@@ -16,7 +16,9 @@ import logging
 import mmap
 import os
 import shutil
+import signal
 import subprocess
+import threading
 import time
 import weakref
 
@@ -695,3 +697,105 @@ def test_chunks_finished_at_dispatch_free_their_slots(backend, mode, tmp_path):
             with pytest.raises(IOEngineError):
                 first.wait(timeout=30)
         fs.close(remove=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_wait_is_interruptible_by_signals(backend, tmp_path):
+    class Interrupted(Exception):
+        pass
+
+    def handler(signum, frame):
+        raise Interrupted
+
+    with IOEngine(backend) as eng:
+        fs = eng.open(str(tmp_path / "f.swap"), MiB)
+        eng.inject_fault(op="write", mode="stall")
+        req = eng.write(fs, 0, b"y" * 4096)
+        old = signal.signal(signal.SIGALRM, handler)
+        try:
+            signal.setitimer(signal.ITIMER_REAL, 0.05)
+            with pytest.raises(Interrupted):
+                req.wait()  # no timeout: only the signal ends this wait
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old)
+        assert not req.done()
+        eng.clear_faults()
+        assert req.wait(timeout=30) == 4096
+        fs.close(remove=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stress_concurrent_submitters_with_faults_and_close(backend, tmp_path):
+    """Several threads doing random I/O on disjoint regions while faults (errors, short transfers,
+    stalls) come and go and the engine is sometimes closed under them: every read that succeeds
+    returns exactly what that thread's model says; every failure is one of the expected kinds."""
+    rng0 = np.random.default_rng(1234)
+    for rnd in range(12):
+        eng = IOEngine(backend, queue_depth=int(rng0.choice([1, 2, 4, 16])), block_size="64KiB")
+        size = 8 * MiB + int(rng0.integers(0, 100_000))
+        paths = [str(tmp_path / f"s{rnd}_{i}") for i in range(int(rng0.integers(1, 4)))]
+        fs = eng.open(paths, size, stripe="64KiB")
+        region = size // 4
+        problems: list[str] = []
+
+        def worker(t: int, rnd=rnd, eng=eng, fs=fs, region=region, problems=problems) -> None:
+            rng = np.random.default_rng(rnd * 100 + t)
+            model = bytearray(region)
+            staging = aligned(2 * MiB)
+            base = t * region
+            try:
+                for _ in range(60):
+                    off = int(rng.integers(0, region - 1))
+                    n = int(rng.integers(1, min(region - off, MiB) + 1))
+                    shift = int(rng.choice([0, 0, int(rng.integers(0, 4096))]))
+                    buf = staging[shift : shift + n]
+                    if rng.random() < 0.5:
+                        data = rng.integers(0, 256, n, dtype=np.uint8)
+                        buf[:] = data
+                        try:
+                            eng.write(fs, base + off, buf).wait()
+                            model[off : off + n] = data.tobytes()
+                        except IOEngineError:
+                            check = bytearray(n)  # the range is unknown now: learn it
+                            eng.read(fs, base + off, check).wait()
+                            model[off : off + n] = check
+                    else:
+                        out = np.empty(n, dtype=np.uint8)
+                        req = eng.read(fs, base + off, out)
+                        if rng.random() < 0.2:
+                            del req  # dropped in flight: the engine keeps `out` alive
+                            continue
+                        try:
+                            req.wait()
+                            if out.tobytes() != bytes(model[off : off + n]):
+                                problems.append(f"thread {t}: wrong data at {off}+{n}")
+                        except IOEngineError as err:
+                            if err.errno not in (errno.EIO, errno.ECANCELED, None):
+                                problems.append(repr(err))
+            except (ConfigError, IOEngineError):
+                return  # the engine was closed under this thread
+
+        threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+        for th in threads:
+            th.start()
+        for _ in range(10):
+            time.sleep(float(rng0.random()) * 0.01)
+            mode = str(rng0.choice(["error", "short", "stall", "none"]))
+            if mode != "none":
+                op = str(rng0.choice(["read", "any"]))
+                eng.inject_fault(
+                    op=op, mode=mode, after=int(rng0.integers(0, 20)), count=int(rng0.integers(1, 5))
+                )
+            if rng0.random() < 0.5:
+                eng.clear_faults()
+        eng.clear_faults()
+        if rng0.random() < 0.3:
+            eng.close()
+        for th in threads:
+            th.join(timeout=120)
+            assert not th.is_alive()
+        eng.close()
+        fs.close(remove=True)
+        assert not problems, problems[:5]

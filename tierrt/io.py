@@ -12,6 +12,17 @@ Backends: ``"io_uring"`` (through liburing, when the build found it and the kern
 ``"threads"`` (a pool of ``pread``/``pwrite`` workers). ``"auto"`` picks io_uring when it works.
 Requests are split into ``block_size`` chunks and at most ``queue_depth`` chunks are in flight.
 
+How a transfer is done: each file is opened twice, with ``O_DIRECT`` and buffered. The part of a
+request whose file offset and length are multiples of ``FileSet.logical_block_size`` (never less
+than the page size) and whose memory is aligned to ``FileSet.memory_alignment`` goes through
+``O_DIRECT``; an unaligned head or tail, or a whole request whose memory is not aligned (a torch
+tensor is only 64-byte aligned), goes through the page cache. Because the split is at page
+boundaries, a page is never written through both paths by one request, and the kernel keeps the two
+descriptors coherent between requests (a direct transfer flushes and drops the cached pages of its
+range). Overlapping requests in flight at the same time are, as always with asynchronous I/O, the
+caller's to avoid. A request that fails names the first failing chunk: its file, offset, length,
+errno and the operation; nothing else in flight is affected.
+
 Example::
 
     >>> import mmap, tempfile, os
@@ -351,7 +362,23 @@ class IOEngine:
         ``mode="error"`` fails with ``errno`` without touching the file; ``"short"`` transfers half
         of the chunk and reports a short transfer; ``"torn"`` transfers half and then fails with
         ``errno`` (a torn write); ``"stall"`` holds the chunk back until :meth:`clear_faults`
-        (it then runs normally) or :meth:`close` (it fails with ECANCELED), like a hung device.
+        (it then runs normally) or :meth:`close` (it fails with ECANCELED), like a hung device
+        (``FileSet.close()`` waits for it like for any request in flight).
+
+        Example::
+
+            >>> import errno, tempfile, os
+            >>> d = tempfile.mkdtemp(prefix="tierrt-doc-")
+            >>> with IOEngine() as eng:
+            ...     fs = eng.open(os.path.join(d, "x"), "1MiB")
+            ...     eng.inject_fault(op="write", errno=errno.EIO)
+            ...     try:
+            ...         eng.write(fs, 0, b"data").wait()
+            ...     except OSError as err:
+            ...         print(err.errno, err.offset, err.nbytes, err.op)
+            ...     fs.close(remove=True)
+            5 0 4 write
+            >>> os.rmdir(d)
         """
         self._native.inject_fault(op, errno, path_contains, after, count, mode)
 
