@@ -429,12 +429,23 @@ class Pipeline:
             if drop:
                 self.store.drop(ks, "dram")
             return
-        try:
-            steps, new_extent = self.store.write_steps(ks)
-        except TierCapacityError as exc:  # the NVMe tier is full
-            if ks.in_step and self.on_write_error is not None:
-                raise self.on_write_error(exc) from exc
-            raise
+        while True:
+            try:
+                steps, new_extent = self.store.write_steps(ks)
+                break
+            except TierCapacityError as exc:  # no NVMe extent free: wait for writes in flight to finish
+                writes = [
+                    (b, k)
+                    for b, k in self._inflight.values()
+                    if b.kinds[k].inflight is not None and b.kinds[k].inflight.link.startswith("dram->")
+                ]
+                if writes:
+                    for b, k in writes:
+                        self.wait(b, k)
+                    continue
+                if ks.in_step and self.on_write_error is not None:
+                    raise self.on_write_error(exc) from exc
+                raise
 
         def on_reap(
             error: BaseException | None, ks: KindState = ks, new_extent: int | None = new_extent

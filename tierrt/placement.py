@@ -102,8 +102,9 @@ def plan_placement(
     # block's master weights and gradients with its compute weights.
     if compute == "dram":
         minimum = max(max_acq + max_g, max_w + max_g + max_m + max_s + (max_w if max_m else 0))
-        # Slack so that buffers of different lifetimes cannot fragment the working set out of room.
-        minimum += max(max_w, max_g, max_m)
+        if max_g:
+            # Slack so that buffers of different lifetimes cannot fragment the working set out of room.
+            minimum += max(max_w, max_g, max_m)
     else:
         minimum = max_acq
     wanted_depth = 2 if depth is None else max(0, depth)

@@ -270,7 +270,7 @@ class Runtime:
             budgets=budgets,
             compute_dtype=self.compute_dtype,
             depth=self.prefetch,
-            train=any(p.requires_grad for p in params),
+            train=self._training(params),
             state_kinds=blockwise.state_kinds if blockwise is not None else None,
         )
         self.partition, self.placement = partition, placement
@@ -309,11 +309,7 @@ class Runtime:
                         )
                     size = nvme_spec.budget
                 else:
-                    free = (
-                        min(shutil.disk_usage(p).free for p in nvme_spec.paths if os.path.isdir(p))
-                        if all(os.path.isdir(p) for p in nvme_spec.paths)
-                        else size
-                    )
+                    free = min(shutil.disk_usage(_existing_ancestor(p)).free for p in nvme_spec.paths)
                     if free * len(nvme_spec.paths) < size * 1.02 and step_bytes:
                         size = minimal
                 self._step_atomic = step_bytes > 0 and size >= minimal + step_bytes
@@ -361,7 +357,8 @@ class Runtime:
         with _OWNERS_LOCK:
             for p in params:
                 _OWNERS[id(p)] = weakref.ref(self)
-        self.grads = GradientStore(self.pipeline, store) if any(p.requires_grad for p in params) else None
+        trains = any("grad" in bs.kinds for bs in store.blocks)
+        self.grads = GradientStore(self.pipeline, store) if trains else None
         self.hooks = HookSet(model, self.pipeline, self.grads, partition.hook_targets)
         self.hooks.on_forward_start = self._on_forward_start
         self.hooks.install()
@@ -380,6 +377,13 @@ class Runtime:
         self.active = True
         self._step_started = time.perf_counter()
         self._step_mark = self.counters.copy()
+
+    def _training(self, params: list[nn.Parameter]) -> bool:
+        """Whether gradients need homes: an optimizer was given, or the model is in training mode
+        with trainable parameters (``model.eval()`` before entering saves their room)."""
+        if not any(p.requires_grad for p in params):
+            return False
+        return self.optimizer is not None or self.model.training
 
     def _check_sources(self, model: nn.Module, compute_device: torch.device) -> None:
         """Every parameter must have a value: in memory, or in the ``weights`` checkpoint."""
@@ -828,3 +832,14 @@ def _swap_tensor(param: nn.Parameter, value: torch.Tensor) -> None:
     replacement = nn.Parameter(value, requires_grad=param.requires_grad)
     replacement.__dict__.update(param.__dict__)
     torch.utils.swap_tensors(param, replacement)
+
+
+def _existing_ancestor(path: str) -> str:
+    """``path`` or its nearest existing parent (where a directory about to be made will live)."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return path

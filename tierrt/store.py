@@ -315,6 +315,7 @@ class KindState:
     # holds the previous step's value (``step_undo``) until the step commits or rolls back.
     in_step: bool = False
     step_undo: int | None = None
+    written: bool = False  # the home holds a value (later writes go copy-on-write)
     version: int = 0
     pins: int = 0  # > 0 while compute or the optimizer works on the DRAM copy: not evictable
 
@@ -479,7 +480,22 @@ class TensorStore:
         if ks.home == "nvme":
             assert self.nvme is not None
             nvme, nbytes = self.nvme, ks.nbytes
-            new_extent = nvme.allocator.alloc(nbytes)
+            if not ks.written and ks.extent is not None:
+                extent = ks.extent  # the first write: there is no value to protect yet
+                return [lambda: nvme.write(extent, host, nbytes)], None
+            new_extent = nvme.allocator.try_alloc(nbytes)
+            if new_extent is None:
+                stats = nvme.allocator.stats()
+                raise TierCapacityError(
+                    f"nvme tier is full: no room for a {format_size(nbytes)} copy-on-write extent of "
+                    f"{ks.layout.kind} ({format_size(stats['free'])} free, largest extent "
+                    f"{format_size(stats['largest_free'])}, tier {format_size(nvme.size)})",
+                    tier="nvme",
+                    requested=nbytes,
+                    free=stats["free"],
+                    largest_free=stats["largest_free"],
+                    budget=nvme.size,
+                )
             return [lambda: nvme.write(new_extent, host, nbytes)], new_extent
         if ks.far is not None:
             far = ks.far
@@ -488,6 +504,7 @@ class TensorStore:
 
     def commit_write(self, ks: KindState, new_extent: int | None) -> None:
         """A write home succeeded: the new extent becomes the home copy."""
+        ks.written = True
         if new_extent is not None:
             assert self.nvme is not None
             if ks.extent is not None:

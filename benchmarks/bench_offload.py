@@ -1,0 +1,487 @@
+"""tierrt.offload() on a ~1B-parameter Llama with its weights on NVMe, against named baselines.
+
+What it measures (each contender in its own process, peak RSS from the kernel's VmHWM counter,
+above the process's baseline: torch and transformers imported, model not built):
+
+1. Forward only (batch 1 x 256 tokens, fp32): the whole model in RAM; accelerate's disk offload
+   (``from_pretrained`` with every layer mapped to "disk" and ``offload_folder``; and
+   ``accelerate.disk_offload``), with the page cache dropped before each forward (cold) and kept
+   (warm); tierrt with the model built on the meta device, its weights streamed from the checkpoint
+   into NVMe swap files and a DRAM budget of 25% of the weights. The bound is
+   max(compute time (the in-RAM forward), bytes read / the disk's measured read bandwidth).
+2. Training step (forward, backward, SGD): in RAM against tierrt (weights and gradients on NVMe,
+   same 25% budget). accelerate's offload cannot train: its offloaded weights receive no gradients,
+   so it is not compared. Bound: max(compute, read bytes / read bandwidth + written bytes / write
+   bandwidth) — one disk serves both directions.
+3. Full AdamW step (native kernel, master weights, m, v and gradients on NVMe, a DRAM budget below the
+   training state): bound max(compute, state bytes / NVMe bandwidth, optimizer time).
+
+Run: ``python benchmarks/bench_offload.py`` (about 15 minutes here; ``--quick`` uses a ~100M model).
+Needs transformers and accelerate; the checkpoint is written once to ``--workdir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+GOAL = 1.15
+
+
+def rss(field: str = "VmRSS") -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(field)
+
+
+def drop_caches() -> bool:
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as handle:
+            handle.write("1")
+        return True
+    except OSError:
+        return False
+
+
+def config(quick: bool):
+    from transformers import LlamaConfig
+
+    if quick:
+        cfg = LlamaConfig(
+            vocab_size=4096,
+            hidden_size=1024,
+            intermediate_size=2816,
+            num_hidden_layers=8,
+            num_attention_heads=16,
+            num_key_value_heads=4,
+            max_position_embeddings=512,
+            tie_word_embeddings=False,
+        )
+    else:  # TinyLlama-1.1B's shape
+        cfg = LlamaConfig(
+            vocab_size=32000,
+            hidden_size=2048,
+            intermediate_size=5632,
+            num_hidden_layers=22,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+            max_position_embeddings=2048,
+            tie_word_embeddings=False,
+        )
+    cfg._attn_implementation = "sdpa"
+    return cfg
+
+
+# ---- worker side (one contender per process) ------------------------------------------------------
+def worker(args: argparse.Namespace) -> dict:
+    import torch
+
+    import tierrt  # noqa: F401  (imported before the baseline, like torch)
+
+    torch.manual_seed(0)
+    base = rss()
+    cfg = config(args.quick)
+    ckpt = os.path.join(args.workdir, "model")
+    ids = torch.randint(0, cfg.vocab_size, (1, args.tokens), generator=torch.Generator().manual_seed(1))
+    out: dict = {"contender": args.worker, "mode": args.mode, "base": base}
+    steps = args.steps
+    contender = args.worker
+
+    if contender == "ram":
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(ckpt, torch_dtype=torch.float32)
+        out["loaded"] = rss()
+        if args.mode == "forward":
+            model.eval()
+            times = timed(lambda: forward(model, ids), steps)
+        else:
+            opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+            times = timed(lambda: train_step(model, opt, ids), steps, split=True)
+        out["times"] = times
+    elif contender.startswith("accelerate"):
+        from accelerate import disk_offload, init_empty_weights
+        from transformers import AutoModelForCausalLM
+
+        folder = os.path.join(args.workdir, f"offload-{contender}")
+        shutil.rmtree(folder, ignore_errors=True)
+        if contender == "accelerate_map":
+            device_map = {
+                "model.embed_tokens": "cpu",
+                "model.norm": "cpu",
+                "model.rotary_emb": "cpu",
+                "lm_head": "cpu",
+            }
+            for i in range(cfg.num_hidden_layers):
+                device_map[f"model.layers.{i}"] = "disk"
+            model = AutoModelForCausalLM.from_pretrained(
+                ckpt, torch_dtype=torch.float32, device_map=device_map, offload_folder=folder
+            )
+        else:
+            with init_empty_weights():
+                model = AutoModelForCausalLM.from_config(cfg)
+            from safetensors.torch import load_file
+
+            state = (
+                load_file(os.path.join(ckpt, "model.safetensors"))
+                if os.path.exists(os.path.join(ckpt, "model.safetensors"))
+                else None
+            )
+            if state is None:
+                model = AutoModelForCausalLM.from_pretrained(ckpt, torch_dtype=torch.float32)
+            else:
+                model.load_state_dict(state, assign=True)
+                del state
+            gc.collect()
+            disk_offload(model, folder, execution_device=torch.device("cpu"))
+        model.eval()
+        out["loaded"] = rss()
+        cold = args.mode == "forward_cold"
+        times = timed(lambda: forward(model, ids), steps, before=drop_caches if cold else None)
+        out["times"] = times
+        shutil.rmtree(folder, ignore_errors=True)
+    elif contender == "tierrt":
+        from accelerate import init_empty_weights
+        from transformers import AutoModelForCausalLM
+
+        import tierrt as t
+
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(cfg)
+        if args.mode == "forward":
+            model.eval()  # inference: no gradient homes
+        weights_bytes = sum(p.numel() * 4 for p in model.parameters())
+        fraction = args.budget_fraction
+        if args.quick and args.mode == "train":
+            fraction = max(fraction, 0.4)  # the small model's layers are a larger share of it
+        budget = int(weights_bytes * fraction) if args.mode != "adamw" else args.adamw_budget
+        out["budget"] = budget
+        swap = os.path.join(args.workdir, "swap")
+        shutil.rmtree(swap, ignore_errors=True)
+        opt = None
+        if args.mode == "train":
+            opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+        elif args.mode == "adamw":
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01)
+        with t.offload(
+            model, tiers=[t.dram(budget), t.nvme(swap)], optimizer=opt, weights=ckpt, progress=False
+        ) as rt:
+            out["loaded"] = rss()
+            out["placement"] = rt.describe()
+            if args.mode == "forward":
+                model.eval()
+                with torch.no_grad():
+                    forward(model, ids)  # learns the trace
+                times = timed(lambda: forward(model, ids), steps, report=rt)
+            else:
+                train_step(model, opt, ids)
+                times = timed(lambda: train_step(model, opt, ids), steps, split=True, report=rt)
+            report = rt.report()
+            out["report"] = report.as_dict()
+            out["report_text"] = str(report)
+            rt.synchronize()
+        shutil.rmtree(swap, ignore_errors=True)
+        out["times"] = times
+    out["peak"] = rss("VmHWM")
+    return out
+
+
+def forward(model, ids) -> None:
+    import torch
+
+    with torch.no_grad():
+        model(ids)
+
+
+def train_step(model, opt, ids) -> dict:
+    start = time.perf_counter()
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    mid = time.perf_counter()
+    opt.step()
+    opt.zero_grad()
+    return {"fwd_bwd": mid - start, "step": time.perf_counter() - mid}
+
+
+def timed(fn, steps: int, split: bool = False, before=None, report=None) -> list:
+    fn() if before is None else None  # warm-up (kernels, allocator, page cache for the warm case)
+    times = []
+    for _ in range(steps):
+        if before is not None:
+            before()
+        start = time.perf_counter()
+        result = fn()
+        elapsed = time.perf_counter() - start
+        times.append({"total": elapsed, **(result or {})} if split else {"total": elapsed})
+    return times
+
+
+# ---- driver ---------------------------------------------------------------------------------------
+def run_worker(args: argparse.Namespace, contender: str, mode: str, timeout: int = 1800) -> dict | None:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        contender,
+        "--mode",
+        mode,
+        "--workdir",
+        args.workdir,
+        "--steps",
+        str(args.steps),
+        "--tokens",
+        str(args.tokens),
+        "--budget-fraction",
+        str(args.budget_fraction),
+        "--adamw-budget",
+        str(args.adamw_budget),
+    ] + (["--quick"] if args.quick else [])
+    print(f"  running {contender} ({mode}) ...", file=sys.stderr, flush=True)
+    result = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+    )
+    if result.returncode != 0:
+        print(f"  {contender} ({mode}) failed:\n{result.stderr[-4000:]}", file=sys.stderr)
+        return None
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def make_checkpoint(args: argparse.Namespace) -> str:
+    ckpt = os.path.join(args.workdir, "model")
+    marker = os.path.join(ckpt, "config.json")
+    if os.path.exists(marker):
+        return ckpt
+    code = (
+        f"import sys, torch; sys.path.insert(0, {HERE!r}); import bench_offload as b;"
+        "from transformers import AutoModelForCausalLM;"
+        f"torch.manual_seed(0); m = AutoModelForCausalLM.from_config(b.config({args.quick!r}));"
+        f"m.save_pretrained({ckpt!r}, safe_serialization=True, max_shard_size='100GB')"
+    )
+    print("  writing the checkpoint once ...", file=sys.stderr, flush=True)
+    subprocess.run([sys.executable, "-c", code], check=True)
+    return ckpt
+
+
+def disk_bandwidth(workdir: str, size: int) -> tuple[float, float]:
+    """Sequential O_DIRECT read and write GB/s at 1MiB / QD32 through tierrt's engine (fio-checked by
+    bench_io.py), on a file in the same directory as the swap files."""
+    from tierrt.arena import HostArena
+    from tierrt.io import IOEngine
+
+    path = os.path.join(workdir, "bw.swap")
+    arena = HostArena(64 << 20, lock=False)
+    buf = arena.alloc(64 << 20)
+    engine = IOEngine("auto", queue_depth=32, block_size=1 << 20)
+    fs = engine.open([path], size, create=True, preallocate=True, direct=True)
+    try:
+        start = time.perf_counter()
+        for off in range(0, size, 64 << 20):
+            engine.write(fs, off, buf, 64 << 20).wait()
+        write = size / (time.perf_counter() - start) / 1e9
+        drop_caches()
+        start = time.perf_counter()
+        for off in range(0, size, 64 << 20):
+            engine.read(fs, off, buf, 64 << 20).wait()
+        read = size / (time.perf_counter() - start) / 1e9
+    finally:
+        fs.close(remove=True)
+        engine.close()
+    return read, write
+
+
+def optimizer_ns_per_element() -> float:
+    import torch
+
+    from tierrt.optim import kernels
+
+    n = 50_000_000
+    p, g, m, v = (torch.rand(n) for _ in range(4))
+    kernels.adamw_step_(p, g, m, v, step=1)
+    start = time.perf_counter()
+    for step in range(2, 5):
+        kernels.adamw_step_(p, g, m, v, step=step)
+    return (time.perf_counter() - start) / 3 / n * 1e9
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.2f}GiB"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a ~100M model instead of ~1.1B")
+    parser.add_argument("--workdir", default="/tmp/tierrt-bench-offload")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per contender (after one warm-up)")
+    parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--budget-fraction", type=float, default=0.25, help="DRAM budget / weight bytes")
+    parser.add_argument(
+        "--adamw-budget",
+        type=int,
+        default=0,
+        help="DRAM budget for the AdamW step (default: 4GiB, or 40%% of the state with --quick)",
+    )
+    parser.add_argument("--skip", default="", help="comma-separated: forward,train,adamw,accelerate")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--mode", default="forward", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+    skip = set(filter(None, args.skip.split(",")))
+    if not args.adamw_budget:
+        args.adamw_budget = int(0.4 * _param_count(config(args.quick)) * 16) if args.quick else 4 << 30
+    os.makedirs(args.workdir, exist_ok=True)
+    make_checkpoint(args)
+    cfg = config(args.quick)
+    read_bw, write_bw = disk_bandwidth(args.workdir, 2 << 30 if not args.quick else 512 << 20)
+    print(f"disk (O_DIRECT, 1MiB, QD32): read {read_bw:.2f} GB/s, write {write_bw:.2f} GB/s")
+    print(
+        f"model: Llama {cfg.num_hidden_layers} layers x {cfg.hidden_size}, "
+        f"batch 1 x {args.tokens} tokens, fp32"
+    )
+    results: dict[str, dict] = {}
+
+    if "forward" not in skip:
+        print("\n== forward only ==")
+        ram = run_worker(args, "ram", "forward")
+        ours = run_worker(args, "tierrt", "forward")
+        contenders = {"in RAM": ram, "tierrt": ours}
+        if "accelerate" not in skip:
+            contenders["accelerate from_pretrained(disk), warm cache"] = run_worker(
+                args, "accelerate_map", "forward"
+            )
+            contenders["accelerate from_pretrained(disk), cold cache"] = run_worker(
+                args, "accelerate_map", "forward_cold"
+            )
+            contenders["accelerate.disk_offload, cold cache"] = run_worker(
+                args, "accelerate_disk", "forward_cold"
+            )
+        results["forward"] = {k: v for k, v in contenders.items() if v}
+        if ram and ours:
+            compute = mean([t["total"] for t in ram["times"]])
+            step = ours["report"]["last_step"]
+            read = step["bytes_by_link"].get("nvme->dram", 0)
+            bound = max(compute, read / (read_bw * 1e9))
+            ours_time = mean([t["total"] for t in ours["times"]])
+            activations = max(ram["peak"] - ram["base"] - ram["loaded"] + ram["base"], 0)
+            budget = ours["budget"]
+            allowed = budget + activations + 0.1 * budget
+            print(f"{'contender':<48}{'s/forward':>11}{'vs bound':>10}{'peak RSS':>12}")
+            for name, r in contenders.items():
+                if not r:
+                    print(f"{name:<48}{'failed':>11}")
+                    continue
+                t = mean([x["total"] for x in r["times"]])
+                print(f"{name:<48}{t:>11.2f}{t / bound:>9.2f}x{gib(r['peak'] - r['base']):>12}")
+            print(
+                f"bound = max(compute {compute:.2f}s, {gib(read)} read / {read_bw:.2f} GB/s = "
+                f"{read / read_bw / 1e9:.2f}s) = {bound:.2f}s; tierrt / bound = {ours_time / bound:.2f} "
+                f"(goal <= {GOAL})"
+            )
+            print(
+                f"tierrt peak RSS above baseline {gib(ours['peak'] - ours['base'])} <= budget {gib(budget)} "
+                f"+ activations {gib(activations)} + 10% of budget {gib(0.1 * budget)} = {gib(allowed)}: "
+                f"{'yes' if ours['peak'] - ours['base'] <= allowed else 'NO'}"
+            )
+            total = ours["report"]["total"]
+            print(
+                f"tierrt stall fraction {100 * (total['stall_fraction'] or 0):.1f}%, prefetch hit rate "
+                f"{100 * (total['prefetch_hit_rate'] or 0):.1f}%"
+            )
+            print(ours["report_text"])
+
+    if "train" not in skip:
+        print("\n== training step (forward, backward, SGD) ==")
+        print(
+            "accelerate's disk offload cannot train (its offloaded weights receive no gradients): "
+            "not compared"
+        )
+        ram = run_worker(args, "ram", "train")
+        ours = run_worker(args, "tierrt", "train")
+        results["train"] = {"ram": ram, "tierrt": ours}
+        if ram and ours:
+            compute = mean([t["total"] for t in ram["times"]])
+            step = ours["report"]["last_step"]["bytes_by_link"]
+            read, written = step.get("nvme->dram", 0), step.get("dram->nvme", 0)
+            io = read / (read_bw * 1e9) + written / (write_bw * 1e9)
+            bound = max(compute, io)
+            t = mean([x["total"] for x in ours["times"]])
+            print(
+                f"in RAM {compute:.2f}s/step (peak RSS {gib(ram['peak'] - ram['base'])}); "
+                f"tierrt {t:.2f}s/step "
+                f"(peak RSS {gib(ours['peak'] - ours['base'])}, budget {gib(ours['budget'])})"
+            )
+            print(
+                f"bound = max(compute {compute:.2f}s, I/O {gib(read)} read + {gib(written)} written "
+                f"= {io:.2f}s) "
+                f"= {bound:.2f}s; tierrt / bound = {t / bound:.2f} (goal <= {GOAL}); tierrt / in RAM = "
+                f"{t / compute:.2f}"
+            )
+            total = ours["report"]["total"]
+            print(
+                f"tierrt stall fraction {100 * (total['stall_fraction'] or 0):.1f}%, prefetch hit rate "
+                f"{100 * (total['prefetch_hit_rate'] or 0):.1f}%"
+            )
+            print(ours["report_text"])
+            results["train_compute"] = compute
+
+    if "adamw" not in skip:
+        print("\n== full AdamW step (native kernel, states on NVMe) ==")
+        ours = run_worker(args, "tierrt", "adamw")
+        results["adamw"] = ours
+        ns = optimizer_ns_per_element()
+        if ours:
+            params = sum(1 for _ in ()) or None
+            compute = results.get("train_compute")
+            step = ours["report"]["last_step"]["bytes_by_link"]
+            read, written = step.get("nvme->dram", 0), step.get("dram->nvme", 0)
+            io = read / (read_bw * 1e9) + written / (write_bw * 1e9)
+            n_params = _param_count(cfg)
+            opt_time = ns * n_params / 1e9
+            terms = {"compute": compute or 0.0, "state I/O": io, "optimizer": opt_time}
+            bound = max(terms.values())
+            t = mean([x["total"] for x in ours["times"]])
+            state = n_params * 16
+            print(
+                f"training state {gib(state)} (fp32 weights, grads, m, v); DRAM budget {gib(ours['budget'])}"
+            )
+            print(f"tierrt {t:.2f}s/step, peak RSS {gib(ours['peak'] - ours['base'])}")
+            print(
+                "bound = max(" + ", ".join(f"{k} {v:.2f}s" for k, v in terms.items()) + f") = {bound:.2f}s; "
+                f"tierrt / bound = {t / bound:.2f} (goal <= {GOAL})  [{gib(read)} read, "
+                f"{gib(written)} written; "
+                f"optimizer kernel {ns:.2f} ns/element]"
+            )
+            print(ours["report_text"])
+            del params
+    with open(os.path.join(args.workdir, "results.json"), "w") as handle:
+        json.dump(results, handle, indent=1, default=str)
+
+
+def _param_count(cfg) -> int:
+    h, i, layers, v = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
+    kv = h // cfg.num_attention_heads * cfg.num_key_value_heads
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h
+    return layers * per_layer + 2 * v * h + h
+
+
+if __name__ == "__main__":
+    main()
