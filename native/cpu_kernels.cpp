@@ -252,4 +252,10 @@ void sqrt_f32(const KernelTable& k, const float* src, float* dst, SqrtKind kind,
                   [&](int64_t begin, int64_t end) { k.sqrt(src, dst, kind, begin, end); });
 }
 
+void memory_probe(const KernelTable& k, float* p, const float* g, float* m, float* v, int64_t n,
+                  int threads) {
+  parallel_chunks(n, threads, 64, kMinPerThread,
+                  [&](int64_t begin, int64_t end) { k.probe(p, g, m, v, begin, end); });
+}
+
 }  // namespace tierrt::cpu

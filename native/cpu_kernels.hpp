@@ -113,6 +113,9 @@ struct KernelTable {
   void (*convert)(const float* src, void* dst, DType dst_dtype, int64_t begin, int64_t end);
   // Square roots with the given rounding (to detect torch's and for tests).
   void (*sqrt)(const float* src, float* dst, SqrtKind kind, int64_t begin, int64_t end);
+  // The memory traffic of a step without its arithmetic: p += g, m += g, v += g (4 reads and 3
+  // writes of fp32 per element), for the bandwidth bound printed by benchmarks.
+  void (*probe)(float* p, const float* g, float* m, float* v, int64_t begin, int64_t end);
 };
 
 // Software prefetch distance in bytes ahead of the fp32 streams (default kPrefetchBytes, which
@@ -184,5 +187,7 @@ void convert_from_f32(const KernelTable& k, const float* src, void* dst, DType d
                       int threads);
 void sqrt_f32(const KernelTable& k, const float* src, float* dst, SqrtKind kind, int64_t n,
               int threads);
+void memory_probe(const KernelTable& k, float* p, const float* g, float* m, float* v, int64_t n,
+                  int threads);
 
 }  // namespace tierrt::cpu

@@ -112,7 +112,7 @@ namespace tierrt::cpu {
 
 const KernelTable& avx2_kernels() {
   static const KernelTable table{Isa::kAvx2,    adam_vector,   sgd_vector, sumsq_block_vector,
-                                 convert_vector, sqrt_vector};
+                                 convert_vector, sqrt_vector, probe_vector};
   return table;
 }
 

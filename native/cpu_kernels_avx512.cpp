@@ -108,7 +108,7 @@ namespace tierrt::cpu {
 
 const KernelTable& avx512_kernels() {
   static const KernelTable table{Isa::kAvx512,  adam_vector,   sgd_vector, sumsq_block_vector,
-                                 convert_vector, sqrt_vector};
+                                 convert_vector, sqrt_vector, probe_vector};
   return table;
 }
 

@@ -68,11 +68,19 @@ void sqrt_scalar(const float* src, float* dst, SqrtKind kind, int64_t begin, int
   for (int64_t i = begin; i < end; ++i) dst[i] = scalar::sqrt_of_kind(src[i], kind);
 }
 
+void probe_scalar(float* p, const float* g, float* m, float* v, int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; ++i) {
+    p[i] += g[i];
+    m[i] += g[i];
+    v[i] += g[i];
+  }
+}
+
 }  // namespace
 
 const KernelTable& scalar_kernels() {
   static const KernelTable table{Isa::kScalar, adam_scalar,    sgd_scalar, sumsq_block_scalar,
-                                 convert_scalar, sqrt_scalar};
+                                 convert_scalar, sqrt_scalar, probe_scalar};
   return table;
 }
 
