@@ -1,4 +1,9 @@
 // Run-time dispatch, scalar derivation and threading of the CPU optimizer kernels.
+
+// GCC contracts a*b + c into an FMA by default in C++ wherever the target has FMA; the kernels must
+// use an FMA exactly where ATen does (explicit fmadd / std::fma) and nowhere else, and compute the
+// float64 scalars as Python does. This applies to everything below, the included headers as well.
+#pragma GCC optimize("fp-contract=off")
 #include "cpu_kernels.hpp"
 
 #include <algorithm>
@@ -12,10 +17,6 @@
 #if defined(__x86_64__) || defined(__i386__)
 #include <cpuid.h>
 #endif
-
-// Contract nothing into FMAs (GCC does by default in C++ when the target has them): FMAs appear
-// exactly where ATen uses them (std::fma), and the float64 scalars match Python's arithmetic.
-#pragma GCC optimize("fp-contract=off")
 
 namespace tierrt::cpu {
 
@@ -82,7 +83,8 @@ bool isa_supported(Isa isa) {
 }
 
 bool sqrt_kind_supported(SqrtKind kind) {
-  return kind == SqrtKind::kIeee || cpu_features().avx512f;
+  // vrsqrt14ps, in its 512-bit (AVX512F) and 256-bit (AVX512VL, used by the AVX2 path) forms.
+  return kind == SqrtKind::kIeee || (cpu_features().avx512f && cpu_features().avx512vl);
 }
 
 Isa best_isa() {

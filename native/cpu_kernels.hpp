@@ -135,7 +135,7 @@ struct CpuFeatures {
        avx512dq = false, avx512bf16 = false, avx512fp16 = false;
 };
 const CpuFeatures& cpu_features();
-// Whether this CPU can compute the given sqrt rounding (kRsqrt14 needs AVX-512F).
+// Whether this CPU can compute the given sqrt rounding (kRsqrt14 needs AVX512F and AVX512VL).
 bool sqrt_kind_supported(SqrtKind kind);
 bool isa_supported(Isa isa);
 Isa best_isa();

@@ -1,4 +1,9 @@
 // Portable scalar implementation of the CPU optimizer kernels (any CPU; the reference for tests).
+
+// GCC contracts a*b + c into an FMA by default in C++ wherever the target has FMA; the kernels must
+// use an FMA exactly where ATen does (explicit fmadd / std::fma) and nowhere else, and compute the
+// float64 scalars as Python does. This applies to everything below, the included headers as well.
+#pragma GCC optimize("fp-contract=off")
 #include <algorithm>
 #include <cmath>
 
@@ -8,10 +13,6 @@
 
 #include "cpu_kernels.hpp"
 #include "cpu_kernels_scalar.hpp"
-
-// Contract nothing into FMAs (GCC does by default in C++ when the target has them): FMAs appear
-// exactly where ATen uses them (std::fma), and the float64 scalars match Python's arithmetic.
-#pragma GCC optimize("fp-contract=off")
 
 namespace tierrt::cpu {
 

@@ -194,7 +194,8 @@ def torch_sqrt_kind() -> Literal["ieee", "rsqrt14"]:
     )
     reference = probe.sqrt().view(torch.int32)
     kinds = ["ieee"]
-    if cpu_features()["avx512f"]:
+    features = cpu_features()
+    if features["avx512f"] and features["avx512vl"]:
         kinds.append("rsqrt14")
     for kind in kinds:
         ours = torch.empty_like(probe)
