@@ -21,6 +21,7 @@
 namespace tierrt::cpu {
 
 std::atomic<int64_t> g_prefetch_bytes{kPrefetchBytes};
+std::atomic<int64_t> g_stream_out_bytes{kStreamOutBytes};
 
 const char* dtype_name(DType d) {
   switch (d) {
@@ -214,7 +215,7 @@ void parallel_chunks(int64_t n, int threads, int64_t align, int64_t min_chunk, c
 void adam_step(const KernelTable& k, const AdamArrays& arrays, int64_t n, const AdamScalars& s,
                int threads) {
   AdamArrays a = arrays;
-  a.stream_out = a.out != nullptr && n * static_cast<int64_t>(dtype_size(a.out_dtype)) >= kStreamOutBytes;
+  a.stream_out = a.out != nullptr && n * static_cast<int64_t>(dtype_size(a.out_dtype)) >= g_stream_out_bytes.load();
   parallel_chunks(n, threads, 64, kMinPerThread,
                   [&](int64_t begin, int64_t end) { k.adam(a, s, begin, end); });
 }
@@ -222,7 +223,7 @@ void adam_step(const KernelTable& k, const AdamArrays& arrays, int64_t n, const 
 void sgd_step(const KernelTable& k, const SgdArrays& arrays, int64_t n, const SgdScalars& s,
               int threads) {
   SgdArrays a = arrays;
-  a.stream_out = a.out != nullptr && n * static_cast<int64_t>(dtype_size(a.out_dtype)) >= kStreamOutBytes;
+  a.stream_out = a.out != nullptr && n * static_cast<int64_t>(dtype_size(a.out_dtype)) >= g_stream_out_bytes.load();
   parallel_chunks(n, threads, 64, kMinPerThread,
                   [&](int64_t begin, int64_t end) { k.sgd(a, s, begin, end); });
 }

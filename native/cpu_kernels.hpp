@@ -171,8 +171,10 @@ SgdScalars sgd_scalars(const SgdParams& params);
 // Elements are split into contiguous parts, a multiple of 64 elements (256 bytes of fp32) long, up to
 // kPartsPerThread per thread, which the threads claim one at a time.
 constexpr int64_t kMinPerThread = 32768;
-// Steps whose weight output is at least this large store it with non-temporal stores.
+// Steps whose weight output is at least this large store it with non-temporal stores (a tuning
+// knob for benchmarks: tierrt._native._set_stream_out_bytes).
 constexpr int64_t kStreamOutBytes = 4 << 20;
+extern std::atomic<int64_t> g_stream_out_bytes;
 constexpr int64_t kPartsPerThread = 4;
 int resolve_threads(int threads);
 

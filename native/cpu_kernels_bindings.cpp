@@ -268,6 +268,11 @@ does not depend on the thread count or the instruction set.)doc");
       "_set_prefetch_distance",
       [](int64_t bytes) { return cpu::g_prefetch_bytes.exchange(bytes); }, arg("bytes"),
       "Tuning (benchmarks only): software prefetch distance of the steps in bytes; returns the old one.");
+  m.def(
+      "_set_stream_out_bytes",
+      [](int64_t bytes) { return cpu::g_stream_out_bytes.exchange(bytes); }, arg("bytes"),
+      "Tuning (benchmarks only): weight outputs of at least this many bytes use non-temporal stores; "
+      "returns the old threshold.");
   m.def("cpu_features", &cpu_features_py,
         "The CPU's vector features, the instruction sets the kernels can use and the one 'auto' picks.");
 }
