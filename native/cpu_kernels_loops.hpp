@@ -32,7 +32,6 @@ constexpr size_t out_size(int out) { return out == kOutF32 ? 4 : (out == kOutNon
 // Software prefetch distance in bytes of fp32 data (0: rely on the hardware prefetchers).
 inline int64_t prefetch_bytes() { return g_prefetch_bytes.load(std::memory_order_relaxed); }
 
-
 template <DType G>
 inline typename V::reg load_grad_vec(const void* ptr) {
   if constexpr (G == DType::kBFloat16) {

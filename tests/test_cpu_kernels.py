@@ -470,3 +470,11 @@ def test_fused_output_large_and_unaligned(out_dtype):
             src = torch.randn(n, generator=gen)
             kernels.convert_(src, out, threads=threads, isa=isa)
             assert_bits_equal(out, src.to(out_dtype), f"convert isa={isa} offset={offset}")
+
+
+def test_isa_environment_override(monkeypatch):
+    monkeypatch.setenv("TIERRT_CPU_ISA", "scalar")
+    assert kernels.cpu_features()["chosen_isa"] == "scalar"
+    monkeypatch.setenv("TIERRT_CPU_ISA", "sse9")
+    with pytest.raises(ConfigError):
+        kernels.grad_stats(torch.zeros(4))
