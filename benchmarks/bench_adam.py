@@ -14,18 +14,19 @@ measured bandwidth of the same access pattern without the arithmetic (``tierrt._
 p += g, m += g, v += g over the same n elements; the highest of it, a streaming in-place add
 ``a += b`` and ``copy_``, all measured in the same run).
 
-Timings are medians over all timed calls (after a warm-up) of several passes over all methods, so
-that load from other processes spreads over all of them. Goals: >= 1.0x DeepSpeedCPUAdam, >= 80% of the
-bound, and the bf16 output no slower than without.
+Timings are medians over all timed calls after a warm-up; all methods update the same tensors and
+take turns within every round, so that load from other processes spreads over all of them. Peak
+memory: about 6 tensors of n fp32 values plus torch foreach's temporaries (about 3GiB at 100M).
 
-    python benchmarks/bench_adam.py            # 100M elements (about 2.6GiB of memory at peak)
+Goals: >= 1.0x DeepSpeedCPUAdam, >= 80% of the bound, and the bf16 output no slower than without.
+
+    python benchmarks/bench_adam.py            # 100M elements
     python benchmarks/bench_adam.py --quick    # 10M elements
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import statistics
 import sys
@@ -133,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="10M elements instead of 100M")
     parser.add_argument("--n", type=float, default=None, help="number of elements (overrides --quick)")
     parser.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
-    parser.add_argument("--rounds", type=int, default=None, help="timed calls per method and pass")
-    parser.add_argument("--passes", type=int, default=2, help="passes over all methods (default 2)")
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds per pass and thread count")
+    parser.add_argument("--passes", type=int, default=2, help="passes (bandwidth, then rounds; default 2)")
     parser.add_argument("--no-deepspeed", action="store_true", help="skip DeepSpeedCPUAdam")
     args = parser.parse_args(argv)
 
@@ -154,38 +155,46 @@ def main(argv: list[str] | None = None) -> int:
     native = NativeState(param.data, param.grad)
     zeros = torch.zeros(n)
 
-    baselines: dict[str, Callable[[], torch.optim.Optimizer | None]] = {
-        "torch AdamW(foreach=True)": lambda: torch.optim.AdamW(
-            [param], lr=1e-3, weight_decay=0.01, foreach=True
-        ),
-        "torch AdamW(fused=True)": lambda: torch.optim.AdamW([param], lr=1e-3, weight_decay=0.01, fused=True),
-    }
+    # Every method updates the same param, exp_avg and exp_avg_sq (each optimizer's state is
+    # pre-populated with them), so that all can stay alive and take turns in every round.
+    def shared_state(step: object) -> dict[str, object]:
+        return {"step": step, "exp_avg": native.exp_avg, "exp_avg_sq": native.exp_avg_sq}
+
+    optimizers: dict[str, torch.optim.Optimizer] = {}
+    for name, fused in (("torch AdamW(foreach=True)", False), ("torch AdamW(fused=True)", True)):
+        opt = torch.optim.AdamW([param], lr=1e-3, weight_decay=0.01, foreach=not fused, fused=fused or None)
+        opt.state[param] = shared_state(torch.tensor(0.0))
+        optimizers[name] = opt
     ds_note = "skipped (--no-deepspeed)"
     if not args.no_deepspeed:
         ds_opt, ds_note = deepspeed_adam([param])
         if ds_opt is not None:
-            del ds_opt
-            baselines["DeepSpeedCPUAdam"] = lambda: deepspeed_adam([param])[0]
+            ds_opt.state[param] = shared_state(0)
+            optimizers["DeepSpeedCPUAdam"] = ds_opt
 
-    # Several passes over all methods, so that load from other processes spreads over all of them.
+    # The methods take turns within every round, so that load from other processes (and any drift)
+    # spreads over all of them; each method's first call in a round series is a warm-up.
+    methods: dict[str, Callable[[int], None]] = {
+        NATIVE: lambda t: native.step(t, False),
+        NATIVE_BF16: lambda t: native.step(t, True),
+    }
+    for name, opt in optimizers.items():
+        methods[name] = lambda t, opt=opt: opt.step()
     samples: dict[tuple[str, int], list[float]] = defaultdict(list)
     bandwidth: dict[int, dict[str, list[float]]] = {t: defaultdict(list) for t in thread_counts}
     for _ in range(args.passes):
-        for t, values in measure_bandwidth(native, zeros, thread_counts, rounds).items():
+        for t, values in measure_bandwidth(native, zeros, thread_counts, max(3, rounds // 2)).items():
             for kind, value in values.items():
                 bandwidth[t][kind].append(value)
         for t in thread_counts:
-            samples[(NATIVE, t)] += time_calls(lambda t=t: native.step(t, False), rounds)
-            samples[(NATIVE_BF16, t)] += time_calls(lambda t=t: native.step(t, True), rounds)
-        for name, make in baselines.items():
-            opt = make()
-            assert opt is not None
-            for t in thread_counts:
-                torch.set_num_threads(t)
-                samples[(name, t)] += time_calls(opt.step, rounds)
-            del opt
-            gc.collect()
-
+            torch.set_num_threads(t)
+            for fn in methods.values():
+                fn(t)  # warm-up
+            for _ in range(rounds):
+                for name, fn in methods.items():
+                    start = time.perf_counter()
+                    fn(t)
+                    samples[(name, t)].append(time.perf_counter() - start)
     seconds = {key: statistics.median(values) for key, values in samples.items()}
     best_bw = {t: max(statistics.median(v) for v in bandwidth[t].values()) for t in thread_counts}
     print()
@@ -198,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             f"in-place add {add:.1f} GB/s, copy_ {copy:.1f} GB/s -> bound {bound:.1f} ms/step "
             f"({STEP_BYTES} B/element), {bound_bf16:.1f} ms with bf16 out"
         )
-    if "DeepSpeedCPUAdam" not in baselines:
+    if "DeepSpeedCPUAdam" not in optimizers:
         print(f"DeepSpeedCPUAdam: not measured: {ds_note}")
     print()
 

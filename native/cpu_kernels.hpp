@@ -135,6 +135,9 @@ struct CpuFeatures {
        avx512dq = false, avx512bf16 = false, avx512fp16 = false;
 };
 const CpuFeatures& cpu_features();
+// cpu_features().avx512bf16, set when the module loads (in a TU compiled for any x86-64, so that no
+// AVX-512 code runs at load time).
+extern const bool g_has_bf16_instruction;
 // Whether this CPU can compute the given sqrt rounding (kRsqrt14 needs AVX512F and AVX512VL).
 bool sqrt_kind_supported(SqrtKind kind);
 bool isa_supported(Isa isa);

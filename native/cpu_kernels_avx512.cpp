@@ -24,12 +24,6 @@
 namespace tierrt::cpu {
 namespace {
 
-// AVX512_BF16's vcvtneps2bf16 rounds like torch (to nearest even) except that it flushes denormal
-// inputs to zero and keeps NaN payloads; vectors holding either take the integer path instead. It is
-// emitted with inline asm so that this file needs no avx512bf16 target (CPUs with AVX-512 but
-// without BF16 run the integer path).
-const bool g_bf16_instruction = cpu_features().avx512bf16;
-
 struct V {
   using reg = __m512;
   static constexpr int W = 16;
@@ -43,9 +37,12 @@ struct V {
   static inline reg load_f16(const void* p) {
     return _mm512_cvtph_ps(_mm256_loadu_si256(static_cast<const __m256i*>(p)));
   }
-  // fp32 -> bf16, round to nearest even; NaN -> 0xFFFF (torch's encoding).
+  // fp32 -> bf16, round to nearest even; NaN -> 0xFFFF (torch's encoding). AVX512_BF16's
+  // vcvtneps2bf16 rounds the same way except that it flushes denormal inputs to zero and keeps NaN
+  // payloads, so vectors holding either take the integer path. It is emitted with inline asm so that
+  // this file needs no avx512bf16 target (CPUs with AVX-512 but without BF16 run the integer path).
   static inline __m256i bf16_bits(reg x) {
-    if (g_bf16_instruction && _mm512_fpclass_ps_mask(x, 0xA1) == 0) {  // no QNaN/SNaN/denormal
+    if (g_has_bf16_instruction && _mm512_fpclass_ps_mask(x, 0xA1) == 0) {  // no NaN or denormal
       __m256i r;
       asm("vcvtneps2bf16 %1, %0" : "=v"(r) : "v"(x));
       return r;
