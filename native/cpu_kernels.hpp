@@ -6,7 +6,14 @@
 // as a sequence of ATen elementwise ops, in the same order and with the same fused multiply-adds,
 // so the results are bitwise equal to torch's (see the formulas in cpu_kernels_scalar.hpp). The
 // scalars are derived in float64 exactly as torch's Python code derives them and rounded to fp32
-// where ATen rounds them.
+// where ATen rounds them. The FMAs are those of ATen's AVX2 / AVX-512 kernels (lerp, addcmul, add
+// with alpha); nothing else is contracted (these files turn GCC's default contraction off). The one
+// operation whose rounding depends on how torch was built is sqrt: see SqrtKind.
+//
+// Performance: a step is memory-bound. Each element is loaded once and stored once (param, grad,
+// exp_avg, exp_avg_sq in; param, exp_avg, exp_avg_sq and the optional weight output out), with
+// software prefetch ahead of the streams and, for large steps, non-temporal stores for the output
+// (which the step never reads). Threads (cpu_threads.hpp) take contiguous parts of the range.
 //
 // Three implementations of the same arithmetic: AVX-512 (cpu_kernels_avx512.cpp), AVX2+FMA+F16C
 // (cpu_kernels_avx2.cpp) and portable scalar (cpu_kernels_scalar.hpp). The ISA-specific files are
