@@ -10,21 +10,23 @@ Compares, in one run and on 1 and 2 threads:
 
 against the memory-bandwidth bound: bytes touched per element (read param, grad, exp_avg,
 exp_avg_sq = 16 B; write param, exp_avg, exp_avg_sq = 12 B; +2 B for the bf16 copy) divided by the
-bandwidth of a streaming in-place add (``a += b``: read 8 B, write 4 B per element, no
-write-allocate, like the step) and of ``copy_`` measured in the same run, the higher of the two.
+measured bandwidth of the same access pattern without the arithmetic (``tierrt._native.memory_probe``:
+p += g, m += g, v += g over the same n elements; the highest of it, a streaming in-place add
+``a += b`` and ``copy_``, all measured in the same run).
 
-Timings are medians over all timed calls (after a warm-up) of several passes over all methods, so
-that load from other processes spreads over all of them. Goals: >= 1.0x DeepSpeedCPUAdam, >= 80% of the
-bound, and the bf16 output no slower than without.
+Timings are medians over all timed calls after a warm-up; all methods update the same tensors and
+take turns within every round, so that load from other processes spreads over all of them. Peak
+memory: about 6 tensors of n fp32 values plus torch foreach's temporaries (about 3GiB at 100M).
 
-    python benchmarks/bench_adam.py            # 100M elements (about 2.6GiB of memory at peak)
+Goals: >= 1.0x DeepSpeedCPUAdam, >= 80% of the bound, and the bf16 output no slower than without.
+
+    python benchmarks/bench_adam.py            # 100M elements
     python benchmarks/bench_adam.py --quick    # 10M elements
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import statistics
 import sys
@@ -36,6 +38,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import torch  # noqa: E402
 
+from tierrt import _native  # noqa: E402
 from tierrt.optim import kernels  # noqa: E402
 from tierrt.sizes import format_size  # noqa: E402
 
@@ -54,34 +57,6 @@ def time_calls(fn: Callable[[], None], rounds: int) -> list[float]:
         fn()
         samples.append(time.perf_counter() - start)
     return samples
-
-
-def measure_bandwidth(n: int, threads: list[int], rounds: int) -> dict[int, dict[str, float]]:
-    """Bytes per second of a streaming in-place add and of copy_ (bytes read + written)."""
-    a = torch.ones(n)
-    b = torch.ones(n)
-    result: dict[int, dict[str, float]] = {}
-    for t in threads:
-        torch.set_num_threads(t)
-        add = statistics.median(time_calls(lambda: a.add_(b), rounds))
-        copy = statistics.median(time_calls(lambda: a.copy_(b), rounds))
-        result[t] = {"add": 12 * n / add, "copy": 8 * n / copy}
-    return result
-
-
-def deepspeed_adam(params: list[torch.nn.Parameter]) -> tuple[torch.optim.Optimizer | None, str]:
-    """A DeepSpeedCPUAdam over params, or None and the reason it is unavailable."""
-    try:
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-    except Exception as err:  # noqa: BLE001 - any import failure means "not available here"
-        return None, f"deepspeed is not importable ({type(err).__name__}: {err})"
-    try:
-        opt = DeepSpeedCPUAdam(
-            params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, adamw_mode=True
-        )
-        return opt, ""
-    except Exception as err:  # noqa: BLE001 - the JIT build of its op failed
-        return None, f"DeepSpeedCPUAdam's cpu_adam op did not build ({type(err).__name__}: {err})"
 
 
 class NativeState:
@@ -109,13 +84,58 @@ class NativeState:
         )
 
 
+def measure_bandwidth(
+    state: NativeState, zeros: torch.Tensor, threads: list[int], rounds: int
+) -> dict[int, dict[str, float]]:
+    """Bytes per second (read + written) of the step's access pattern without arithmetic, of a
+    streaming in-place add and of copy_."""
+    n = state.param.numel()
+    a, b = state.exp_avg, zeros  # a += 0 leaves the state as it is
+    half = n // 2
+    src, dst = zeros[half : 2 * half], zeros[:half]
+    result: dict[int, dict[str, float]] = {}
+    for t in threads:
+        torch.set_num_threads(t)
+
+        def probe(t: int = t) -> None:
+            _native.memory_probe(
+                state.param.data_ptr(),
+                zeros.data_ptr(),
+                state.exp_avg.data_ptr(),
+                state.exp_avg_sq.data_ptr(),
+                n,
+                threads=t,
+            )
+
+        step_like = statistics.median(time_calls(probe, rounds))
+        add = statistics.median(time_calls(lambda: a.add_(b), rounds))
+        copy = statistics.median(time_calls(lambda: dst.copy_(src), rounds))
+        result[t] = {"probe": STEP_BYTES * n / step_like, "add": 12 * n / add, "copy": 8 * half / copy}
+    return result
+
+
+def deepspeed_adam(params: list[torch.nn.Parameter]) -> tuple[torch.optim.Optimizer | None, str]:
+    """A DeepSpeedCPUAdam over params, or None and the reason it is unavailable."""
+    try:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+    except Exception as err:  # noqa: BLE001 - any import failure means "not available here"
+        return None, f"deepspeed is not importable ({type(err).__name__}: {err})"
+    try:
+        opt = DeepSpeedCPUAdam(
+            params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, adamw_mode=True
+        )
+        return opt, ""
+    except Exception as err:  # noqa: BLE001 - the JIT build of its op failed
+        return None, f"DeepSpeedCPUAdam's cpu_adam op did not build ({type(err).__name__}: {err})"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="10M elements instead of 100M")
     parser.add_argument("--n", type=float, default=None, help="number of elements (overrides --quick)")
     parser.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
-    parser.add_argument("--rounds", type=int, default=None, help="timed calls per method and pass")
-    parser.add_argument("--passes", type=int, default=2, help="passes over all methods (default 2)")
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds per pass and thread count")
+    parser.add_argument("--passes", type=int, default=2, help="passes (bandwidth, then rounds; default 2)")
     parser.add_argument("--no-deepspeed", action="store_true", help="skip DeepSpeedCPUAdam")
     args = parser.parse_args(argv)
 
@@ -133,52 +153,61 @@ def main(argv: list[str] | None = None) -> int:
     param = torch.nn.Parameter(torch.randn(n, generator=gen))
     param.grad = torch.randn(n, generator=gen) * 1e-3
     native = NativeState(param.data, param.grad)
+    zeros = torch.zeros(n)
 
-    baselines: dict[str, Callable[[], torch.optim.Optimizer | None]] = {
-        "torch AdamW(foreach=True)": lambda: torch.optim.AdamW(
-            [param], lr=1e-3, weight_decay=0.01, foreach=True
-        ),
-        "torch AdamW(fused=True)": lambda: torch.optim.AdamW([param], lr=1e-3, weight_decay=0.01, fused=True),
-    }
+    # Every method updates the same param, exp_avg and exp_avg_sq (each optimizer's state is
+    # pre-populated with them), so that all can stay alive and take turns in every round.
+    def shared_state(step: object) -> dict[str, object]:
+        return {"step": step, "exp_avg": native.exp_avg, "exp_avg_sq": native.exp_avg_sq}
+
+    optimizers: dict[str, torch.optim.Optimizer] = {}
+    for name, fused in (("torch AdamW(foreach=True)", False), ("torch AdamW(fused=True)", True)):
+        opt = torch.optim.AdamW([param], lr=1e-3, weight_decay=0.01, foreach=not fused, fused=fused or None)
+        opt.state[param] = shared_state(torch.tensor(0.0))
+        optimizers[name] = opt
     ds_note = "skipped (--no-deepspeed)"
     if not args.no_deepspeed:
         ds_opt, ds_note = deepspeed_adam([param])
         if ds_opt is not None:
-            del ds_opt
-            baselines["DeepSpeedCPUAdam"] = lambda: deepspeed_adam([param])[0]
+            ds_opt.state[param] = shared_state(0)
+            optimizers["DeepSpeedCPUAdam"] = ds_opt
 
-    # Several passes over all methods, so that load from other processes spreads over all of them.
+    # The methods take turns within every round, so that load from other processes (and any drift)
+    # spreads over all of them; each method's first call in a round series is a warm-up.
+    methods: dict[str, Callable[[int], None]] = {
+        NATIVE: lambda t: native.step(t, False),
+        NATIVE_BF16: lambda t: native.step(t, True),
+    }
+    for name, opt in optimizers.items():
+        methods[name] = lambda t, opt=opt: opt.step()
     samples: dict[tuple[str, int], list[float]] = defaultdict(list)
     bandwidth: dict[int, dict[str, list[float]]] = {t: defaultdict(list) for t in thread_counts}
     for _ in range(args.passes):
-        for t, values in measure_bandwidth(min(n, 50_000_000), thread_counts, rounds).items():
+        for t, values in measure_bandwidth(native, zeros, thread_counts, max(3, rounds // 2)).items():
             for kind, value in values.items():
                 bandwidth[t][kind].append(value)
         for t in thread_counts:
-            samples[(NATIVE, t)] += time_calls(lambda t=t: native.step(t, False), rounds)
-            samples[(NATIVE_BF16, t)] += time_calls(lambda t=t: native.step(t, True), rounds)
-        for name, make in baselines.items():
-            opt = make()
-            assert opt is not None
-            for t in thread_counts:
-                torch.set_num_threads(t)
-                samples[(name, t)] += time_calls(opt.step, rounds)
-            del opt
-            gc.collect()
-
+            torch.set_num_threads(t)
+            for fn in methods.values():
+                fn(t)  # warm-up
+            for _ in range(rounds):
+                for name, fn in methods.items():
+                    start = time.perf_counter()
+                    fn(t)
+                    samples[(name, t)].append(time.perf_counter() - start)
     seconds = {key: statistics.median(values) for key, values in samples.items()}
     best_bw = {t: max(statistics.median(v) for v in bandwidth[t].values()) for t in thread_counts}
     print()
     for t in thread_counts:
-        add = statistics.median(bandwidth[t]["add"]) / 1e9
-        copy = statistics.median(bandwidth[t]["copy"]) / 1e9
+        probe, add, copy = (statistics.median(bandwidth[t][k]) / 1e9 for k in ("probe", "add", "copy"))
         bound = STEP_BYTES * n / best_bw[t] * 1e3
         bound_bf16 = (STEP_BYTES + BF16_OUT_BYTES) * n / best_bw[t] * 1e3
         print(
-            f"measured bandwidth, {t} thread(s): in-place add {add:.1f} GB/s, copy_ {copy:.1f} GB/s -> "
-            f"bound {bound:.1f} ms/step ({STEP_BYTES} B/element), {bound_bf16:.1f} ms with bf16 out"
+            f"measured bandwidth, {t} thread(s): step's pattern without arithmetic {probe:.1f} GB/s, "
+            f"in-place add {add:.1f} GB/s, copy_ {copy:.1f} GB/s -> bound {bound:.1f} ms/step "
+            f"({STEP_BYTES} B/element), {bound_bf16:.1f} ms with bf16 out"
         )
-    if "DeepSpeedCPUAdam" not in baselines:
+    if "DeepSpeedCPUAdam" not in optimizers:
         print(f"DeepSpeedCPUAdam: not measured: {ds_note}")
     print()
 

@@ -1,4 +1,9 @@
 // Run-time dispatch, scalar derivation and threading of the CPU optimizer kernels.
+
+// GCC contracts a*b + c into an FMA by default in C++ wherever the target has FMA; the kernels must
+// use an FMA exactly where ATen does (explicit fmadd / std::fma) and nowhere else, and compute the
+// float64 scalars as Python does. This applies to everything below, the included headers as well.
+#pragma GCC optimize("fp-contract=off")
 #include "cpu_kernels.hpp"
 
 #include <algorithm>
@@ -13,13 +18,10 @@
 #include <cpuid.h>
 #endif
 
-// Contract nothing into FMAs (GCC does by default in C++ when the target has them): FMAs appear
-// exactly where ATen uses them (std::fma), and the float64 scalars match Python's arithmetic.
-#pragma GCC optimize("fp-contract=off")
-
 namespace tierrt::cpu {
 
 std::atomic<int64_t> g_prefetch_bytes{kPrefetchBytes};
+std::atomic<int64_t> g_stream_out_bytes{kStreamOutBytes};
 
 const char* dtype_name(DType d) {
   switch (d) {
@@ -81,8 +83,11 @@ bool isa_supported(Isa isa) {
   }
 }
 
+const bool g_has_bf16_instruction = cpu_features().avx512bf16;
+
 bool sqrt_kind_supported(SqrtKind kind) {
-  return kind == SqrtKind::kIeee || cpu_features().avx512f;
+  // vrsqrt14ps, in its 512-bit (AVX512F) and 256-bit (AVX512VL, used by the AVX2 path) forms.
+  return kind == SqrtKind::kIeee || (cpu_features().avx512f && cpu_features().avx512vl);
 }
 
 Isa best_isa() {
@@ -212,7 +217,7 @@ void parallel_chunks(int64_t n, int threads, int64_t align, int64_t min_chunk, c
 void adam_step(const KernelTable& k, const AdamArrays& arrays, int64_t n, const AdamScalars& s,
                int threads) {
   AdamArrays a = arrays;
-  a.stream_out = a.out != nullptr && n * static_cast<int64_t>(dtype_size(a.out_dtype)) >= kStreamOutBytes;
+  a.stream_out = a.out != nullptr && n * static_cast<int64_t>(dtype_size(a.out_dtype)) >= g_stream_out_bytes.load();
   parallel_chunks(n, threads, 64, kMinPerThread,
                   [&](int64_t begin, int64_t end) { k.adam(a, s, begin, end); });
 }
@@ -220,7 +225,7 @@ void adam_step(const KernelTable& k, const AdamArrays& arrays, int64_t n, const 
 void sgd_step(const KernelTable& k, const SgdArrays& arrays, int64_t n, const SgdScalars& s,
               int threads) {
   SgdArrays a = arrays;
-  a.stream_out = a.out != nullptr && n * static_cast<int64_t>(dtype_size(a.out_dtype)) >= kStreamOutBytes;
+  a.stream_out = a.out != nullptr && n * static_cast<int64_t>(dtype_size(a.out_dtype)) >= g_stream_out_bytes.load();
   parallel_chunks(n, threads, 64, kMinPerThread,
                   [&](int64_t begin, int64_t end) { k.sgd(a, s, begin, end); });
 }
@@ -250,6 +255,12 @@ void sqrt_f32(const KernelTable& k, const float* src, float* dst, SqrtKind kind,
               int threads) {
   parallel_chunks(n, threads, 64, kMinPerThread * 2,
                   [&](int64_t begin, int64_t end) { k.sqrt(src, dst, kind, begin, end); });
+}
+
+void memory_probe(const KernelTable& k, float* p, const float* g, float* m, float* v, int64_t n,
+                  int threads) {
+  parallel_chunks(n, threads, 64, kMinPerThread,
+                  [&](int64_t begin, int64_t end) { k.probe(p, g, m, v, begin, end); });
 }
 
 }  // namespace tierrt::cpu

@@ -6,7 +6,14 @@
 // as a sequence of ATen elementwise ops, in the same order and with the same fused multiply-adds,
 // so the results are bitwise equal to torch's (see the formulas in cpu_kernels_scalar.hpp). The
 // scalars are derived in float64 exactly as torch's Python code derives them and rounded to fp32
-// where ATen rounds them.
+// where ATen rounds them. The FMAs are those of ATen's AVX2 / AVX-512 kernels (lerp, addcmul, add
+// with alpha); nothing else is contracted (these files turn GCC's default contraction off). The one
+// operation whose rounding depends on how torch was built is sqrt: see SqrtKind.
+//
+// Performance: a step is memory-bound. Each element is loaded once and stored once (param, grad,
+// exp_avg, exp_avg_sq in; param, exp_avg, exp_avg_sq and the optional weight output out), with
+// software prefetch ahead of the streams and, for large steps, non-temporal stores for the output
+// (which the step never reads). Threads (cpu_threads.hpp) take contiguous parts of the range.
 //
 // Three implementations of the same arithmetic: AVX-512 (cpu_kernels_avx512.cpp), AVX2+FMA+F16C
 // (cpu_kernels_avx2.cpp) and portable scalar (cpu_kernels_scalar.hpp). The ISA-specific files are
@@ -113,6 +120,9 @@ struct KernelTable {
   void (*convert)(const float* src, void* dst, DType dst_dtype, int64_t begin, int64_t end);
   // Square roots with the given rounding (to detect torch's and for tests).
   void (*sqrt)(const float* src, float* dst, SqrtKind kind, int64_t begin, int64_t end);
+  // The memory traffic of a step without its arithmetic: p += g, m += g, v += g (4 reads and 3
+  // writes of fp32 per element), for the bandwidth bound printed by benchmarks.
+  void (*probe)(float* p, const float* g, float* m, float* v, int64_t begin, int64_t end);
 };
 
 // Software prefetch distance in bytes ahead of the fp32 streams (default kPrefetchBytes, which
@@ -132,7 +142,10 @@ struct CpuFeatures {
        avx512dq = false, avx512bf16 = false, avx512fp16 = false;
 };
 const CpuFeatures& cpu_features();
-// Whether this CPU can compute the given sqrt rounding (kRsqrt14 needs AVX-512F).
+// cpu_features().avx512bf16, set when the module loads (in a TU compiled for any x86-64, so that no
+// AVX-512 code runs at load time).
+extern const bool g_has_bf16_instruction;
+// Whether this CPU can compute the given sqrt rounding (kRsqrt14 needs AVX512F and AVX512VL).
 bool sqrt_kind_supported(SqrtKind kind);
 bool isa_supported(Isa isa);
 Isa best_isa();
@@ -168,8 +181,10 @@ SgdScalars sgd_scalars(const SgdParams& params);
 // Elements are split into contiguous parts, a multiple of 64 elements (256 bytes of fp32) long, up to
 // kPartsPerThread per thread, which the threads claim one at a time.
 constexpr int64_t kMinPerThread = 32768;
-// Steps whose weight output is at least this large store it with non-temporal stores.
+// Steps whose weight output is at least this large store it with non-temporal stores (a tuning
+// knob for benchmarks: tierrt._native._set_stream_out_bytes).
 constexpr int64_t kStreamOutBytes = 4 << 20;
+extern std::atomic<int64_t> g_stream_out_bytes;
 constexpr int64_t kPartsPerThread = 4;
 int resolve_threads(int threads);
 
@@ -184,5 +199,7 @@ void convert_from_f32(const KernelTable& k, const float* src, void* dst, DType d
                       int threads);
 void sqrt_f32(const KernelTable& k, const float* src, float* dst, SqrtKind kind, int64_t n,
               int threads);
+void memory_probe(const KernelTable& k, float* p, const float* g, float* m, float* v, int64_t n,
+                  int threads);
 
 }  // namespace tierrt::cpu

@@ -2,6 +2,11 @@
 //
 // Compiled for that instruction set by `#pragma GCC target` (the build has one flag set for all
 // files); cpu_kernels.cpp only calls it when the CPU reports the features at run time.
+
+// GCC contracts a*b + c into an FMA by default in C++ wherever the target has FMA; the kernels must
+// use an FMA exactly where ATen does (explicit fmadd / std::fma) and nowhere else, and compute the
+// float64 scalars as Python does. This applies to everything below, the included headers as well.
+#pragma GCC optimize("fp-contract=off")
 #if defined(__x86_64__) || defined(__i386__)
 
 #include <immintrin.h>
@@ -14,9 +19,6 @@
 #include "cpu_kernels_scalar.hpp"
 
 #pragma GCC push_options
-// No contraction of a*b+c into an FMA behind our back (GCC contracts by default in C++): the
-// kernels use an FMA exactly where ATen does, and nowhere else.
-#pragma GCC optimize("fp-contract=off")
 #pragma GCC target("avx2,fma,f16c")
 
 namespace tierrt::cpu {
@@ -112,7 +114,7 @@ namespace tierrt::cpu {
 
 const KernelTable& avx2_kernels() {
   static const KernelTable table{Isa::kAvx2,    adam_vector,   sgd_vector, sumsq_block_vector,
-                                 convert_vector, sqrt_vector};
+                                 convert_vector, sqrt_vector, probe_vector};
   return table;
 }
 

@@ -2,6 +2,11 @@
 //
 // Compiled for that instruction set by `#pragma GCC target` (the build has one flag set for all
 // files); cpu_kernels.cpp only calls it when the CPU reports the features at run time.
+
+// GCC contracts a*b + c into an FMA by default in C++ wherever the target has FMA; the kernels must
+// use an FMA exactly where ATen does (explicit fmadd / std::fma) and nowhere else, and compute the
+// float64 scalars as Python does. This applies to everything below, the included headers as well.
+#pragma GCC optimize("fp-contract=off")
 #if defined(__x86_64__) || defined(__i386__)
 
 #include <immintrin.h>
@@ -14,9 +19,6 @@
 #include "cpu_kernels_scalar.hpp"
 
 #pragma GCC push_options
-// No contraction of a*b+c into an FMA behind our back (GCC contracts by default in C++): the
-// kernels use an FMA exactly where ATen does, and nowhere else.
-#pragma GCC optimize("fp-contract=off")
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
 
 namespace tierrt::cpu {
@@ -35,8 +37,16 @@ struct V {
   static inline reg load_f16(const void* p) {
     return _mm512_cvtph_ps(_mm256_loadu_si256(static_cast<const __m256i*>(p)));
   }
-  // fp32 -> bf16, round to nearest even; NaN -> 0xFFFF (torch's encoding).
+  // fp32 -> bf16, round to nearest even; NaN -> 0xFFFF (torch's encoding). AVX512_BF16's
+  // vcvtneps2bf16 rounds the same way except that it flushes denormal inputs to zero and keeps NaN
+  // payloads, so vectors holding either take the integer path. It is emitted with inline asm so that
+  // this file needs no avx512bf16 target (CPUs with AVX-512 but without BF16 run the integer path).
   static inline __m256i bf16_bits(reg x) {
+    if (g_has_bf16_instruction && _mm512_fpclass_ps_mask(x, 0xA1) == 0) {  // no NaN or denormal
+      __m256i r;
+      asm("vcvtneps2bf16 %1, %0" : "=v"(r) : "v"(x));
+      return r;
+    }
     const __m512i b = _mm512_castps_si512(x);
     const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
     __m512i r = _mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7FFF)), odd);
@@ -108,7 +118,7 @@ namespace tierrt::cpu {
 
 const KernelTable& avx512_kernels() {
   static const KernelTable table{Isa::kAvx512,  adam_vector,   sgd_vector, sumsq_block_vector,
-                                 convert_vector, sqrt_vector};
+                                 convert_vector, sqrt_vector, probe_vector};
   return table;
 }
 

@@ -185,6 +185,15 @@ void sqrt_py(uintptr_t src, uintptr_t dst, int64_t n, const std::string& sqrt, i
   cpu::sqrt_f32(kernels, s, d, kind, n, threads);
 }
 
+void probe_py(uintptr_t p, uintptr_t g, uintptr_t m, uintptr_t v, int64_t n, int threads,
+              const std::string& isa) {
+  const char* fn = "memory_probe";
+  check_common(n, threads, fn);
+  const cpu::KernelTable& kernels = cpu::kernels_for(isa);
+  cpu::memory_probe(kernels, pointer<float>(p, "p", 4, n, fn), pointer<const float>(g, "g", 4, n, fn),
+                    pointer<float>(m, "m", 4, n, fn), pointer<float>(v, "v", 4, n, fn), n, threads);
+}
+
 py::dict cpu_features_py() {
   const cpu::CpuFeatures& f = cpu::cpu_features();
   py::dict d;
@@ -251,10 +260,19 @@ does not depend on the thread count or the instruction set.)doc");
   m.def("sqrt_f32", &sqrt_py, arg("src"), arg("dst"), arg("n"), py::kw_only(), arg("sqrt") = "ieee",
         arg("threads") = 0, arg("isa") = "auto", py::call_guard<py::gil_scoped_release>(),
         "Square roots of n float32 values with the given rounding ('ieee' or 'rsqrt14').");
+  m.def("memory_probe", &probe_py, arg("p"), arg("g"), arg("m"), arg("v"), arg("n"), py::kw_only(),
+        arg("threads") = 0, arg("isa") = "auto", py::call_guard<py::gil_scoped_release>(),
+        "The memory traffic of an Adam step without its arithmetic (p += g, m += g, v += g over n "
+        "float32): 4 reads and 3 writes per element, for the bandwidth bound of benchmarks.");
   m.def(
       "_set_prefetch_distance",
       [](int64_t bytes) { return cpu::g_prefetch_bytes.exchange(bytes); }, arg("bytes"),
       "Tuning (benchmarks only): software prefetch distance of the steps in bytes; returns the old one.");
+  m.def(
+      "_set_stream_out_bytes",
+      [](int64_t bytes) { return cpu::g_stream_out_bytes.exchange(bytes); }, arg("bytes"),
+      "Tuning (benchmarks only): weight outputs of at least this many bytes use non-temporal stores; "
+      "returns the old threshold.");
   m.def("cpu_features", &cpu_features_py,
         "The CPU's vector features, the instruction sets the kernels can use and the one 'auto' picks.");
 }

@@ -32,7 +32,6 @@ constexpr size_t out_size(int out) { return out == kOutF32 ? 4 : (out == kOutNon
 // Software prefetch distance in bytes of fp32 data (0: rely on the hardware prefetchers).
 inline int64_t prefetch_bytes() { return g_prefetch_bytes.load(std::memory_order_relaxed); }
 
-
 template <DType G>
 inline typename V::reg load_grad_vec(const void* ptr) {
   if constexpr (G == DType::kBFloat16) {
@@ -467,6 +466,31 @@ void sqrt_loop(const float* src, float* dst, int64_t begin, int64_t end) {
 void sqrt_vector(const float* src, float* dst, SqrtKind kind, int64_t begin, int64_t end) {
   if (kind == SqrtKind::kRsqrt14) return sqrt_loop<SqrtKind::kRsqrt14>(src, dst, begin, end);
   return sqrt_loop<SqrtKind::kIeee>(src, dst, begin, end);
+}
+
+// ---- memory probe: a step's streams without its arithmetic ----
+
+void probe_vector(float* p, const float* g, float* m, float* v, int64_t begin, int64_t end) {
+  constexpr int W = V::W;
+  const int64_t pf = prefetch_bytes() / 4;
+  int64_t i = begin;
+  for (; i + W <= end; i += W) {
+    if (pf > 0) {
+      prefetch(p + i + pf);
+      prefetch(g + i + pf);
+      prefetch(m + i + pf);
+      prefetch(v + i + pf);
+    }
+    const typename V::reg x = V::load(g + i);
+    V::store(p + i, V::add(V::load(p + i), x));
+    V::store(m + i, V::add(V::load(m + i), x));
+    V::store(v + i, V::add(V::load(v + i), x));
+  }
+  for (; i < end; ++i) {
+    p[i] += g[i];
+    m[i] += g[i];
+    v[i] += g[i];
+  }
 }
 
 }  // namespace

@@ -1,4 +1,9 @@
 // Portable scalar implementation of the CPU optimizer kernels (any CPU; the reference for tests).
+
+// GCC contracts a*b + c into an FMA by default in C++ wherever the target has FMA; the kernels must
+// use an FMA exactly where ATen does (explicit fmadd / std::fma) and nowhere else, and compute the
+// float64 scalars as Python does. This applies to everything below, the included headers as well.
+#pragma GCC optimize("fp-contract=off")
 #include <algorithm>
 #include <cmath>
 
@@ -8,10 +13,6 @@
 
 #include "cpu_kernels.hpp"
 #include "cpu_kernels_scalar.hpp"
-
-// Contract nothing into FMAs (GCC does by default in C++ when the target has them): FMAs appear
-// exactly where ATen uses them (std::fma), and the float64 scalars match Python's arithmetic.
-#pragma GCC optimize("fp-contract=off")
 
 namespace tierrt::cpu {
 
@@ -68,11 +69,19 @@ void sqrt_scalar(const float* src, float* dst, SqrtKind kind, int64_t begin, int
   for (int64_t i = begin; i < end; ++i) dst[i] = scalar::sqrt_of_kind(src[i], kind);
 }
 
+void probe_scalar(float* p, const float* g, float* m, float* v, int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; ++i) {
+    p[i] += g[i];
+    m[i] += g[i];
+    v[i] += g[i];
+  }
+}
+
 }  // namespace
 
 const KernelTable& scalar_kernels() {
   static const KernelTable table{Isa::kScalar, adam_scalar,    sgd_scalar, sumsq_block_scalar,
-                                 convert_scalar, sqrt_scalar};
+                                 convert_scalar, sqrt_scalar, probe_scalar};
   return table;
 }
 

@@ -8,6 +8,7 @@ single-tensor path), or with torch's own conversions, on every instruction set t
 from __future__ import annotations
 
 import math
+import os
 import threading
 
 import pytest
@@ -470,3 +471,23 @@ def test_fused_output_large_and_unaligned(out_dtype):
             src = torch.randn(n, generator=gen)
             kernels.convert_(src, out, threads=threads, isa=isa)
             assert_bits_equal(out, src.to(out_dtype), f"convert isa={isa} offset={offset}")
+
+
+def test_isa_environment_override(monkeypatch):
+    monkeypatch.setenv("TIERRT_CPU_ISA", "scalar")
+    assert kernels.cpu_features()["chosen_isa"] == "scalar"
+    monkeypatch.setenv("TIERRT_CPU_ISA", "sse9")
+    with pytest.raises(ConfigError):
+        kernels.grad_stats(torch.zeros(4))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_thread_pool_in_forked_child():
+    g = torch.randn(200000)
+    expected = kernels.grad_stats(g, threads=2)  # the parent's pool exists now
+    pid = os.fork()
+    if pid == 0:  # the child must build its own pool (the parent's workers do not exist here)
+        ok = kernels.grad_stats(g, threads=2) == expected
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0

@@ -14,7 +14,9 @@ correctly rounded); :func:`torch_sqrt_kind` detects which rounding the running t
 and the Adam steps use it by default (``sqrt="torch"``). Should torch's sqrt match neither known
 rounding (a future MKL), a warning is logged and the correctly rounded sqrt is used: the
 denominator then differs from torch's by at most one ulp in the elements where the two roundings
-differ.
+differ. The fused multiply-adds are those of torch's AVX2 / AVX-512 CPU kernels (its default on any
+x86-64 CPU with AVX2); under ``ATEN_CPU_CAPABILITY=default`` torch rounds without them, and a
+warning says so.
 
 Scope: ``amsgrad``, ``maximize``, decoupled (AdamW) and L2 (Adam) weight decay, SGD momentum,
 dampening, Nesterov and weight decay are supported. Not supported: tensor-valued hyper-parameters
@@ -194,7 +196,8 @@ def torch_sqrt_kind() -> Literal["ieee", "rsqrt14"]:
     )
     reference = probe.sqrt().view(torch.int32)
     kinds = ["ieee"]
-    if cpu_features()["avx512f"]:
+    features = cpu_features()
+    if features["avx512f"] and features["avx512vl"]:
         kinds.append("rsqrt14")
     for kind in kinds:
         ours = torch.empty_like(probe)
@@ -210,7 +213,21 @@ def torch_sqrt_kind() -> Literal["ieee", "rsqrt14"]:
     return "ieee"
 
 
+@functools.cache
+def _check_torch_capability() -> None:
+    """Warns (once) when torch's CPU kernels run without FMA, which the kernels' arithmetic follows."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability not in ("AVX2", "AVX512"):
+        logger.warning(
+            "torch runs its CPU kernels with capability %s; its optimizers' lerp/addcmul/add then round "
+            "without fused multiply-adds, so the native steps (which follow torch's AVX2/AVX-512 kernels) "
+            "differ from torch.optim in the last bits.",
+            capability,
+        )
+
+
 def _sqrt_kind(sqrt: str) -> str:
+    _check_torch_capability()
     if sqrt == "torch":
         return torch_sqrt_kind()
     if sqrt not in ("ieee", "rsqrt14"):
