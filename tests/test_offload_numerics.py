@@ -30,11 +30,17 @@ def train(model, opt, batches, loss_fn, accum: int = 1):
     return losses
 
 
-def streaming_budget(model, extra_blocks: int = 2) -> int:
+def streaming_budget(model, extra_blocks: int = 2, compute_dtype=None, adam: bool = True) -> int:
     """A DRAM budget that fits the working set plus ``extra_blocks`` blocks: well below the model."""
     part = partition_model(model)
+    kinds = {"exp_avg": torch.float32, "exp_avg_sq": torch.float32} if adam else {}
     probe = plan_placement(
-        part, compute="dram", budgets={"dram": 1 << 40, "nvme": None}, compute_dtype=None, depth=0
+        part,
+        compute="dram",
+        budgets={"dram": 1 << 40, "nvme": None},
+        compute_dtype=compute_dtype,
+        depth=0,
+        state_kinds=kinds,
     )
     largest = max(k["weight"].layout.nbytes for k in probe.kinds)
     return probe.working_set + extra_blocks * largest

@@ -176,6 +176,21 @@ class GradientStore:
             self.norms[key] = value
         return value
 
+    def nonfinite(self, bs: BlockState, slot_index: int) -> bool:
+        """Whether one parameter's gradient holds inf or NaN (one fused pass, as GradScaler checks)."""
+        from .optim import kernels
+
+        if self.updates is not None and self.updates.has_pending(bs.index):
+            self.updates.apply(bs.index)
+        ks = bs.kinds["grad"]
+        self.pipeline.ensure_host(bs, "grad")
+        ks.pins += 1
+        try:
+            grad = self.store.slot_view(bs, ks, bs.spec.slots[slot_index], "dram")
+            return kernels.grad_stats(grad).has_inf_or_nan
+        finally:
+            ks.pins -= 1
+
     def scale(self, bs: BlockState, slot_index: int, factor: float) -> None:
         """``grad.mul_(factor)`` for one parameter, recorded as a factor (applied at the update)."""
         self.muls.setdefault((bs.index, slot_index), []).append(factor)

@@ -60,8 +60,8 @@ def _kinds_for(
         kinds: dict[str, KindLayout] = {"weight": make_layout(spec, "weight", compute_dtype)}
         trainable = any(s.param.requires_grad for s in spec.slots)
         differs = compute_dtype is not None and any(s.dtype != compute_dtype for s in spec.slots)
-        if trainable and differs:
-            kinds["master"] = make_layout(spec, "master", None, trainable_only=True)
+        if differs:  # every parameter keeps its own dtype there (frozen ones too: exact restore)
+            kinds["master"] = make_layout(spec, "master", None)
         if trainable and train:
             kinds["grad"] = make_layout(spec, "grad", None, trainable_only=True)
             for kind, dtype in state_kinds.items():

@@ -374,6 +374,9 @@ class Runtime:
         from .clip import ClipPatch
 
         ClipPatch.install(self)
+        from .amp import AmpPatch
+
+        AmpPatch.install(self)
         self.active = True
         self._step_started = time.perf_counter()
         self._step_mark = self.counters.copy()
@@ -633,6 +636,9 @@ class Runtime:
         from .clip import ClipPatch
 
         ClipPatch.remove(self)
+        from .amp import AmpPatch
+
+        AmpPatch.remove(self)
         try:
             if self.blockwise is not None and self.restore_on_exit is not False:
                 self.blockwise.export_state()
@@ -726,6 +732,11 @@ class Runtime:
         assert self.grads is not None
         bs, slot_index = self._slot(param)
         return self.grads.norm(bs, slot_index, norm_type)
+
+    def grad_nonfinite(self, param: torch.Tensor) -> bool:
+        assert self.grads is not None
+        bs, slot_index = self._slot(param)
+        return self.grads.nonfinite(bs, slot_index)
 
     def scale_grads(self, params: list[torch.Tensor], factor: float) -> None:
         assert self.grads is not None

@@ -1,0 +1,97 @@
+"""Mixed precision through tierrt: bf16 compute with fp32 master weights, autocast with GradScaler."""
+
+from __future__ import annotations
+
+import copy
+
+import models
+import pytest
+import torch
+from test_offload_numerics import streaming_budget
+
+import tierrt
+
+
+def tiers(model, nvme_dir, compute_dtype=None):
+    return [tierrt.dram(streaming_budget(model, compute_dtype=compute_dtype)), tierrt.nvme(nvme_dir)]
+
+
+def test_bf16_compute_with_fp32_master_weights(nvme_dir):
+    """compute_dtype=bf16 equals, bit for bit, the recipe it implements: a bf16 copy of the model's
+    parameters computes, its bf16 gradients are accumulated in fp32, AdamW updates fp32 master weights and the
+    bf16 copy is refreshed from them."""
+    reference = models.llama()
+    ours = copy.deepcopy(reference)
+    data = models.token_batches(3)
+
+    master = [p.detach().clone() for p in reference.parameters()]
+    compute = copy.deepcopy(reference)
+    for p in compute.parameters():  # parameters only: buffers (rotary frequencies) keep their dtype
+        p.data = p.data.to(torch.bfloat16)
+    ref_opt = torch.optim.AdamW(master, lr=1e-3, weight_decay=0.01)
+    ref_losses = []
+    for ids in data:
+        loss = models.lm_loss(compute, ids)
+        loss.backward()
+        for m, p in zip(master, compute.parameters()):
+            m.grad = p.grad.float()
+            p.grad = None
+        ref_opt.step()
+        ref_opt.zero_grad()
+        with torch.no_grad():
+            for m, p in zip(master, compute.parameters()):
+                p.copy_(m)
+        ref_losses.append(loss.detach().clone())
+
+    opt = torch.optim.AdamW(ours.parameters(), lr=1e-3, weight_decay=0.01)
+    with tierrt.offload(
+        ours, tiers=tiers(ours, nvme_dir, torch.bfloat16), optimizer=opt, compute_dtype=torch.bfloat16
+    ) as rt:
+        assert all(p.dtype == torch.bfloat16 for p in ours.parameters())  # the model computes in bf16
+        losses = []
+        for ids in data:
+            loss = models.lm_loss(ours, ids)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.detach().clone())
+        assert rt.blockwise.updater.native
+    for a, b in zip(ref_losses, losses):
+        assert torch.equal(a, b)
+    for (name, _), m, p in zip(reference.named_parameters(), master, ours.parameters()):
+        assert p.dtype == torch.float32  # given back in its own dtype, with the master values
+        assert torch.equal(m, p), (name, (m - p).abs().max())
+
+
+def _autocast_run(model, opt, scaler, data):
+    losses = []
+    for ids in data:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = models.lm_loss(model, ids)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        losses.append(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).detach().clone())
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        losses.append(loss.detach().clone())
+        losses.append(scaler.get_scale() * torch.ones(()))
+    return losses
+
+
+@pytest.mark.parametrize("init_scale", [2.0**10, 2.0**127])
+def test_autocast_with_grad_scaler(init_scale, nvme_dir):
+    """GradScaler's unscale_/step/update on offloaded gradients: equal to plain torch, including the
+    skipped step and the lowered scale when the scaled gradients overflow (init_scale 2**127)."""
+    reference = models.gpt2()
+    ours = copy.deepcopy(reference)
+    data = models.token_batches(3)
+    ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-3)
+    ref = _autocast_run(reference, ref_opt, torch.amp.GradScaler("cpu", init_scale=init_scale), data)
+    opt = torch.optim.AdamW(ours.parameters(), lr=1e-3)
+    with tierrt.offload(ours, tiers=tiers(ours, nvme_dir), optimizer=opt):
+        got = _autocast_run(ours, opt, torch.amp.GradScaler("cpu", init_scale=init_scale), data)
+    for i, (a, b) in enumerate(zip(ref, got)):
+        assert torch.equal(a, b) or (a.isnan().all() and b.isnan().all()), (i, a, b)
+    for a, b in zip(reference.parameters(), ours.parameters()):
+        assert torch.equal(a, b)
