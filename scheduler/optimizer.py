@@ -76,6 +76,9 @@ class OptimizerPipeline:
         self.step_number = 0
         self._snapshot: Any = None
         pipeline.on_write_error = self.rollback
+        from .speculation import Speculator
+
+        self.speculator = Speculator(self)
 
     # ---- kinds -----------------------------------------------------------------------------------
     def weight_kind(self, bs: BlockState) -> str:
@@ -101,10 +104,14 @@ class OptimizerPipeline:
         self.commit()
         self.step_number += 1
         now = time.perf_counter()
-        for index in blocks:
-            present = self.grads.present.get(index)
-            if not present:
-                continue
+        candidates = [index for index in blocks if self.grads.present.get(index)]
+        used_multipliers = any(key[0] in candidates for key in self.grads.muls)
+        if self.transactional and candidates:
+            self._open_step(candidates)
+        for index in candidates:
+            if self.speculator.commit(index, hyper):
+                continue  # updated during backward already
+            present = self.grads.present[index]
             muls = {
                 slot: list(self.grads.muls[(index, slot)])
                 for slot in present
@@ -112,8 +119,8 @@ class OptimizerPipeline:
             }
             self.pending[index] = PendingUpdate(index, sorted(present), hyper, muls, now)
             self.order.append(index)
-        if self.transactional and self.pending:
-            self._open_step()
+        self.speculator.discard_all()
+        self.speculator.on_step(used_multipliers)
         if not self.deferred:
             self.apply_all()
             self.commit()
@@ -199,15 +206,16 @@ class OptimizerPipeline:
             pipeline.flush(bs, kind, drop=not keep)
 
     # ---- step transactions ----------------------------------------------------------------------
-    def _open_step(self) -> None:
+    def _open_step(self, blocks: list[int]) -> None:
         store = self.pipeline.store
         kinds = [
             (self.pipeline.blocks[i], kind)
-            for i in self.order
+            for i in blocks
             for kind in self.changed_kinds(self.pipeline.blocks[i])
         ]
         nvme_kinds = [(bs, kind) for bs, kind in kinds if bs.kinds[kind].home == "nvme"]
-        need = sum(bs.kinds[kind].nbytes for bs, kind in nvme_kinds)
+        # Speculated blocks wrote their results already; the others need room to write copy-on-write.
+        need = sum(bs.kinds[kind].nbytes for bs, kind in nvme_kinds if bs.index not in self.speculator.specs)
         assert store.nvme is not None
         free = int(store.nvme.allocator.stats()["free"])
         if need > free:
@@ -244,6 +252,7 @@ class OptimizerPipeline:
         if not self.step_open:
             return error
         self.step_open = False
+        self.speculator.discard_all()
         self.pending.clear()
         self.order.clear()
         pipeline = self.pipeline
@@ -286,3 +295,6 @@ class OptimizerPipeline:
             self.zero_after[bs.index] = set_to_none
             return True
         return False
+
+    def close(self) -> None:
+        self.speculator.close()

@@ -150,6 +150,8 @@ class Pipeline:
         """Apply every finished transfer (cheap; called at each acquisition)."""
         for bs, kind in list(self._inflight.values()):
             self._reap(bs, kind, wait=False)
+        if self.updates is not None:
+            self.updates.speculator.reap()
 
     def wait(self, bs: BlockState, kind: str) -> None:
         """Wait for the transfer of ``bs.kind`` in flight, if any."""
@@ -320,6 +322,8 @@ class Pipeline:
                 continue
             if not demand:
                 return False
+            if self.updates is not None and self.updates.speculator.release_memory():
+                continue
             pending = [(bs, kind) for bs, kind in self._inflight.values()]
             if not pending:
                 return False

@@ -45,6 +45,15 @@ class GradientStore:
         # (for the norm types clip_grad_norm_ asked for before), so clipping needs no I/O.
         self.norms: dict[tuple[int, int, float], torch.Tensor] = {}
         self.tracked_norms: set[float] = set()
+        self._generation: dict[int, int] = {}  # block -> changes to its gradients (speculation checks it)
+
+    def generation(self, index: int) -> int:
+        return self._generation.get(index, 0)
+
+    def _changed(self, index: int) -> None:
+        self._generation[index] = self._generation.get(index, 0) + 1
+        if self.updates is not None:
+            self.updates.speculator.discard(index)
 
     def has_any(self) -> bool:
         return any(self.present.values())
@@ -53,6 +62,7 @@ class GradientStore:
         """Add ``grad`` (a parameter's fresh gradient) into the block's gradient buffer."""
         if self.updates is not None and self.updates.has_pending(bs.index):
             self.updates.apply(bs.index)  # it reads the gradients we are about to overwrite
+        self._changed(bs.index)
         if any(key[0] == bs.index for key in self.muls):
             self.realize(bs)  # the stored value is grad * factors: make it so before adding
         ks = bs.kinds["grad"]
@@ -78,10 +88,15 @@ class GradientStore:
         self.pending_blocks.add(bs.index)
 
     def block_complete(self, bs: BlockState) -> None:
-        """Every trainable parameter of ``bs`` received its gradient: send the buffer home."""
+        """Every trainable parameter of ``bs`` received its gradient: start its update ahead of
+        ``step()`` if the loop's pattern allows (speculation), and send the buffer home."""
+        if self.updates is not None:
+            self.updates.speculator.start(bs)
         self._send_home(bs)
 
     def end_backward(self) -> None:
+        if self.updates is not None:
+            self.updates.speculator.on_backward_end()
         for index in sorted(self.pending_blocks):
             self._send_home(self.pipeline.blocks[index])
 
@@ -116,6 +131,7 @@ class GradientStore:
 
     def zero_block(self, bs: BlockState, set_to_none: bool) -> None:
         self._forget_factors(bs)
+        self._changed(bs.index)
         ks = bs.kinds["grad"]
         if ks.inflight is not None:
             self.pipeline.wait(bs, "grad")
@@ -194,6 +210,7 @@ class GradientStore:
     def scale(self, bs: BlockState, slot_index: int, factor: float) -> None:
         """``grad.mul_(factor)`` for one parameter, recorded as a factor (applied at the update)."""
         self.muls.setdefault((bs.index, slot_index), []).append(factor)
+        self._changed(bs.index)
         for norm_type in self.tracked_norms:
             self.norms.pop((bs.index, slot_index, norm_type), None)
 
@@ -218,6 +235,7 @@ class GradientStore:
         self.realize(bs)
         ks = bs.kinds["grad"]
         self.pipeline.ensure_host(bs, "grad")
+        self._changed(bs.index)
         for slot_index in slots:
             self.store.slot_view(bs, ks, bs.spec.slots[slot_index], "dram").clamp_(min=-value, max=value)
             for norm_type in self.tracked_norms:

@@ -480,8 +480,10 @@ class TensorStore:
         if ks.home == "nvme":
             assert self.nvme is not None
             nvme, nbytes = self.nvme, ks.nbytes
-            if not ks.written and ks.extent is not None:
-                extent = ks.extent  # the first write: there is no value to protect yet
+            if ks.extent is not None and (not ks.written or ks.layout.kind == "grad"):
+                # In place: the first write has no value to protect yet, and gradients are never
+                # part of what a failed step must restore (so they cause no extent churn either).
+                extent = ks.extent
                 return [lambda: nvme.write(extent, host, nbytes)], None
             new_extent = nvme.allocator.try_alloc(nbytes)
             if new_extent is None:

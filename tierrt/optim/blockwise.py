@@ -124,6 +124,8 @@ class BlockwiseOptimizer:
             setattr(opt, name, types.MethodType(fn, opt))
 
     def remove(self) -> None:
+        if self.updates is not None:
+            self.updates.close()
         opt = self.optimizer
         for name, value in self._saved_attrs.items():
             if value is _MISSING:
@@ -223,6 +225,7 @@ class BlockwiseOptimizer:
         if self.updates is not None:
             self.updates.apply_all()
             self.updates.commit()
+            self.updates.speculator.discard_all()
 
     def export_state(self) -> None:
         """On exit: put the native state into ``optimizer.state`` in torch's format, on each

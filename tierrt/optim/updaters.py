@@ -100,11 +100,19 @@ class Updater:
         slots: list[int],
         hyper: HyperSnapshot,
         muls: dict[int, list[float]],
-    ) -> None:
+        buffers: dict[str, Any] | None = None,
+        advance: bool = True,
+    ) -> dict[int, Any]:
         """Update ``slots`` of ``bs`` (DRAM copies of every kind are current). ``muls``: multipliers
         (clip coefficients, inverse loss scales) applied to a slot's gradient first, in order, as
-        torch's in-place multiplies would be."""
+        torch's in-place multiplies would be. ``buffers``: update these copies of some kinds instead
+        (a speculative update). ``advance=False`` leaves the per-parameter counters (Adam's step) as
+        they are and returns the changes for :meth:`advance` to apply when the update is committed."""
         raise NotImplementedError
+
+    def advance(self, changes: dict[int, Any]) -> None:
+        """Apply counter changes returned by ``apply(..., advance=False)``."""
+        return None
 
     def has_state(self, param: torch.nn.Parameter) -> bool:
         raise NotImplementedError
@@ -129,9 +137,14 @@ def _scaled(grad: torch.Tensor, factors: list[float]) -> tuple[torch.Tensor, flo
     return grad, (factors[-1] if factors else 1.0)
 
 
-def _views(store: TensorStore, bs: BlockState, kind: str) -> dict[int, torch.Tensor]:
+def _views(
+    store: TensorStore, bs: BlockState, kind: str, buffers: dict[str, Any] | None = None
+) -> dict[int, torch.Tensor]:
+    """Per-slot views of ``kind``: of ``buffers[kind]`` when given (a speculative copy), else of the
+    kind's DRAM copy."""
     ks = bs.kinds[kind]
-    return dict(zip(ks.layout.slots, store.host_views(bs, ks)))
+    buffer = buffers.get(kind) if buffers else None
+    return dict(zip(ks.layout.slots, store.host_views(bs, ks, buffer)))
 
 
 class TorchUpdater(Updater):
@@ -156,9 +169,11 @@ class TorchUpdater(Updater):
         slots: list[int],
         hyper: HyperSnapshot,
         muls: dict[int, list[float]],
-    ) -> None:
-        weights = _views(store, bs, wkind)
-        grads = _views(store, bs, "grad")
+        buffers: dict[str, Any] | None = None,
+        advance: bool = True,
+    ) -> dict[int, Any]:
+        weights = _views(store, bs, wkind, buffers)
+        grads = _views(store, bs, "grad", buffers)
         touched = []
         for slot_index in slots:
             param = bs.spec.slots[slot_index].param
@@ -180,6 +195,7 @@ class TorchUpdater(Updater):
                 group.update(values)
             for param in touched:
                 param.grad = None
+        return {}
 
 
 class NativeAdamUpdater(Updater):
@@ -221,13 +237,16 @@ class NativeAdamUpdater(Updater):
         slots: list[int],
         hyper: HyperSnapshot,
         muls: dict[int, list[float]],
-    ) -> None:
-        weights = _views(store, bs, wkind)
-        grads = _views(store, bs, "grad")
-        m = _views(store, bs, "exp_avg")
-        v = _views(store, bs, "exp_avg_sq")
-        vmax = _views(store, bs, "max_exp_avg_sq") if self.amsgrad else {}
-        out = _views(store, bs, "weight") if wkind == "master" else {}
+        buffers: dict[str, Any] | None = None,
+        advance: bool = True,
+    ) -> dict[int, Any]:
+        weights = _views(store, bs, wkind, buffers)
+        grads = _views(store, bs, "grad", buffers)
+        m = _views(store, bs, "exp_avg", buffers)
+        v = _views(store, bs, "exp_avg_sq", buffers)
+        vmax = _views(store, bs, "max_exp_avg_sq", buffers) if self.amsgrad else {}
+        out = _views(store, bs, "weight", buffers) if wkind == "master" else {}
+        changes: dict[int, Any] = {}
         for slot_index in slots:
             param = bs.spec.slots[slot_index].param
             group = hyper.groups[self.group_of[id(param)]]
@@ -255,7 +274,13 @@ class NativeAdamUpdater(Updater):
                 grad_scale=last,
                 out=out.get(slot_index),
             )
-            self.steps[id(param)] = step
+            changes[id(param)] = step
+        if advance:
+            self.advance(changes)
+        return changes
+
+    def advance(self, changes: dict[int, Any]) -> None:
+        self.steps.update(changes)
 
 
 class NativeSGDUpdater(Updater):
@@ -294,11 +319,14 @@ class NativeSGDUpdater(Updater):
         slots: list[int],
         hyper: HyperSnapshot,
         muls: dict[int, list[float]],
-    ) -> None:
-        weights = _views(store, bs, wkind)
-        grads = _views(store, bs, "grad")
-        bufs = _views(store, bs, "momentum_buffer") if self.momentum else {}
-        out = _views(store, bs, "weight") if wkind == "master" else {}
+        buffers: dict[str, Any] | None = None,
+        advance: bool = True,
+    ) -> dict[int, Any]:
+        weights = _views(store, bs, wkind, buffers)
+        grads = _views(store, bs, "grad", buffers)
+        bufs = _views(store, bs, "momentum_buffer", buffers) if self.momentum else {}
+        out = _views(store, bs, "weight", buffers) if wkind == "master" else {}
+        changes: dict[int, Any] = {}
         for slot_index in slots:
             param = bs.spec.slots[slot_index].param
             group = hyper.groups[self.group_of[id(param)]]
@@ -320,7 +348,13 @@ class NativeSGDUpdater(Updater):
                 out=out.get(slot_index),
             )
             if momentum:
-                self.has_buffer.add(id(param))
+                changes[id(param)] = True
+        if advance:
+            self.advance(changes)
+        return changes
+
+    def advance(self, changes: dict[int, Any]) -> None:
+        self.has_buffer.update(changes)
 
 
 def choose_updater(optimizer: torch.optim.Optimizer, native: bool | None) -> Updater:

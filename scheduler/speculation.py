@@ -1,0 +1,284 @@
+"""Optimizer updates overlapped with backward (Fuyou): speculative, committed by ``step()``.
+
+When the training loop's pattern is one backward pass per ``optimizer.step()`` without gradient
+clipping or loss scaling (learned from the previous step), a block's update can start as soon as its
+gradients are complete, while backward goes on with earlier blocks: its weights and optimizer state
+are copied (or read from NVMe) into spare buffers, a worker thread runs the update there (the kernel
+releases the GIL) and writes the results to fresh NVMe extents. Nothing current is touched.
+
+``optimizer.step()`` then *commits* each speculative update whose inputs are still what the step
+would use — the same hyperparameters, the same gradients (no further backward, no ``zero_grad``,
+no clipping since), the same parameters with gradients — by switching the block's state to the new
+extents; every other block gets an ordinary update. The result is therefore exactly that of the
+synchronous step. A speculation that cannot be committed is discarded (its extents freed). A block
+whose buffers do not fit in the DRAM budget at the time is simply not speculated.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from tierrt.optim.updaters import HyperSnapshot
+
+from .transfer import Span, Transfer, TransferWorker
+
+if TYPE_CHECKING:
+    from tierrt.store import BlockState, HostBuffer
+
+    from .optimizer import OptimizerPipeline
+
+log = logging.getLogger("tierrt.scheduler")
+
+__all__ = ["Speculation", "Speculator"]
+
+
+@dataclass(eq=False)
+class Speculation:
+    """One block's update computed ahead of ``step()``."""
+
+    block: int
+    slots: list[int]
+    hyper: HyperSnapshot
+    grad_generation: int
+    buffers: dict[str, HostBuffer]  # the updated copies (plus "grad": the gradients it used)
+    extents: dict[str, int] = field(default_factory=dict)  # NVMe extents holding the results
+    job: Transfer | None = None
+    changes: dict[int, Any] = field(default_factory=dict)
+    kernel_seconds: float = 0.0
+    read_bytes: int = 0
+    written_bytes: int = 0
+
+
+class Speculator:
+    """Starts, commits and discards speculative updates for one optimizer pipeline."""
+
+    def __init__(self, owner: OptimizerPipeline) -> None:
+        self.owner = owner
+        self.pipeline = owner.pipeline
+        self.worker: TransferWorker | None = None
+        self.specs: dict[int, Speculation] = {}
+        self.enabled = False  # the learned pattern allows speculating in the current backward
+        self.backwards_since_step = 0
+        self._hyper: HyperSnapshot | None = None
+        self.committed = 0
+        self.discarded = 0
+
+    # ---- pattern ---------------------------------------------------------------------------------
+    def on_backward_end(self) -> None:
+        self.backwards_since_step += 1
+        self._hyper = None
+        if self.backwards_since_step > 1:
+            self.discard_all()  # gradient accumulation: the pattern did not hold
+
+    def on_step(self, used_multipliers: bool) -> None:
+        """Learn from the step just recorded whether the next backward may speculate."""
+        self.enabled = self.backwards_since_step == 1 and not used_multipliers and self.owner.transactional
+        self.backwards_since_step = 0
+
+    # ---- start -----------------------------------------------------------------------------------
+    def start(self, bs: BlockState) -> None:
+        """``bs``'s gradients are complete in this backward: speculate its update if allowed."""
+        owner, pipeline = self.owner, self.pipeline
+        if not self.enabled or self.backwards_since_step != 0 or bs.index in self.specs:
+            return
+        if owner.has_pending(bs.index) or bs.index not in owner.managed:
+            return
+        grads = owner.grads
+        present = grads.present.get(bs.index)
+        gks = bs.kinds["grad"]
+        if not present or gks.host is None or "dram" not in gks.valid:
+            return
+        if any(key[0] == bs.index for key in grads.muls):
+            return
+        if self._hyper is None:
+            self._hyper = HyperSnapshot.take(owner.updater.optimizer)
+        kinds = owner.changed_kinds(bs)
+        store = pipeline.store
+        buffers: dict[str, Any] = {}
+        extents: dict[str, int] = {}
+        for kind in kinds:
+            ks = bs.kinds[kind]
+            fresh_state = not ks.valid and kind in owner.updater.state_kinds  # starts from zeros
+            if ks.inflight is not None or not (ks.valid or fresh_state):
+                self._release(buffers, extents)
+                return
+            buf = store.dram.try_alloc(ks.nbytes, transient=True)
+            if buf is None:
+                self._release(buffers, extents)
+                return
+            buffers[kind] = buf
+            if ks.home == "nvme":
+                extent = store.nvme.allocator.try_alloc(ks.nbytes) if store.nvme is not None else None
+                if extent is None:
+                    self._release(buffers, extents)
+                    return
+                extents[kind] = extent
+        buffers["grad"] = gks.host
+        spec = Speculation(
+            bs.index, sorted(present), self._hyper, grads.generation(bs.index), buffers, extents
+        )
+        spec.job = self._submit(bs, spec, kinds)
+        self.specs[bs.index] = spec
+
+    def _submit(self, bs: BlockState, spec: Speculation, kinds: list[str]) -> Transfer:
+        owner, store = self.owner, self.pipeline.store
+        steps: list[Any] = []
+        nbytes = 0
+        for kind in kinds:
+            ks = bs.kinds[kind]
+            dest = spec.buffers[kind]
+            nbytes += ks.nbytes
+            if "dram" in ks.valid and ks.host is not None:
+                source = ks.host
+                steps.append(lambda dest=dest, source=source: dest.flat.copy_(source.flat))
+            elif ks.home == "nvme" and ks.extent is not None and ks.written:
+                nvme, extent, size = store.nvme, ks.extent, ks.nbytes
+                steps.append(
+                    lambda nvme=nvme, extent=extent, dest=dest, size=size: nvme.read(extent, dest, size)
+                )
+                spec.read_bytes += size
+            elif ks.far is not None:
+                far = ks.far
+                steps.append(lambda dest=dest, far=far: dest.flat.copy_(far.flat))
+            # never written (fresh optimizer state): the kernel starts it from zeros
+        wkind = owner.weight_kind(bs)
+        updater = owner.updater
+
+        def compute() -> None:
+            start = time.perf_counter()
+            spec.changes = updater.apply(
+                store, bs, wkind, spec.slots, spec.hyper, {}, buffers=spec.buffers, advance=False
+            )
+            spec.kernel_seconds = time.perf_counter() - start
+
+        steps.append(compute)
+        for kind, extent in spec.extents.items():
+            size = bs.kinds[kind].nbytes
+            buf = spec.buffers[kind]
+            steps.append(lambda extent=extent, buf=buf, size=size: store.nvme.write(extent, buf, size))
+            spec.written_bytes += size
+        if self.worker is None:
+            self.worker = TransferWorker("optimizer", self.pipeline.spans)
+        job = Transfer(f"speculative update {bs.name}", "optimizer", nbytes, steps)
+        return self.worker.submit(job)
+
+    # ---- end ------------------------------------------------------------------------------------
+    def _wait(self, spec: Speculation) -> bool:
+        job = spec.job
+        if job is None:
+            return False
+        if not job.done():
+            start = time.perf_counter()
+            job._done.wait()
+            end = time.perf_counter()
+            self.pipeline.counters.stall_seconds += end - start
+            self.pipeline.spans.add(Span("wait speculative update", "wait", "compute", start, end))
+        return job.error is None
+
+    def commit(self, index: int, hyper: HyperSnapshot) -> bool:
+        """At ``step()``: make block ``index``'s speculative update current if it is still valid."""
+        spec = self.specs.pop(index, None)
+        if spec is None:
+            return False
+        owner, pipeline = self.owner, self.pipeline
+        grads = owner.grads
+        valid = (
+            self._wait(spec)
+            and spec.hyper.same_as(hyper)
+            and grads.generation(index) == spec.grad_generation
+            and sorted(grads.present.get(index, ())) == spec.slots
+            and not any(key[0] == index for key in grads.muls)
+        )
+        if not valid:
+            self._discard(spec)
+            return False
+        bs = pipeline.blocks[index]
+        store = pipeline.store
+        kinds = owner.changed_kinds(bs)
+        if bs.attached:
+            pipeline.detach(bs)
+        for kind in kinds:
+            ks = bs.kinds[kind]
+            ks.version += 1
+            if ks.home == "nvme":
+                store.commit_write(ks, spec.extents[kind])
+                ks.valid = {"nvme"}
+                ks.host = None
+            else:  # a DRAM home: the updated copy becomes the home
+                ks.host = spec.buffers[kind]
+                ks.valid = {"dram"}
+                if ks.far is not None:
+                    pipeline.flush(bs, kind, drop=False)
+        wks = bs.kinds["weight"]
+        if wks.gpu is not None and store.gpu is not None:  # the device copy holds the old weights
+            store.gpu.release(wks.nbytes)
+            wks.gpu = None
+            wks.valid.discard(pipeline.compute)
+        owner.updater.advance(spec.changes)
+        counters = pipeline.counters
+        if spec.read_bytes:
+            counters.record_transfer("nvme->dram", "speculative", spec.read_bytes, 0.0)
+        if spec.written_bytes:
+            counters.record_transfer("dram->nvme", "speculative", spec.written_bytes, 0.0)
+        counters.optimizer_seconds += spec.kernel_seconds
+        counters.optimizer_overlap_seconds += spec.kernel_seconds
+        self.committed += 1
+        if pipeline.compute == "dram" and "dram" in bs.kinds["weight"].valid:
+            pipeline._attach(bs)
+        return True
+
+    def _discard(self, spec: Speculation) -> None:
+        if spec.job is not None and not spec.job.done():
+            spec.job._done.wait()
+        self._release({k: v for k, v in spec.buffers.items() if k != "grad"}, spec.extents)
+        self.discarded += 1
+
+    def _release(self, buffers: dict[str, Any], extents: dict[str, int]) -> None:
+        buffers.clear()  # the arena ranges return when the last view of them is gone
+        store = self.pipeline.store
+        for extent in extents.values():
+            store.nvme.allocator.free(extent)  # type: ignore[union-attr]
+        extents.clear()
+
+    def discard(self, index: int) -> None:
+        spec = self.specs.pop(index, None)
+        if spec is not None:
+            self._discard(spec)
+
+    def discard_all(self) -> None:
+        for index in list(self.specs):
+            self.discard(index)
+
+    def reap(self) -> None:
+        """Finished jobs whose results are on NVMe need their DRAM copies no longer."""
+        for spec in self.specs.values():
+            if spec.job is not None and spec.job.done() and spec.extents:
+                for kind in spec.extents:
+                    spec.buffers.pop(kind, None)
+                spec.buffers.pop("grad", None)
+
+    def release_memory(self) -> bool:
+        """DRAM is needed: let speculations give their buffers back (results already on NVMe stay;
+        a speculation whose result lives only in DRAM is discarded). True when anything was freed."""
+        freed = False
+        for index in list(self.specs):
+            spec = self.specs[index]
+            if spec.job is not None and not spec.job.done():
+                spec.job._done.wait()
+            if any(kind not in spec.extents for kind in spec.buffers if kind != "grad"):
+                self.discard(index)
+                freed = True
+                continue
+            if spec.buffers:
+                spec.buffers.clear()
+                freed = True
+        return freed
+
+    def close(self) -> None:
+        self.discard_all()
+        if self.worker is not None:
+            self.worker.close()
+            self.worker = None

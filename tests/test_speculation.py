@@ -1,0 +1,67 @@
+"""Optimizer updates overlapped with backward (speculative, committed by step()): same results as the
+synchronous step, and discarded whenever the step would use different inputs."""
+
+from __future__ import annotations
+
+import copy
+
+import models
+import pytest
+import torch
+from test_offload_numerics import streaming_budget
+
+import tierrt
+
+
+def loop(model, opt, data, *, change_lr_before_step=False, accumulate=1, clip=None):
+    losses = []
+    for i, ids in enumerate(data):
+        loss = models.lm_loss(model, ids)
+        (loss / accumulate).backward()
+        if (i + 1) % accumulate:
+            continue
+        if change_lr_before_step:  # hyperparameters edited between backward and step
+            for group in opt.param_groups:
+                group["lr"] *= 0.5
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.detach().clone())
+    return losses
+
+
+def run_both(nvme_dir, **kwargs):
+    reference = models.llama()
+    ours = copy.deepcopy(reference)
+    data = models.token_batches(6)
+    ref = loop(reference, torch.optim.AdamW(reference.parameters(), lr=1e-3), data, **kwargs)
+    opt = torch.optim.AdamW(ours.parameters(), lr=1e-3)
+    budget = streaming_budget(ours, extra_blocks=6)
+    with tierrt.offload(ours, tiers=[tierrt.dram(budget), tierrt.nvme(nvme_dir)], optimizer=opt) as rt:
+        got = loop(ours, opt, data, **kwargs)
+        speculator = rt.blockwise.updates.speculator
+        report = rt.report()
+    for a, b in zip(ref, got):
+        assert torch.equal(a, b)
+    for (name, a), b in zip(reference.named_parameters(), ours.parameters()):
+        assert torch.equal(a, b), name
+    return speculator, report
+
+
+def test_updates_overlap_backward_and_match_the_synchronous_step(nvme_dir):
+    speculator, report = run_both(nvme_dir)
+    assert speculator.committed > 0  # updates started during backward were used
+    assert report.total.optimizer_overlap_seconds > 0
+    assert "overlapped backward" in str(report)
+
+
+def test_hyperparameters_changed_before_step_discard_the_speculation(nvme_dir):
+    speculator, _ = run_both(nvme_dir, change_lr_before_step=True)
+    assert speculator.discarded > 0 and speculator.committed == 0
+
+
+@pytest.mark.parametrize("kwargs", [{"accumulate": 2}, {"clip": 0.5}])
+def test_accumulation_and_clipping_do_not_speculate(kwargs, nvme_dir):
+    speculator, _ = run_both(nvme_dir, **kwargs)
+    assert speculator.committed == 0
