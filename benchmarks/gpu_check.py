@@ -1,4 +1,5 @@
-"""GPU path check: the arena's pinned registration and host<->GPU bandwidth, in under 3 minutes.
+"""GPU path check: the arena's pinned registration, host<->GPU bandwidth, and training through
+tierrt.offload with the GPU as the compute tier, in under 5 minutes.
 
 Baseline: torch's own pinned tensors (``torch.empty(..., pin_memory=True)``), measured in the same run.
 Goal: an arena registered with CUDA moves data as fast as torch's pinned memory (ratio >= 0.95) and
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -316,6 +318,169 @@ def unregister_arena(ctx: Context) -> dict[str, Any]:
     return {"ok": True}
 
 
+def _llama_on_meta(ctx: Context, hidden: int, layers: int, inter: int, heads: int, kv: int) -> Any:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+    )
+    cfg._attn_implementation = "sdpa"
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():  # parameters on the meta device, buffers (rotary frequencies) real
+        model = LlamaForCausalLM(cfg)
+    return model, cfg
+
+
+def _step_figures(
+    rt: Any, seconds: list[float], compute: float | None, read_gbps: float | None
+) -> dict[str, Any]:
+    report = rt.report()
+    step = report.step
+    links = dict(step.bytes_by_link)
+    busy = dict(step.busy_by_link)
+    h2d = [k for k in links if k.startswith("dram->gpu")]
+    h2d_bytes = sum(links[k] for k in h2d)
+    h2d_gbps = h2d_bytes / sum(busy[k] for k in h2d) / 1e9 if h2d and sum(busy[k] for k in h2d) else 0.0
+    nvme_read = links.get("nvme->dram", 0)
+    io = nvme_read / (read_gbps * 1e9) if read_gbps else 0.0
+    bound = max(compute or 0.0, io)
+    mean = statistics.mean(seconds)
+    print(report)
+    print(
+        f"step {mean:.2f}s; bound max(compute {compute or 0:.2f}s, NVMe read {io:.2f}s) = {bound:.2f}s "
+        f"-> {mean / bound if bound else float('nan'):.2f}x; H2D achieved {h2d_gbps:.1f} GB/s; stall "
+        f"{100 * report.stall_fraction:.1f}%; optimizer {step.optimizer_seconds:.2f}s of which "
+        f"{step.optimizer_overlap_seconds:.2f}s overlapped backward"
+    )
+    return {
+        "step_s": mean,
+        "bound_s": bound,
+        "h2d_gbps": h2d_gbps,
+        "stall_fraction": report.stall_fraction,
+        "optimizer_s": step.optimizer_seconds,
+        "overlap_s": step.optimizer_overlap_seconds,
+    }
+
+
+def _nvme_read_gbps(path: str) -> float | None:
+    try:
+        from tierrt.probe import run_probe
+
+        prof = run_probe(path=path, quick=True, links=["nvme"], progress=False)
+        return prof.bandwidth("nvme", "dram", op="read")
+    except Exception as err:  # noqa: BLE001 - the figure is optional
+        print(f"(NVMe bandwidth not measured: {err})")
+        return None
+
+
+@section("offload training ~1B through the GPU (SGD, parameters on NVMe)", 110)
+def offload_1b(ctx: Context) -> dict[str, Any]:
+    """tierrt.offload with [gpu, dram (below the model), nvme]: forward/backward on the GPU with blocks
+    streamed NVMe -> DRAM -> GPU, gradients back, SGD step."""
+    import tempfile
+
+    import tierrt
+
+    torch = ctx.torch
+    dev = torch.device("cuda", ctx.device)
+    layers = 8 if ctx.args.quick else 22
+    tokens = 512
+    swap = tempfile.mkdtemp(prefix="tierrt-gpu-check-")
+    read_gbps = _nvme_read_gbps(swap)
+    # Compute reference: the same shape fully on the GPU, plain torch.
+    model, cfg = _llama_on_meta(ctx, 2048, layers, 5632, 32, 4)
+    ids = torch.randint(0, cfg.vocab_size, (1, tokens), device=dev)
+    plain = copy_to_device(ctx, model, dev)
+    opt = torch.optim.SGD(plain.parameters(), lr=1e-4)
+    compute = _time_steps(ctx, plain, opt, ids, 3)
+    del plain, opt
+    torch.cuda.empty_cache()
+    weights = sum(p.numel() * 4 for p in model.parameters())
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+    tiers = [tierrt.gpu(ctx.device, budget=weights // 2), tierrt.dram(weights // 3), tierrt.nvme(swap)]
+    with tierrt.offload(model, tiers=tiers, optimizer=opt, init=True) as rt:
+        print(rt.describe())
+        seconds = _time_steps(ctx, model, opt, ids, 3, keep=True)
+        out = _step_figures(rt, seconds, statistics.mean(compute), read_gbps)
+    return out
+
+
+@section("bf16 AdamW: largest model for one 80GB GPU, 128GiB RAM, 64GiB disk (states on NVMe)", 150)
+def offload_bf16_adamw(ctx: Context) -> dict[str, Any]:
+    """A ~7B Llama in bf16 compute with fp32 master weights, Adam m and v: about 121GB of training state,
+    placed in 60GiB of GPU (working set), 96GiB of DRAM and the rest on NVMe."""
+    import tempfile
+
+    import tierrt
+
+    torch = ctx.torch
+    dev = torch.device("cuda", ctx.device)
+    if ctx.args.quick:
+        shape = (2048, 8, 5632, 32, 4)
+    else:
+        shape = (4096, 32, 11008, 32, 32)  # Llama-2-7B
+    model, cfg = _llama_on_meta(ctx, *shape)
+    params = sum(p.numel() for p in model.parameters())
+    swap = tempfile.mkdtemp(prefix="tierrt-gpu-check-")
+    free_disk = shutil.disk_usage(swap).free
+    print(
+        f"{params / 1e9:.2f}B parameters, training state {fmt_size(params * 18)}; "
+        f"disk free {fmt_size(free_disk)}"
+    )
+    read_gbps = _nvme_read_gbps(swap)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01)
+    tiers = [
+        tierrt.gpu(ctx.device, budget=60 * GiB),
+        tierrt.dram(96 * GiB if not ctx.args.quick else 16 * GiB),
+        tierrt.nvme(swap),
+    ]
+    ids = torch.randint(0, cfg.vocab_size, (1, 1024), device=dev)
+    with tierrt.offload(
+        model, tiers=tiers, optimizer=opt, compute_dtype=torch.bfloat16, init=True, progress=True
+    ) as rt:
+        print(rt.describe())
+        seconds = _time_steps(ctx, model, opt, ids, 2, keep=True)
+        out = _step_figures(rt, seconds, None, read_gbps)
+    out["params"] = params
+    return out
+
+
+def copy_to_device(ctx: Context, meta_model: Any, dev: Any) -> Any:
+    """A real, randomly initialised copy of a meta model, on ``dev``."""
+    import copy
+
+    model = copy.deepcopy(meta_model).to_empty(device=dev)
+    with ctx.torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    return model
+
+
+def _time_steps(ctx: Context, model: Any, opt: Any, ids: Any, steps: int, keep: bool = False) -> list[float]:
+    torch = ctx.torch
+    times = []
+    for i in range(steps + 1):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        torch.cuda.synchronize()
+        if i:  # the first step warms up (and traces the block order)
+            times.append(time.perf_counter() - start)
+    print("step times: " + ", ".join(f"{t:.2f}s" for t in times))
+    return times
+
+
 # -------------------------------------------------------------------------------------------------- main
 
 
@@ -323,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
     p.add_argument(
-        "--budget", type=float, default=170.0, help="total seconds (sections that do not fit are skipped)"
+        "--budget", type=float, default=290.0, help="total seconds (sections that do not fit are skipped)"
     )
     p.add_argument("--device", type=int, default=0, help="CUDA device index")
     p.add_argument("--arena-size", default="1GiB", help="size of the registered arena (default 1GiB)")

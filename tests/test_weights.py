@@ -89,3 +89,40 @@ def test_checkpoint_shape_mismatch(nvme_dir, tmp_path):
             model, tiers=[tierrt.dram("8MiB"), tierrt.nvme(nvme_dir)], weights=tmp_path / "w.safetensors"
         ):
             pass
+
+
+def test_init_trains_a_meta_model_never_built_in_memory(nvme_dir, tmp_path):
+    accelerate = pytest.importorskip("accelerate")
+    with accelerate.init_empty_weights():
+        model = models.llama()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    data = models.token_batches(8)
+    with tierrt.offload(
+        model, tiers=[tierrt.dram(streaming_budget(model)), tierrt.nvme(nvme_dir)], optimizer=opt, init=True
+    ) as rt:
+        losses = [train(model, opt, data[:1], models.lm_loss)[0] for _ in range(8)]
+        saved = rt.save(tmp_path / "init.safetensors")
+    assert losses[-1] < losses[0]  # it learns (the same batch, repeatedly)
+    from safetensors.torch import load_file
+
+    values = load_file(saved)
+    weight = values["model.layers.0.mlp.up_proj.weight"]
+    assert 0.005 < weight.std().item() < 0.1  # the model's own initializer (normal, std 0.02), trained a bit
+    assert torch.count_nonzero(values["model.norm.weight"]) > 0
+    assert all(p.is_meta for p in model.parameters())
+
+
+def test_init_refuses_parameters_without_an_initializer(nvme_dir):
+    class Bare(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(4))
+
+        def forward(self, x):
+            return x * self.scale
+
+    with torch.device("meta"):
+        model = Bare()
+    with pytest.raises(tierrt.HookError, match="reset_parameters"):
+        with tierrt.offload(model, tiers=[tierrt.dram("4MiB"), tierrt.nvme(nvme_dir)], init=True):
+            pass

@@ -81,6 +81,7 @@ def offload(
     io_backend: str = "auto",
     queue_depth: int = 32,
     weights: str | os.PathLike | None = None,
+    init: bool = False,
     restore: bool | None = None,
     native_optimizer: bool | None = None,
     deferred_step: bool = True,
@@ -105,6 +106,9 @@ def offload(
         weights: a safetensors checkpoint (file or ``save_pretrained`` directory) to load the
             parameters from, tensor by tensor straight into their tiers: with it, a model built on
             the meta device (e.g. under ``accelerate.init_empty_weights()``) is never whole in memory.
+        init: give parameters that are on the meta device (and not in ``weights``) fresh values
+            with their modules' own initializers, block by block (training from scratch a model
+            too large to build in memory).
         restore: on exit, give the parameters back as ordinary tensors with their trained values on
             the device they came from. Default: yes, except for parameters that came from the meta
             device (they stay there; save them with :meth:`Runtime.save` first).
@@ -129,6 +133,7 @@ def offload(
         io_backend=io_backend,
         queue_depth=queue_depth,
         weights=weights,
+        init=init,
         restore=restore,
         native_optimizer=native_optimizer,
         deferred_step=deferred_step,
@@ -151,6 +156,7 @@ class Runtime:
         io_backend: str = "auto",
         queue_depth: int = 32,
         weights: str | os.PathLike | None = None,
+        init: bool = False,
         restore: bool | None = None,
         native_optimizer: bool | None = None,
         deferred_step: bool = True,
@@ -180,6 +186,7 @@ class Runtime:
         self.native_optimizer = native_optimizer
         self.deferred_step = deferred_step
         self.weights_source = None if weights is None else os.fspath(weights)
+        self.init_meta = bool(init)
         self.weights_index: Any = None
         self._trained = False
         self.active = False
@@ -401,6 +408,8 @@ class Runtime:
         for name, p in model.named_parameters():
             if p.device.type == "meta" and (index is None or index.find(self._aliases[id(p)]) is None):
                 missing.append(name)
+        if self.init_meta:
+            missing = []
         if missing:
             shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
             where = (
@@ -408,7 +417,8 @@ class Runtime:
             )
             raise HookError(
                 f"{len(missing)} parameters are on the meta device (no values) and {where} does not provide "
-                f"them: {shown}. Pass weights= a safetensors checkpoint, or build the model on the CPU"
+                f"them: {shown}. Pass weights= a safetensors checkpoint, init=True to initialise them, or "
+                "build the model on the CPU"
             )
         for name, buf in model.named_buffers():
             if buf.device.type == "meta":
@@ -477,6 +487,7 @@ class Runtime:
             for bs in store.blocks:
                 for slot in bs.spec.slots:
                     self._originals[id(slot.param)] = (slot.param.device, slot.param.dtype)
+                initialized = self._init_block(bs) if self.init_meta else []
                 for kind, ks in bs.kinds.items():
                     if kind == "grad":
                         continue
@@ -491,6 +502,8 @@ class Runtime:
                         keep = kind == "weight" and pipeline.compute == "dram" and bs.pinned
                         pipeline.flush(bs, kind, drop=not keep)
                     bar.update(ks.nbytes)
+                for param, shape, dtype in initialized:  # back to no memory: the values are home
+                    _swap_tensor(param, torch.empty(shape, dtype=dtype, device="meta"))
             pipeline.drain()
         finally:
             bar.close()
@@ -505,6 +518,41 @@ class Runtime:
                 pipeline._attach(bs)
             else:
                 pipeline.detach(bs)
+
+    def _init_block(self, bs: BlockState) -> list[tuple[nn.Parameter, torch.Size, torch.dtype]]:
+        """``init=True``: give the block's meta parameters values with their modules' own
+        initializers (the model's ``_init_weights`` for transformers models, else each module's
+        ``reset_parameters``), one block at a time. Returns what was materialised."""
+        mine = {id(slot.param) for slot in bs.spec.slots if slot.param.is_meta}
+        if not mine:
+            return []
+        done: list[tuple[nn.Parameter, torch.Size, torch.dtype]] = []
+        init_module = getattr(self.model, "_init_weights", None)
+        covered: set[int] = set()
+        with torch.no_grad():
+            for module in bs.spec.root.modules():
+                direct = [p for p in module.parameters(recurse=False) if id(p) in mine]
+                if not direct:
+                    continue
+                for p in direct:
+                    done.append((p, p.shape, p.dtype))
+                    _swap_tensor(p, torch.empty(p.shape, dtype=p.dtype))
+                if callable(init_module):
+                    init_module(module)
+                elif hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
+                else:
+                    names = ", ".join(self._aliases[id(p)][0] for p in direct)
+                    raise HookError(
+                        f"init=True: {type(module).__name__} ({names}) has no reset_parameters(); pass "
+                        "weights= a checkpoint for it"
+                    )
+                covered.update(id(p) for p in direct)
+        missing = mine - covered
+        if missing:
+            names = ", ".join(self._aliases[i][0] for i in missing)
+            raise HookError(f"init=True: no module of block {bs.name} owns {names}; pass weights= for them")
+        return done
 
     def _load_value(self, slot: Any, view: torch.Tensor) -> None:
         """Fill ``view`` with the parameter's starting value: from the weights file when there is
@@ -640,8 +688,8 @@ class Runtime:
 
         AmpPatch.remove(self)
         try:
-            if self.blockwise is not None and self.restore_on_exit is not False:
-                self.blockwise.export_state()
+            if self.blockwise is not None and self._restores_values():
+                self.blockwise.export_state()  # the optimizer keeps working on the restored model
             self._restore_all()
         except BaseException as exc:  # noqa: BLE001
             errors.append(exc)
@@ -658,6 +706,14 @@ class Runtime:
         self.closed = True
         if errors:
             raise errors[0]
+
+    def _restores_values(self) -> bool:
+        """Whether leaving gives parameters real values (not for meta models unless restore=True)."""
+        if self.restore_on_exit is False:
+            return False
+        if self.restore_on_exit:
+            return True
+        return any(device.type != "meta" for device, _ in self._originals.values())
 
     def _restore_all(self) -> None:
         if self.restore_on_exit is False:

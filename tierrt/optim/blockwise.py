@@ -87,7 +87,9 @@ class BlockwiseOptimizer:
         from tierrt.scheduler.optimizer import OptimizerPipeline
 
         self.pipeline, self.store, self.grads = pipeline, store, grads
-        self.updates = OptimizerPipeline(pipeline, grads, self.updater, deferred=self.deferred)
+        self.updates = OptimizerPipeline(
+            pipeline, grads, self.updater, deferred=self.deferred, depth=max(pipeline.depth, 1)
+        )
         self.updates.managed = set(self.managed_blocks)
         pipeline.updates = self.updates
         grads.updates = self.updates
