@@ -48,13 +48,19 @@ bool Allocator::alloc_locked(uint64_t rounded, uint64_t* offset, bool from_top) 
     it = last;
     const uint64_t extent_size = it->first;
     const uint64_t extent_offset = it->second;
-    const uint64_t start = extent_offset + extent_size - rounded;
+    const uint64_t end = extent_offset + extent_size;
+    // Aligned down; the extent's offset is aligned and its size >= rounded, so start >= its offset.
+    const uint64_t start = (end - rounded) & ~(alignment_ - 1);
+    const uint64_t tail = end - (start + rounded);  // < alignment: only at an unaligned capacity end
     by_size_.erase(it);
-    if (extent_size == rounded) {
-      by_offset_.erase(extent_offset);
-    } else {
-      by_offset_[extent_offset] = extent_size - rounded;
-      by_size_.emplace(extent_size - rounded, extent_offset);
+    by_offset_.erase(extent_offset);
+    if (start > extent_offset) {
+      by_offset_.emplace(extent_offset, start - extent_offset);
+      by_size_.emplace(start - extent_offset, extent_offset);
+    }
+    if (tail > 0) {
+      by_offset_.emplace(start + rounded, tail);
+      by_size_.emplace(tail, start + rounded);
     }
     live_.emplace(start, rounded);
     in_use_ += rounded;

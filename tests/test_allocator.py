@@ -471,3 +471,28 @@ def test_plan_static_rejects_bad_input():
         plan_static([1], [0], [0], 3)
     with pytest.raises(ConfigError):
         plan_static([-1], [0], [0])
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    capacity=st.integers(min_value=4096, max_value=1 << 22),
+    sizes=st.lists(st.tuples(st.integers(min_value=1, max_value=300_000), st.booleans()), max_size=40),
+)
+def test_top_down_placement_stays_aligned_and_coalesces(capacity, sizes):
+    """from_top=True (short-lived buffers at the top of the range) keeps offsets aligned even when the
+    capacity is not a multiple of the alignment, never overlaps, and frees back to one extent."""
+    a = Allocator(capacity, 4096)
+    live = []
+    for size, top in sizes:
+        offset = a.try_alloc(size, from_top=top)
+        if offset is None:
+            continue
+        assert offset % 4096 == 0
+        assert offset + a.size_of(offset) <= capacity
+        live.append((offset, a.size_of(offset)))
+    spans = sorted(live)
+    for (o1, s1), (o2, _) in zip(spans, spans[1:]):
+        assert o1 + s1 <= o2
+    for offset, _ in live:
+        a.free(offset)
+    assert a.free_extents() == [(0, capacity)]

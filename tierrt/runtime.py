@@ -507,6 +507,7 @@ class Runtime:
             pipeline.drain()
         finally:
             bar.close()
+        _trim_heap()  # temporaries of the placement (initialised blocks) go back to the OS
         # Everything is home: parameters now view their block (resident) or a placeholder. A meta
         # parameter first becomes a real one (same Python object, so optimizers and modules keep it).
         for bs in store.blocks:
@@ -910,3 +911,13 @@ def _existing_ancestor(path: str) -> str:
             break
         path = parent
     return path
+
+
+def _trim_heap() -> None:
+    """Give freed heap memory back to the OS (glibc keeps freed blocks under 32MiB mapped)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
