@@ -111,3 +111,18 @@ def test_report_counts_prefetch_and_stalls(nvme_dir):
     assert total.bytes_by_link["dram->nvme"] > 0  # gradients and updated weights written home
     text = str(report)
     assert "nvme->dram" in text and "dram" in text
+
+
+def test_budget_that_is_not_a_multiple_of_a_page(nvme_dir):
+    """An odd DRAM budget (arena capacity not page-aligned) still gives aligned buffers and exact results."""
+    reference = models.llama()
+    ours = copy.deepcopy(reference)
+    data = models.token_batches(3)
+    ref = train(reference, torch.optim.SGD(reference.parameters(), lr=0.05), data, models.lm_loss)
+    opt = torch.optim.SGD(ours.parameters(), lr=0.05)
+    with tierrt.offload(
+        ours, tiers=[tierrt.dram(streaming_budget(ours) + 12345), tierrt.nvme(nvme_dir)], optimizer=opt
+    ):
+        got = train(ours, opt, data, models.lm_loss)
+    assert all(torch.equal(a, b) for a, b in zip(ref, got))
+    assert all(torch.equal(a, b) for a, b in zip(reference.parameters(), ours.parameters()))
