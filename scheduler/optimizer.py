@@ -199,7 +199,7 @@ class OptimizerPipeline:
         for kind in changed:
             pipeline.mark_modified(bs, kind, "dram")
         if pipeline.compute == "dram":
-            pipeline._attach(bs)  # the parameters view the updated weights
+            pipeline.attach(bs)  # the parameters view the updated weights
         # Write home; the compute-dtype weights stay cached in DRAM for the next forward.
         for kind in changed:
             keep = kind == "weight"

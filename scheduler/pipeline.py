@@ -185,7 +185,7 @@ class Pipeline:
         bs.refcount += 1
         ks = bs.kinds["weight"]
         if not bs.pinned:
-            if self.compute in ks.valid and ks.inflight is None:
+            if self.compute in ks.valid:  # resident (a write home may still be going on: reads are fine)
                 self.counters.prefetch_hits += 1
             elif ks.inflight is not None and self._is_fetch(ks):
                 self.counters.prefetch_hits += 1
@@ -197,7 +197,7 @@ class Pipeline:
             bs.refcount -= 1
             raise
         if not bs.attached:
-            self._attach(bs)
+            self.attach(bs)
         self._prefetch_after(event)
 
     def release(self, bs: BlockState) -> None:
@@ -211,6 +211,8 @@ class Pipeline:
 
     def _make_resident(self, bs: BlockState) -> None:
         ks = bs.kinds["weight"]
+        if self.compute in ks.valid:
+            return  # compute only reads the weights, so a write home in flight need not finish first
         if ks.inflight is not None:
             self.wait(bs, "weight")
         if self.compute in ks.valid:
@@ -228,15 +230,15 @@ class Pipeline:
             return True
         protect = set(protect) | {bs.index}
         if self.compute == "dram":
-            if not self._room_for(ks, "dram", demand, protect):
+            if not self.room_for(ks, "dram", demand, protect):
                 return False
             steps = self.store.read_steps(ks)
             link = f"{ks.home}->dram"
         else:
             need_stage = "dram" not in ks.valid
-            if need_stage and not self._room_for(ks, "dram", demand, protect):
+            if need_stage and not self.room_for(ks, "dram", demand, protect):
                 return False
-            if not self._room_for(ks, self.compute, demand, protect):
+            if not self.room_for(ks, self.compute, demand, protect):
                 if need_stage and ks.host is not None and ks.home != "dram":
                     self.store.drop(ks, "dram")
                 return False
@@ -280,7 +282,7 @@ class Pipeline:
             if not self._start_weight_fetch(bs, demand=False, protect=protect):
                 break
 
-    def _attach(self, bs: BlockState) -> None:
+    def attach(self, bs: BlockState) -> None:
         ks = bs.kinds["weight"]
         views = self.store.host_views(bs, ks) if self.compute == "dram" else self.store.gpu_views(bs, ks)
         for pos, slot_index in enumerate(ks.layout.slots):
@@ -301,7 +303,7 @@ class Pipeline:
         bs.attached = False
 
     # ---- room ------------------------------------------------------------------------------------
-    def _room_for(self, ks: KindState, tier: str, demand: bool, protect: set[int]) -> bool:
+    def room_for(self, ks: KindState, tier: str, demand: bool, protect: set[int]) -> bool:
         """Give ``ks`` a buffer on ``tier`` ("dram" or the GPU), evicting if needed."""
         alloc = self.store.try_host if tier == "dram" else self.store.try_gpu
         if alloc(ks):
@@ -405,7 +407,7 @@ class Pipeline:
             return True
         if ks.inflight is not None:
             return True
-        if not self._room_for(ks, "dram", demand, set(protect) | {bs.index}):
+        if not self.room_for(ks, "dram", demand, set(protect) | {bs.index}):
             return False
         if not ks.valid:  # never written: nothing to read (fresh gradients, new optimizer state)
             return True

@@ -106,6 +106,8 @@ class Speculator:
                 self._release(buffers, extents)
                 return
             buf = store.dram.try_alloc(ks.nbytes, transient=True)
+            if buf is None and pipeline.make_room("dram", ks.nbytes, {bs.index}, demand=False):
+                buf = store.dram.try_alloc(ks.nbytes, transient=True)  # released, clean blocks made room
             if buf is None:
                 self._release(buffers, extents)
                 return
@@ -227,7 +229,7 @@ class Speculator:
         counters.optimizer_overlap_seconds += spec.kernel_seconds
         self.committed += 1
         if pipeline.compute == "dram" and "dram" in bs.kinds["weight"].valid:
-            pipeline._attach(bs)
+            pipeline.attach(bs)
         return True
 
     def _discard(self, spec: Speculation) -> None:

@@ -12,7 +12,9 @@ that took part in no backward since the last ``zero_grad()`` is skipped by the o
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -75,7 +77,7 @@ class GradientStore:
         if present and "dram" not in ks.valid:
             pipeline.ensure_host(bs, "grad", demand=True)  # earlier micro-batches, sent home
         elif ks.host is None:
-            pipeline._room_for(ks, "dram", True, {bs.index})
+            pipeline.room_for(ks, "dram", True, {bs.index})
         view = self.store.slot_view(bs, ks, slot, "dram")
         if grad.device.type != "cpu":
             grad = grad.to("cpu")
@@ -174,20 +176,12 @@ class GradientStore:
         factors = self.muls.get((bs.index, slot_index), [])
         if not factors and key in self.norms:
             return self.norms[key]
-        if self.updates is not None and self.updates.has_pending(bs.index):
-            self.updates.apply(bs.index)
-        ks = bs.kinds["grad"]
-        self.pipeline.ensure_host(bs, "grad")
-        ks.pins += 1
-        try:
-            grad = self.store.slot_view(bs, ks, bs.spec.slots[slot_index], "dram")
+        with self._slot_grad(bs, slot_index) as grad:
             if factors:
                 grad = grad.clone()
                 for factor in factors:
                     grad.mul_(factor)
             value = torch._foreach_norm([grad], norm_type)[0]
-        finally:
-            ks.pins -= 1
         if not factors:
             self.norms[key] = value
         return value
@@ -196,14 +190,19 @@ class GradientStore:
         """Whether one parameter's gradient holds inf or NaN (one fused pass, as GradScaler checks)."""
         from .optim import kernels
 
+        with self._slot_grad(bs, slot_index) as grad:
+            return kernels.grad_stats(grad).has_inf_or_nan
+
+    @contextlib.contextmanager
+    def _slot_grad(self, bs: BlockState, slot_index: int) -> Iterator[torch.Tensor]:
+        """One parameter's current gradient in DRAM, held there while the caller reads it."""
         if self.updates is not None and self.updates.has_pending(bs.index):
             self.updates.apply(bs.index)
         ks = bs.kinds["grad"]
         self.pipeline.ensure_host(bs, "grad")
         ks.pins += 1
         try:
-            grad = self.store.slot_view(bs, ks, bs.spec.slots[slot_index], "dram")
-            return kernels.grad_stats(grad).has_inf_or_nan
+            yield self.store.slot_view(bs, ks, bs.spec.slots[slot_index], "dram")
         finally:
             ks.pins -= 1
 

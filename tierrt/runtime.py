@@ -492,7 +492,7 @@ class Runtime:
                     if kind == "grad":
                         continue
                     if ks.host is None:
-                        pipeline._room_for(ks, "dram", True, {bs.index})
+                        pipeline.room_for(ks, "dram", True, {bs.index})
                     views = dict(zip(ks.layout.slots, store.host_views(bs, ks)))
                     with torch.no_grad():
                         for slot_index, view in views.items():
@@ -516,7 +516,7 @@ class Runtime:
                     _swap_tensor(slot.param, torch.empty((), dtype=slot.dtype, device=compute_device))
         for bs in store.blocks:
             if pipeline.compute == "dram" and "dram" in bs.kinds["weight"].valid:
-                pipeline._attach(bs)
+                pipeline.attach(bs)
             else:
                 pipeline.detach(bs)
 
