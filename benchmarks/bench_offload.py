@@ -102,6 +102,7 @@ def worker(args: argparse.Namespace) -> dict:
 
         model = AutoModelForCausalLM.from_pretrained(ckpt, torch_dtype=torch.float32)
         out["loaded"] = rss()
+        out["weights"] = sum(p.numel() * p.element_size() for p in model.parameters())
         if args.mode == "forward":
             model.eval()
             times = timed(lambda: forward(model, ids), steps)
@@ -189,6 +190,14 @@ def worker(args: argparse.Namespace) -> dict:
             report = rt.report()
             out["report"] = report.as_dict()
             out["report_text"] = str(report)
+            steady = rt.counters.minus(rt.steady_start)
+            out["steady"] = {
+                "stall_seconds": steady.stall_seconds,
+                "hits": steady.prefetch_hits,
+                "misses": steady.prefetch_misses,
+                "optimizer_seconds": steady.optimizer_seconds,
+                "overlap_seconds": steady.optimizer_overlap_seconds,
+            }
             rt.synchronize()
         shutil.rmtree(swap, ignore_errors=True)
         out["times"] = times
@@ -215,6 +224,8 @@ def train_step(model, opt, ids) -> dict:
 
 def timed(fn, steps: int, split: bool = False, before=None, report=None) -> list:
     fn() if before is None else None  # warm-up (kernels, allocator, page cache for the warm case)
+    if report is not None:
+        report.steady_start = report.counters.copy()  # figures of the timed steps only
     times = []
     for _ in range(steps):
         if before is not None:
@@ -317,6 +328,24 @@ def optimizer_ns_per_element() -> float:
     return (time.perf_counter() - start) / 3 / n * 1e9
 
 
+def steady_line(result: dict) -> str:
+    """Stall fraction and prefetch hit rate over the timed steps (the warm-up step learns the trace)."""
+    steady = result["steady"]
+    wall = sum(t["total"] for t in result["times"])
+    hits, misses = steady["hits"], steady["misses"]
+    rate = hits / (hits + misses) if hits + misses else 1.0
+    line = (
+        f"tierrt over the timed steps: stall fraction {100 * steady['stall_seconds'] / wall:.1f}%, prefetch "
+        f"hit rate {100 * rate:.1f}% ({hits} hits, {misses} misses)"
+    )
+    if steady["optimizer_seconds"]:
+        line += (
+            f"; optimizer {steady['optimizer_seconds'] / len(result['times']):.2f}s/step, of which "
+            f"{steady['overlap_seconds'] / len(result['times']):.2f}s overlapped backward"
+        )
+    return line
+
+
 def mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
@@ -381,7 +410,7 @@ def main() -> None:
             read = step["bytes_by_link"].get("nvme->dram", 0)
             bound = max(compute, read / (read_bw * 1e9))
             ours_time = mean([t["total"] for t in ours["times"]])
-            activations = max(ram["peak"] - ram["base"] - ram["loaded"] + ram["base"], 0)
+            activations = max(ram["peak"] - ram["base"] - ram["weights"], 0)
             budget = ours["budget"]
             allowed = budget + activations + 0.1 * budget
             print(f"{'contender':<48}{'s/forward':>11}{'vs bound':>10}{'peak RSS':>12}")
@@ -401,11 +430,7 @@ def main() -> None:
                 f"+ activations {gib(activations)} + 10% of budget {gib(0.1 * budget)} = {gib(allowed)}: "
                 f"{'yes' if ours['peak'] - ours['base'] <= allowed else 'NO'}"
             )
-            total = ours["report"]["total"]
-            print(
-                f"tierrt stall fraction {100 * (total['stall_fraction'] or 0):.1f}%, prefetch hit rate "
-                f"{100 * (total['prefetch_hit_rate'] or 0):.1f}%"
-            )
+            print(steady_line(ours))
             print(ours["report_text"])
 
     if "train" not in skip:
@@ -435,11 +460,7 @@ def main() -> None:
                 f"= {bound:.2f}s; tierrt / bound = {t / bound:.2f} (goal <= {GOAL}); tierrt / in RAM = "
                 f"{t / compute:.2f}"
             )
-            total = ours["report"]["total"]
-            print(
-                f"tierrt stall fraction {100 * (total['stall_fraction'] or 0):.1f}%, prefetch hit rate "
-                f"{100 * (total['prefetch_hit_rate'] or 0):.1f}%"
-            )
+            print(steady_line(ours))
             print(ours["report_text"])
             results["train_compute"] = compute
 
@@ -470,6 +491,7 @@ def main() -> None:
                 f"{gib(written)} written; "
                 f"optimizer kernel {ns:.2f} ns/element]"
             )
+            print(steady_line(ours))
             print(ours["report_text"])
             del params
     with open(os.path.join(args.workdir, "results.json"), "w") as handle:
