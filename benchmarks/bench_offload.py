@@ -1,7 +1,7 @@
 """tierrt.offload() on a ~1B-parameter Llama with its weights on NVMe, against named baselines.
 
 What it measures (each contender in its own process, peak RSS from the kernel's VmHWM counter,
-above the process's baseline: torch and transformers imported, model not built):
+above the process's baseline: torch, transformers and accelerate imported, model not built):
 
 1. Forward only (batch 1 x 256 tokens, fp32): the whole model in RAM; accelerate's disk offload
    (``from_pretrained`` with every layer mapped to "disk" and ``offload_folder``; and
@@ -87,6 +87,11 @@ def worker(args: argparse.Namespace) -> dict:
     import torch
 
     import tierrt  # noqa: F401  (imported before the baseline, like torch)
+
+    # The baseline: the libraries every contender's script imports (torch, transformers' Llama,
+    # accelerate), no model built yet.
+    import accelerate  # noqa: F401
+    import transformers.models.llama.modeling_llama  # noqa: F401
 
     torch.manual_seed(0)
     base = rss()
