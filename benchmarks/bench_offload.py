@@ -84,14 +84,13 @@ def config(quick: bool):
 
 # ---- worker side (one contender per process) ------------------------------------------------------
 def worker(args: argparse.Namespace) -> dict:
-    import torch
-
-    import tierrt  # noqa: F401  (imported before the baseline, like torch)
-
     # The baseline: the libraries every contender's script imports (torch, transformers' Llama,
     # accelerate), no model built yet.
     import accelerate  # noqa: F401
+    import torch
     import transformers.models.llama.modeling_llama  # noqa: F401
+
+    import tierrt  # noqa: F401  (imported before the baseline, like torch)
 
     torch.manual_seed(0)
     base = rss()
