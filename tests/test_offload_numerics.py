@@ -126,3 +126,30 @@ def test_budget_that_is_not_a_multiple_of_a_page(nvme_dir):
         got = train(ours, opt, data, models.lm_loss)
     assert all(torch.equal(a, b) for a, b in zip(ref, got))
     assert all(torch.equal(a, b) for a, b in zip(reference.parameters(), ours.parameters()))
+
+
+def test_layers_too_large_for_the_budget_are_split(nvme_dir):
+    """A DRAM budget below one layer's working set: layers are split into their sub-modules
+    (attention, MLP, norms) and training stays exact."""
+    reference = models.llama(width=128)
+    ours = copy.deepcopy(reference)
+    data = models.token_batches(3)
+    ref = train(reference, torch.optim.AdamW(reference.parameters(), lr=1e-3), data, models.lm_loss)
+    whole_layer = streaming_budget(ours, extra_blocks=0)
+    opt = torch.optim.AdamW(ours.parameters(), lr=1e-3)
+    with tierrt.offload(
+        ours, tiers=[tierrt.dram(whole_layer * 2 // 3), tierrt.nvme(nvme_dir)], optimizer=opt
+    ) as rt:
+        got = train(ours, opt, data, models.lm_loss)
+        names = [bs.name for bs in rt.blocks]
+    assert any(".mlp" in name for name in names), names  # a layer became several blocks
+    assert all(torch.equal(a, b) for a, b in zip(ref, got))
+    assert all(torch.equal(a, b) for a, b in zip(reference.parameters(), ours.parameters()))
+
+
+def test_a_single_tensor_larger_than_the_budget_is_named(nvme_dir):
+    model = torch.nn.Sequential(torch.nn.Embedding(4096, 256), torch.nn.Linear(256, 4))  # 4MiB embedding
+    with pytest.raises(tierrt.TierCapacityError, match="0.weight") as info:
+        with tierrt.offload(model, tiers=[tierrt.dram("2MiB"), tierrt.nvme(nvme_dir)]):
+            pass
+    assert info.value.tier == "dram"

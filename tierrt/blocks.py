@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .errors import ConfigError, HookError
+from .errors import ConfigError, HookError, TierCapacityError
 from .sizes import format_size
 
 __all__ = ["ParamSlot", "BlockSpec", "Partition", "partition_model", "SLOT_ALIGN", "BUFFER_ALIGN"]
@@ -232,9 +232,12 @@ def partition_model(
         for spec in specs:
             for slot in spec.slots:
                 if slot.nbytes > max_block_bytes:
-                    raise ConfigError(
+                    raise TierCapacityError(
                         f"parameter {slot.name} ({format_size(slot.nbytes)}) is larger than the largest "
-                        f"block the budget allows ({format_size(max_block_bytes)})"
+                        f"block the budget allows ({format_size(max_block_bytes)}): a single tensor cannot "
+                        "be split; raise the budget",
+                        tensor=slot.name,
+                        requested=slot.nbytes,
                     )
     return Partition(specs, hook_targets, assigned)
 

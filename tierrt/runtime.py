@@ -258,28 +258,9 @@ class Runtime:
         compute = compute_spec.name if compute_spec else "dram"
 
         budgets = self._budgets(compute_spec)
-        partition = partition_model(model, self.block_selector)
         if self.optimizer is not None and not any(p.requires_grad for p in params):
             raise HookError("an optimizer was given but no parameter of the model requires grad")
-        blockwise = None
-        if self.optimizer is not None:  # checked now: a wrong optimizer fails before anything moves
-            blockwise = BlockwiseOptimizer(
-                self.optimizer,
-                partition.block_of_param,
-                native=self.native_optimizer,
-                deferred=self.deferred_step,
-                on_step_end=self._on_step_end,
-            )
-            log.info("tierrt optimizer: %s", blockwise.updater.describe())
-        placement = plan_placement(
-            partition,
-            compute=compute,
-            budgets=budgets,
-            compute_dtype=self.compute_dtype,
-            depth=self.prefetch,
-            train=self._training(params),
-            state_kinds=blockwise.state_kinds if blockwise is not None else None,
-        )
+        partition, placement, blockwise = self._plan(model, params, compute, budgets)
         self.partition, self.placement = partition, placement
         log.info("tierrt placement: %s", placement.describe())
 
@@ -387,6 +368,62 @@ class Runtime:
         self.active = True
         self._step_started = time.perf_counter()
         self._step_mark = self.counters.copy()
+
+    def _plan(
+        self, model: nn.Module, params: list[nn.Parameter], compute: str, budgets: dict[str, int | None]
+    ) -> tuple[Partition, Placement, BlockwiseOptimizer | None]:
+        """Partition and place; a layer too large for the compute tier's budget is split into its
+        sub-modules (attention, MLP, ... then single layers) until the blocks fit."""
+
+        def attempt(max_block: int | None) -> tuple[Partition, Placement, BlockwiseOptimizer | None]:
+            partition = partition_model(model, self.block_selector, max_block)
+            blockwise = None
+            if self.optimizer is not None:  # checked now: a wrong optimizer fails before anything moves
+                blockwise = BlockwiseOptimizer(
+                    self.optimizer,
+                    partition.block_of_param,
+                    native=self.native_optimizer,
+                    deferred=self.deferred_step,
+                    on_step_end=self._on_step_end,
+                )
+            placement = plan_placement(
+                partition,
+                compute=compute,
+                budgets=budgets,
+                compute_dtype=self.compute_dtype,
+                depth=self.prefetch,
+                train=self._training(params),
+                state_kinds=blockwise.state_kinds if blockwise is not None else None,
+            )
+            return partition, placement, blockwise
+
+        try:
+            result = attempt(None)
+        except TierCapacityError as first:
+            if self.block_selector is not None or first.details.get("tier") != compute:
+                raise
+            budget = budgets[compute] or 0
+            result = None
+            for divisor in (4, 8, 16, 32):
+                try:
+                    result = attempt(max(budget // divisor, 4096))
+                    log.info(
+                        "tierrt: blocks split to at most %s to fit the %s budget",
+                        format_size(budget // divisor),
+                        compute,
+                    )
+                    break
+                except TierCapacityError as error:
+                    if error.details.get("tensor"):
+                        raise TierCapacityError(
+                            f"{first} Splitting layers does not help: {error}",
+                            **{**first.details, **error.details},
+                        ) from None
+            if result is None:
+                raise
+        if result[2] is not None:
+            log.info("tierrt optimizer: %s", result[2].updater.describe())
+        return result
 
     def _training(self, params: list[nn.Parameter]) -> bool:
         """Whether gradients need homes: an optimizer was given, or the model is in training mode
