@@ -174,7 +174,7 @@ class Report:
             )
         if self.native_overhead:
             extra = ", ".join(f"{k} {format_size(v)}" for k, v in self.native_overhead.items())
-            lines.append(f"  tierrt memory outside its arenas: {extra}")
+            lines.append(f"  memory: {extra}")
         return "\n".join(lines)
 
 

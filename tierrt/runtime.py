@@ -913,10 +913,9 @@ class Runtime:
         return Report(self._last_step, total, tiers, self._overhead())
 
     def _overhead(self) -> dict[str, int]:
-        placeholders = 0
-        if self.pipeline is not None:
-            placeholders = sum(t.element_size() for t in self.pipeline.placeholders._bases.values())
-        return {"placeholders": placeholders}
+        """The process's memory and what of it the arenas account for."""
+        arenas = sum(t.budget for t in self.store.host_tiers.values()) if self.store is not None else 0
+        return {"process RSS": psutil.Process().memory_info().rss, "host arenas": arenas}
 
     def trace(self, path: str | os.PathLike) -> str:
         """Write a Chrome/Perfetto trace of transfers and waits so far to ``path``."""
