@@ -43,6 +43,16 @@ def rss(field: str = "VmRSS") -> int:
     raise RuntimeError(field)
 
 
+def reset_peak() -> bool:
+    """Reset the kernel's peak-RSS counter (VmHWM) to the current RSS (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def drop_caches() -> bool:
     try:
         os.sync()
@@ -109,10 +119,10 @@ def worker(args: argparse.Namespace) -> dict:
         out["weights"] = sum(p.numel() * p.element_size() for p in model.parameters())
         if args.mode == "forward":
             model.eval()
-            times = timed(lambda: forward(model, ids), steps)
+            times = timed(lambda: forward(model, ids), steps, peak_out=out)
         else:
             opt = torch.optim.SGD(model.parameters(), lr=1e-4)
-            times = timed(lambda: train_step(model, opt, ids), steps, split=True)
+            times = timed(lambda: train_step(model, opt, ids), steps, split=True, peak_out=out)
         out["times"] = times
     elif contender.startswith("accelerate"):
         from accelerate import disk_offload, init_empty_weights
@@ -187,10 +197,10 @@ def worker(args: argparse.Namespace) -> dict:
                 model.eval()
                 with torch.no_grad():
                     forward(model, ids)  # learns the trace
-                times = timed(lambda: forward(model, ids), steps, report=rt)
+                times = timed(lambda: forward(model, ids), steps, report=rt, peak_out=out)
             else:
                 train_step(model, opt, ids)
-                times = timed(lambda: train_step(model, opt, ids), steps, split=True, report=rt)
+                times = timed(lambda: train_step(model, opt, ids), steps, split=True, report=rt, peak_out=out)
             report = rt.report()
             out["report"] = report.as_dict()
             out["report_text"] = str(report)
@@ -205,7 +215,8 @@ def worker(args: argparse.Namespace) -> dict:
             rt.synchronize()
         shutil.rmtree(swap, ignore_errors=True)
         out["times"] = times
-    out["peak"] = rss("VmHWM")
+    # The whole run's peak: the higher of the peak before the timed steps and the peak during them.
+    out["peak"] = max(rss("VmHWM"), out.get("peak_before_steps", 0))
     return out
 
 
@@ -226,10 +237,20 @@ def train_step(model, opt, ids) -> dict:
     return {"fwd_bwd": mid - start, "step": time.perf_counter() - mid}
 
 
-def timed(fn, steps: int, split: bool = False, before=None, report=None) -> list:
+def timed(fn, steps: int, split: bool = False, before=None, report=None, peak_out=None) -> list:
+    """Time ``steps`` calls of ``fn`` after one warm-up call.
+
+    With ``peak_out``, records ``step_base`` (RSS after the warm-up, when the weights are resident
+    and the allocator warm) and, at the end, ``step_peak`` (the highest RSS during the timed steps):
+    their difference is the memory a step needs beyond what is already held (its activations and
+    temporaries)."""
     fn() if before is None else None  # warm-up (kernels, allocator, page cache for the warm case)
     if report is not None:
         report.steady_start = report.counters.copy()  # figures of the timed steps only
+    if peak_out is not None:
+        peak_out["peak_before_steps"] = rss("VmHWM")
+        peak_out["step_base"] = rss()
+        peak_out["peak_reset"] = reset_peak()
     times = []
     for _ in range(steps):
         if before is not None:
@@ -238,6 +259,8 @@ def timed(fn, steps: int, split: bool = False, before=None, report=None) -> list
         result = fn()
         elapsed = time.perf_counter() - start
         times.append({"total": elapsed, **(result or {})} if split else {"total": elapsed})
+    if peak_out is not None:
+        peak_out["step_peak"] = rss("VmHWM")
     return times
 
 
@@ -332,6 +355,69 @@ def optimizer_ns_per_element() -> float:
     return (time.perf_counter() - start) / 3 / n * 1e9
 
 
+def paired(args: argparse.Namespace, mode: str) -> list[tuple[dict, dict]]:
+    """Run the in-RAM and the tierrt contender alternately, ``--rounds`` times each.
+
+    This machine's speed drifts between runs (a shared VM): pairing each tierrt run with an in-RAM
+    run just before it, and taking the median of the per-round ratios, cancels most of the drift.
+    """
+    pairs = []
+    for _ in range(args.rounds):
+        ram = run_worker(args, "ram", mode)
+        ours = run_worker(args, "tierrt", mode)
+        if ram and ours:
+            ram["compute"] = mean([t["total"] for t in ram["times"]])
+            pairs.append((ram, ours))
+    return pairs
+
+
+def merge(runs: list[dict]) -> dict | None:
+    """One contender's rounds as one record: all timed steps, the highest peak, the last report."""
+    if not runs:
+        return None
+    merged = dict(runs[-1])
+    merged["times"] = [t for r in runs for t in r["times"]]
+    merged["peak"] = max(r["peak"] - r["base"] for r in runs) + merged["base"]
+    if "compute" in runs[0]:
+        merged["compute"] = mean([r["compute"] for r in runs])
+    if "steady" in runs[0]:
+        merged["steady"] = {k: sum(r["steady"][k] for r in runs) for k in runs[0]["steady"]}
+    return merged
+
+
+def print_rounds(pairs: list[tuple[dict, dict]], io_of, what: str) -> float:
+    """Print each round's in-RAM time, tierrt time and ratio to that round's bound; return the median."""
+    ratios = []
+    for i, (ram, ours) in enumerate(pairs):
+        t = mean([x["total"] for x in ours["times"]])
+        bound = max(ram["compute"], io_of(ram, ours))
+        ratios.append(t / bound)
+        print(
+            f"  round {i + 1}: in RAM {ram['compute']:.2f}s/{what}, tierrt {t:.2f}s/{what}, "
+            f"bound {bound:.2f}s, tierrt / bound {t / bound:.2f}"
+        )
+    ratios.sort()
+    mid = len(ratios) // 2
+    return ratios[mid] if len(ratios) % 2 else (ratios[mid - 1] + ratios[mid]) / 2
+
+
+def print_memory(ours: dict, ram: dict) -> None:
+    """The peak-RSS criterion: tierrt's peak above baseline <= budget + activations + 10% of budget.
+
+    Activations are measured in the in-RAM run as the peak RSS during the timed steps minus the RSS
+    just before them (weights resident, allocator warm)."""
+    activations = max(ram.get("step_peak", 0) - ram.get("step_base", 0), 0)
+    budget = ours["budget"]
+    allowed = budget + activations + 0.1 * budget
+    used = ours["peak"] - ours["base"]
+    print(
+        f"tierrt peak RSS above baseline {gib(used)} <= budget {gib(budget)} + activations "
+        f"{gib(activations)} + 10% of budget {gib(0.1 * budget)} = {gib(allowed)}: "
+        f"{'yes' if used <= allowed else 'NO'}  (tierrt: {gib(ours['loaded'] - ours['base'])} after "
+        f"placement, {gib(ours.get('step_peak', 0) - ours.get('step_base', 0))} more during a step)"
+    )
+
+
 def steady_line(result: dict) -> str:
     """Stall fraction and prefetch hit rate over the timed steps (the warm-up step learns the trace)."""
     steady = result["steady"]
@@ -364,6 +450,9 @@ def main() -> None:
     parser.add_argument("--workdir", default="/tmp/tierrt-bench-offload")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per contender (after one warm-up)")
     parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="paired in-RAM/tierrt rounds for forward and training"
+    )
     parser.add_argument("--budget-fraction", type=float, default=0.25, help="DRAM budget / weight bytes")
     parser.add_argument(
         "--adamw-budget",
@@ -394,9 +483,8 @@ def main() -> None:
 
     if "forward" not in skip:
         print("\n== forward only ==")
-        ram = run_worker(args, "ram", "forward")
-        ours = run_worker(args, "tierrt", "forward")
-        contenders = {"in RAM": ram, "tierrt": ours}
+        pairs = paired(args, "forward")
+        contenders = {"in RAM": merge([r for r, _ in pairs]), "tierrt": merge([o for _, o in pairs])}
         if "accelerate" not in skip:
             contenders["accelerate from_pretrained(disk), warm cache"] = run_worker(
                 args, "accelerate_map", "forward"
@@ -408,15 +496,11 @@ def main() -> None:
                 args, "accelerate_disk", "forward_cold"
             )
         results["forward"] = {k: v for k, v in contenders.items() if v}
+        ram, ours = contenders["in RAM"], contenders["tierrt"]
         if ram and ours:
-            compute = mean([t["total"] for t in ram["times"]])
-            step = ours["report"]["last_step"]
-            read = step["bytes_by_link"].get("nvme->dram", 0)
-            bound = max(compute, read / (read_bw * 1e9))
-            ours_time = mean([t["total"] for t in ours["times"]])
-            activations = max(ram["peak"] - ram["base"] - ram["weights"], 0)
-            budget = ours["budget"]
-            allowed = budget + activations + 0.1 * budget
+            read = ours["report"]["last_step"]["bytes_by_link"].get("nvme->dram", 0)
+            io = read / (read_bw * 1e9)
+            bound = max(ram["compute"], io)
             print(f"{'contender':<48}{'s/forward':>11}{'vs bound':>10}{'peak RSS':>12}")
             for name, r in contenders.items():
                 if not r:
@@ -424,16 +508,13 @@ def main() -> None:
                     continue
                 t = mean([x["total"] for x in r["times"]])
                 print(f"{name:<48}{t:>11.2f}{t / bound:>9.2f}x{gib(r['peak'] - r['base']):>12}")
+            ratio = print_rounds(pairs, lambda ram_r, ours_r: io, "forward")
             print(
-                f"bound = max(compute {compute:.2f}s, {gib(read)} read / {read_bw:.2f} GB/s = "
-                f"{read / read_bw / 1e9:.2f}s) = {bound:.2f}s; tierrt / bound = {ours_time / bound:.2f} "
+                f"bound = max(compute {ram['compute']:.2f}s, {gib(read)} read / {read_bw:.2f} GB/s = "
+                f"{io:.2f}s); tierrt / bound = {ratio:.2f}, the median over {len(pairs)} paired rounds "
                 f"(goal <= {GOAL})"
             )
-            print(
-                f"tierrt peak RSS above baseline {gib(ours['peak'] - ours['base'])} <= budget {gib(budget)} "
-                f"+ activations {gib(activations)} + 10% of budget {gib(0.1 * budget)} = {gib(allowed)}: "
-                f"{'yes' if ours['peak'] - ours['base'] <= allowed else 'NO'}"
-            )
+            print_memory(ours, ram)
             print(steady_line(ours))
             print(ours["report_text"])
 
@@ -443,30 +524,29 @@ def main() -> None:
             "accelerate's disk offload cannot train (its offloaded weights receive no gradients): "
             "not compared"
         )
-        ram = run_worker(args, "ram", "train")
-        ours = run_worker(args, "tierrt", "train")
-        results["train"] = {"ram": ram, "tierrt": ours}
+        pairs = paired(args, "train")
+        ram, ours = merge([r for r, _ in pairs]), merge([o for _, o in pairs])
+        results["train"] = {"ram": ram, "tierrt": ours, "rounds": pairs}
         if ram and ours:
-            compute = mean([t["total"] for t in ram["times"]])
             step = ours["report"]["last_step"]["bytes_by_link"]
             read, written = step.get("nvme->dram", 0), step.get("dram->nvme", 0)
             io = read / (read_bw * 1e9) + written / (write_bw * 1e9)
-            bound = max(compute, io)
             t = mean([x["total"] for x in ours["times"]])
             print(
-                f"in RAM {compute:.2f}s/step (peak RSS {gib(ram['peak'] - ram['base'])}); "
+                f"in RAM {ram['compute']:.2f}s/step (peak RSS {gib(ram['peak'] - ram['base'])}); "
                 f"tierrt {t:.2f}s/step "
                 f"(peak RSS {gib(ours['peak'] - ours['base'])}, budget {gib(ours['budget'])})"
             )
+            ratio = print_rounds(pairs, lambda ram_r, ours_r: io, "step")
             print(
-                f"bound = max(compute {compute:.2f}s, I/O {gib(read)} read + {gib(written)} written "
-                f"= {io:.2f}s) "
-                f"= {bound:.2f}s; tierrt / bound = {t / bound:.2f} (goal <= {GOAL}); tierrt / in RAM = "
-                f"{t / compute:.2f}"
+                f"bound = max(compute {ram['compute']:.2f}s, I/O {gib(read)} read + {gib(written)} written "
+                f"= {io:.2f}s); tierrt / bound = {ratio:.2f}, the median over {len(pairs)} paired rounds "
+                f"(goal <= {GOAL}); tierrt / in RAM = {t / ram['compute']:.2f}"
             )
+            print_memory(ours, ram)
             print(steady_line(ours))
             print(ours["report_text"])
-            results["train_compute"] = compute
+            results["train_compute"] = ram["compute"]
 
     if "adamw" not in skip:
         print("\n== full AdamW step (native kernel, states on NVMe) ==")
