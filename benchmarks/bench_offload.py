@@ -578,11 +578,11 @@ def main() -> None:
         results["adamw"] = ours
         ns = optimizer_ns_per_element()
         if ours:
-            params = sum(1 for _ in ()) or None
+            ours["disk"] = (read_bw, write_bw)
             compute = results.get("train_compute")
             step = ours["report"]["last_step"]["bytes_by_link"]
             read, written = step.get("nvme->dram", 0), step.get("dram->nvme", 0)
-            io = read / (read_bw * 1e9) + written / (write_bw * 1e9)
+            io = io_seconds(ours)
             n_params = _param_count(cfg)
             opt_time = ns * n_params / 1e9
             terms = {"compute": compute or 0.0, "state I/O": io, "optimizer": opt_time}
@@ -601,7 +601,6 @@ def main() -> None:
             )
             print(steady_line(ours))
             print(ours["report_text"])
-            del params
     with open(os.path.join(args.workdir, "results.json"), "w") as handle:
         json.dump(results, handle, indent=1, default=str)
 
