@@ -125,6 +125,7 @@ class OptimizerPipeline:
             self.apply_all()
             self.commit()
         else:
+            self.try_commit()  # every block speculated: the step is home already
             self.prefetch_next(None)
 
     def has_pending(self, index: int) -> bool:
@@ -246,6 +247,27 @@ class OptimizerPipeline:
             self.pipeline.store.commit_kind(bs.kinds[kind])
         self.step_kinds = []
         self.step_open = False
+
+    def try_commit(self) -> bool:
+        """Commit the open step if every update of it has been applied and written home, without
+        waiting for anything. Committing early frees the previous step's extents, which the next
+        step's copy-on-write writes (speculative updates during backward) need. True when no step is
+        open afterwards."""
+        if not self.step_open:
+            return True
+        if self.pending:
+            return False
+        for bs, kind in self.step_kinds:
+            transfer = bs.kinds[kind].inflight
+            if transfer is not None and not transfer.done():
+                return False
+        for bs, kind in self.step_kinds:
+            self.pipeline.wait(bs, kind)  # finished: applies its result, never stalls
+            ks = bs.kinds[kind]
+            if ks.home not in ks.valid:
+                return False  # a value of this step exists only in DRAM so far
+        self.commit()
+        return True
 
     def rollback(self, error: BaseException) -> BaseException:
         """Writing the open step's state failed: put every block back to the previous step."""

@@ -89,6 +89,9 @@ class Pipeline:
         self.updates: Any = None
         # Called when writing state of an open optimizer step fails; returns the error to raise.
         self.on_write_error: Callable[[BaseException], BaseException] | None = None
+        # DRAM that prefetching leaves free while updates may run during backward (placement's
+        # ``update_reserve``): without it, fetches fill the budget and no block is ever speculated.
+        self.update_reserve = 0
 
     @property
     def blocks(self) -> list[BlockState]:
@@ -306,6 +309,15 @@ class Pipeline:
     def room_for(self, ks: KindState, tier: str, demand: bool, protect: set[int]) -> bool:
         """Give ``ks`` a buffer on ``tier`` ("dram" or the GPU), evicting if needed."""
         alloc = self.store.try_host if tier == "dram" else self.store.try_gpu
+        keep = self._reserve_for(ks, tier, demand)
+        if keep:
+            if ks.host is not None:
+                return True
+            if not self._fits(tier, ks.nbytes + keep) and not self.make_room(
+                tier, ks.nbytes + keep, protect, demand=False
+            ):
+                return False
+            return alloc(ks)
         if alloc(ks):
             return True
         if self.make_room(tier, ks.nbytes, protect, demand=demand) and alloc(ks):
@@ -313,6 +325,12 @@ class Pipeline:
         if demand:
             self._raise_no_room(tier, ks)
         return False
+
+    def _reserve_for(self, ks: KindState, tier: str, demand: bool) -> int:
+        """DRAM a fetch that is not demanded must leave free: room for one speculative update."""
+        if demand or tier != "dram" or not self.update_reserve or self.updates is None:
+            return 0
+        return self.update_reserve if self.updates.speculator.enabled else 0
 
     def make_room(self, tier: str, nbytes: int, protect: set[int], demand: bool = True) -> bool:
         """Evict copies on ``tier`` until ``nbytes`` fit. Without ``demand``, only released blocks

@@ -95,6 +95,7 @@ class Speculator:
             return
         if self._hyper is None:
             self._hyper = HyperSnapshot.take(owner.updater.optimizer)
+        owner.try_commit()  # the previous step's extents are free once it is wholly home
         kinds = owner.changed_kinds(bs)
         store = pipeline.store
         buffers: dict[str, Any] = {}
@@ -103,18 +104,27 @@ class Speculator:
             ks = bs.kinds[kind]
             fresh_state = not ks.valid and kind in owner.updater.state_kinds  # starts from zeros
             if ks.inflight is not None or not (ks.valid or fresh_state):
+                log.debug("%s not speculated: its %s is in flight or has no copy", bs.name, kind)
                 self._release(buffers, extents)
                 return
             buf = store.dram.try_alloc(ks.nbytes, transient=True)
             if buf is None and pipeline.make_room("dram", ks.nbytes, {bs.index}, demand=False):
                 buf = store.dram.try_alloc(ks.nbytes, transient=True)  # released, clean blocks made room
             if buf is None:
+                log.debug(
+                    "%s not speculated: no DRAM room for its %s (%d bytes; largest free %d)",
+                    bs.name,
+                    kind,
+                    ks.nbytes,
+                    store.dram.largest_free(),
+                )
                 self._release(buffers, extents)
                 return
             buffers[kind] = buf
             if ks.home == "nvme":
                 extent = store.nvme.allocator.try_alloc(ks.nbytes) if store.nvme is not None else None
                 if extent is None:
+                    log.debug("%s not speculated: no free NVMe extent for its %s", bs.name, kind)
                     self._release(buffers, extents)
                     return
                 extents[kind] = extent

@@ -41,11 +41,15 @@ class Placement:
     depth: int
     working_set: int
     needed: dict[str, int] = field(default_factory=dict)  # tier -> bytes of homes
+    # DRAM kept free by prefetching for one block's optimizer update during backward (speculation)
+    update_reserve: int = 0
 
     def describe(self) -> str:
+        reserve = self.update_reserve
         lines = [
-            f"prefetch depth {self.depth}, working set {format_size(self.working_set)}, "
-            f"{len(self.pinned)} of {len(self.kinds)} blocks pinned on the compute tier"
+            f"prefetch depth {self.depth}, working set {format_size(self.working_set)}"
+            + (f" (with {format_size(reserve)} for updates during backward)" if reserve else "")
+            + f", {len(self.pinned)} of {len(self.kinds)} blocks pinned on the compute tier"
         ]
         for tier, nbytes in self.needed.items():
             lines.append(f"  {tier}: {format_size(nbytes)} of homes")
@@ -79,12 +83,15 @@ def plan_placement(
     depth: int | None,
     train: bool = True,
     state_kinds: dict[str, torch.dtype] | None = None,
+    speculate: bool = False,
 ) -> Placement:
     """Choose homes for every kind of every block.
 
     ``compute``: "dram" or the GPU tier's name. ``budgets``: bytes per tier name in hierarchy order
     ("gpu0", "dram", "cxl", "nvme"); ``None`` means unbounded (NVMe sized to fit). ``depth``: blocks
-    to prefetch ahead (None: 2, or fewer when the budget is tight).
+    to prefetch ahead (None: 2, or fewer when the budget is tight). ``speculate``: the optimizer may
+    update a block during backward (copy-on-write into DRAM buffers of the kinds it changes); with
+    DRAM compute the working set then keeps room for one such update, when the budget allows.
     """
     state_kinds = dict(state_kinds or {})
     layouts = _kinds_for(partition, compute_dtype, train, state_kinds)
@@ -125,6 +132,13 @@ def plan_placement(
     fit_depth = (compute_budget - minimum) // max_w if max_w else wanted_depth
     depth_used = int(min(wanted_depth, fit_depth))
     working = minimum + depth_used * max_w + (max_g if compute == "dram" and grads else 0)
+    reserve = 0
+    if speculate and compute == "dram" and max_g:
+        # The kinds an update rewrites: the fp32 weights (or master and compute weights) and states.
+        reserve = max(weights[i] + masters[i] + states[i] for i in range(len(layouts)))
+        if working + reserve > compute_budget:
+            reserve = 0  # no room: blocks are simply updated in step() (their gradients go home)
+        working += reserve
     working = min(working, compute_budget)
 
     # Tiers below compute, in order; DRAM is among them when compute is a GPU.
@@ -203,7 +217,7 @@ def plan_placement(
         {kind: KindPlan(layout, homes[i][kind]) for kind, layout in kinds.items()}
         for i, kinds in enumerate(layouts)
     ]
-    return Placement(plans, pinned, depth_used, working, {k: v for k, v in needed.items() if v})
+    return Placement(plans, pinned, depth_used, working, {k: v for k, v in needed.items() if v}, reserve)
 
 
 def _count_fitting(sorted_sizes: list[int], room: int) -> int:

@@ -338,6 +338,7 @@ class Runtime:
         try:
             self._build_blocks(store, partition, placement)
             self.pipeline = Pipeline(store, compute, compute_device, placement.depth, self.counters, spans)
+            self.pipeline.update_reserve = placement.update_reserve
             self._place(store, partition, placement, compute_device)
         except BaseException:
             self._unplace_after_failure()
@@ -394,6 +395,7 @@ class Runtime:
                 depth=self.prefetch,
                 train=self._training(params),
                 state_kinds=blockwise.state_kinds if blockwise is not None else None,
+                speculate=blockwise is not None and blockwise.updater.transactional and "nvme" in budgets,
             )
             return partition, placement, blockwise
 
