@@ -185,6 +185,7 @@ class OptimizerPipeline:
         self._after_update(bs, wkind, kinds)
         end = time.perf_counter()
         pipeline.counters.optimizer_seconds += end - start
+        pipeline.counters.block_updates += 1
         pipeline.spans.add(Span(f"update {bs.name}", "optimizer", "optimizer", start, end))
         zero = self.zero_after.pop(index, None)
         if zero is not None:

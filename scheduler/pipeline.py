@@ -29,7 +29,7 @@ from tierrt.sizes import format_size
 from tierrt.store import BlockState, KindState, TensorStore
 
 from .trace import Event, SuccessorTrace
-from .transfer import Span, SpanLog, Transfer, TransferWorker
+from .transfer import Span, SpanLog, Transfer, TransferShare, TransferWorker
 
 log = logging.getLogger("tierrt.scheduler")
 
@@ -116,6 +116,16 @@ class Pipeline:
         worker.submit(transfer)
         return transfer
 
+    def adopt(self, bs: BlockState, kind: str, transfer: Transfer | TransferShare, on_reap: OnReap) -> None:
+        """Track a transfer submitted elsewhere (a speculative update's write home) as ``bs.kind``'s
+        transfer in flight: everything that waits for the kind waits for it, and ``on_reap``
+        applies its effect when it is reaped."""
+        ks = bs.kinds[kind]
+        assert ks.inflight is None, f"{bs.name}.{kind}: a transfer is already in flight"
+        ks.inflight = transfer
+        ks.on_reap = on_reap
+        self._inflight[id(ks)] = (bs, kind)
+
     def _reap(self, bs: BlockState, kind: str, wait: bool) -> bool:
         """Apply a finished transfer of ``bs.kind``; with ``wait``, wait for it first (a stall).
 
@@ -155,6 +165,10 @@ class Pipeline:
             self._reap(bs, kind, wait=False)
         if self.updates is not None:
             self.updates.speculator.reap()
+
+    def poll(self, bs: BlockState, kind: str) -> bool:
+        """Apply the transfer of ``bs.kind`` if it has finished; False while it still runs."""
+        return self._reap(bs, kind, wait=False)
 
     def wait(self, bs: BlockState, kind: str) -> None:
         """Wait for the transfer of ``bs.kind`` in flight, if any."""

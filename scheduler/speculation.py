@@ -18,15 +18,16 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from tierrt.optim.updaters import HyperSnapshot
 
-from .transfer import Span, Transfer, TransferWorker
+from .transfer import Span, Transfer, TransferShare, TransferWorker
 
 if TYPE_CHECKING:
-    from tierrt.store import BlockState, HostBuffer
+    from tierrt.store import BlockState, HostBuffer, KindState
 
     from .optimizer import OptimizerPipeline
 
@@ -45,7 +46,8 @@ class Speculation:
     grad_generation: int
     buffers: dict[str, HostBuffer]  # the updated copies (plus "grad": the gradients it used)
     extents: dict[str, int] = field(default_factory=dict)  # NVMe extents holding the results
-    job: Transfer | None = None
+    job: Transfer | None = None  # reads the inputs and runs the update kernel
+    write: Transfer | None = None  # then writes the results to ``extents`` (on its own thread)
     changes: dict[int, Any] = field(default_factory=dict)
     kernel_seconds: float = 0.0
     read_bytes: int = 0
@@ -58,13 +60,15 @@ class Speculator:
     def __init__(self, owner: OptimizerPipeline) -> None:
         self.owner = owner
         self.pipeline = owner.pipeline
-        self.worker: TransferWorker | None = None
+        self.worker: TransferWorker | None = None  # update kernels
+        self.writer: TransferWorker | None = None  # their results' writes home
         self.specs: dict[int, Speculation] = {}
         self.enabled = False  # the learned pattern allows speculating in the current backward
         self.backwards_since_step = 0
         self._hyper: HyperSnapshot | None = None
         self.committed = 0
         self.discarded = 0
+        self.adopted = 0  # committed kinds whose write home was still in flight
 
     # ---- pattern ---------------------------------------------------------------------------------
     def on_backward_end(self) -> None:
@@ -96,6 +100,7 @@ class Speculator:
         if self._hyper is None:
             self._hyper = HyperSnapshot.take(owner.updater.optimizer)
         owner.try_commit()  # the previous step's extents are free once it is wholly home
+        self.reap()  # earlier updates already home give their DRAM buffers back
         kinds = owner.changed_kinds(bs)
         store = pipeline.store
         buffers: dict[str, Any] = {}
@@ -103,8 +108,12 @@ class Speculator:
         for kind in kinds:
             ks = bs.kinds[kind]
             fresh_state = not ks.valid and kind in owner.updater.state_kinds  # starts from zeros
-            if ks.inflight is not None or not (ks.valid or fresh_state):
-                log.debug("%s not speculated: its %s is in flight or has no copy", bs.name, kind)
+            if ks.inflight is not None:
+                pipeline.poll(bs, kind)  # finished by now: apply it
+            # A write home still in flight only reads the DRAM copy, which the update copies too.
+            writing = ks.inflight is not None and ks.inflight.link.startswith("dram->") and "dram" in ks.valid
+            if (ks.inflight is not None and not writing) or not (ks.valid or fresh_state):
+                log.debug("%s not speculated: its %s is being fetched or has no copy", bs.name, kind)
                 self._release(buffers, extents)
                 return
             buf = store.dram.try_alloc(ks.nbytes, transient=True)
@@ -167,15 +176,32 @@ class Speculator:
             spec.kernel_seconds = time.perf_counter() - start
 
         steps.append(compute)
-        for kind, extent in spec.extents.items():
-            size = bs.kinds[kind].nbytes
-            buf = spec.buffers[kind]
-            steps.append(lambda extent=extent, buf=buf, size=size: store.nvme.write(extent, buf, size))
-            spec.written_bytes += size
         if self.worker is None:
             self.worker = TransferWorker("optimizer", self.pipeline.spans)
         job = Transfer(f"speculative update {bs.name}", "optimizer", nbytes, steps)
-        return self.worker.submit(job)
+        if spec.extents:
+            # The writes run on their own thread, so the next block's kernel need not wait for them
+            # and step() need only wait for the last block's kernel (see commit()).
+            def after_update(job: Transfer = job) -> None:
+                job._done.wait()
+                if job.error is not None:
+                    raise job.error
+
+            writes: list[Any] = [after_update]
+            for kind, extent in spec.extents.items():
+                size = bs.kinds[kind].nbytes
+                buf = spec.buffers[kind]
+                writes.append(lambda extent=extent, buf=buf, size=size: store.nvme.write(extent, buf, size))
+                spec.written_bytes += size
+            if self.writer is None:
+                self.writer = TransferWorker("optimizer-write", self.pipeline.spans)
+            spec.write = Transfer(
+                f"speculative update {bs.name} home", "dram->nvme", spec.written_bytes, writes
+            )
+        self.worker.submit(job)
+        if spec.write is not None:
+            self.writer.submit(spec.write)
+        return job
 
     # ---- end ------------------------------------------------------------------------------------
     def _wait(self, spec: Speculation) -> bool:
@@ -197,8 +223,10 @@ class Speculator:
             return False
         owner, pipeline = self.owner, self.pipeline
         grads = owner.grads
+        write = spec.write
         valid = (
             self._wait(spec)
+            and not (write is not None and write.done() and write.error is not None)
             and spec.hyper.same_as(hyper)
             and grads.generation(index) == spec.grad_generation
             and sorted(grads.present.get(index, ())) == spec.slots
@@ -213,12 +241,27 @@ class Speculator:
         if bs.attached:
             pipeline.detach(bs)
         for kind in kinds:
+            if bs.kinds[kind].inflight is not None:
+                pipeline.wait(bs, kind)  # e.g. a prefetch of the old weights: superseded below
+        written = 0
+        for kind in kinds:
             ks = bs.kinds[kind]
             ks.version += 1
             if ks.home == "nvme":
-                store.commit_write(ks, spec.extents[kind])
-                ks.valid = {"nvme"}
-                ks.host = None
+                extent = spec.extents[kind]
+                buffer = spec.buffers.get(kind)  # not reaped yet: keep it as the cached DRAM copy
+                if write is not None and not write.done() and buffer is not None:
+                    # Still being written (the last blocks of backward): the DRAM copy is current
+                    # now, the new extent once the write lands, as for any write home in flight.
+                    ks.host, ks.valid = buffer, {"dram"}
+                    share = TransferShare(write, ks.nbytes, f"{bs.name}.{kind}")
+                    pipeline.adopt(bs, kind, share, self._on_written(ks, extent))
+                    self.adopted += 1
+                    continue
+                store.commit_write(ks, extent)
+                written += ks.nbytes
+                ks.host = buffer
+                ks.valid = {"nvme", "dram"} if buffer is not None else {"nvme"}
             else:  # a DRAM home: the updated copy becomes the home
                 ks.host = spec.buffers[kind]
                 ks.valid = {"dram"}
@@ -233,18 +276,42 @@ class Speculator:
         counters = pipeline.counters
         if spec.read_bytes:
             counters.record_transfer("nvme->dram", "speculative", spec.read_bytes, 0.0)
-        if spec.written_bytes:
-            counters.record_transfer("dram->nvme", "speculative", spec.written_bytes, 0.0)
+        if written:
+            counters.record_transfer("dram->nvme", "speculative", written, 0.0)
         counters.optimizer_seconds += spec.kernel_seconds
         counters.optimizer_overlap_seconds += spec.kernel_seconds
+        counters.block_updates += 1
+        counters.block_updates_in_backward += 1
         self.committed += 1
         if pipeline.compute == "dram" and "dram" in bs.kinds["weight"].valid:
             pipeline.attach(bs)
         return True
 
+    def _on_written(self, ks: KindState, extent: int) -> Callable[[BaseException | None], Any]:
+        """How an adopted write of a committed update lands: the new extent becomes home (or, if the
+        write failed, the extent is freed and the step is rolled back like any failed write)."""
+        pipeline, store = self.pipeline, self.pipeline.store
+
+        def on_reap(error: BaseException | None) -> BaseException | None:
+            if error is not None:
+                store.abort_write(extent)  # the DRAM copy stays the only current one
+                if ks.in_step and pipeline.on_write_error is not None:
+                    return pipeline.on_write_error(error)
+                return None
+            store.commit_write(ks, extent)
+            return None
+
+        return on_reap
+
+    @staticmethod
+    def _finish(spec: Speculation) -> None:
+        """Wait until nothing runs on ``spec``'s buffers and extents any more."""
+        for job in (spec.job, spec.write):
+            if job is not None and not job.done():
+                job._done.wait()
+
     def _discard(self, spec: Speculation) -> None:
-        if spec.job is not None and not spec.job.done():
-            spec.job._done.wait()
+        self._finish(spec)
         self._release({k: v for k, v in spec.buffers.items() if k != "grad"}, spec.extents)
         self.discarded += 1
 
@@ -267,7 +334,7 @@ class Speculator:
     def reap(self) -> None:
         """Finished jobs whose results are on NVMe need their DRAM copies no longer."""
         for spec in self.specs.values():
-            if spec.job is not None and spec.job.done() and spec.extents:
+            if spec.write is not None and spec.write.done() and spec.write.error is None:
                 for kind in spec.extents:
                     spec.buffers.pop(kind, None)
                 spec.buffers.pop("grad", None)
@@ -278,9 +345,9 @@ class Speculator:
         freed = False
         for index in list(self.specs):
             spec = self.specs[index]
-            if spec.job is not None and not spec.job.done():
-                spec.job._done.wait()
-            if any(kind not in spec.extents for kind in spec.buffers if kind != "grad"):
+            self._finish(spec)
+            home = spec.write is not None and spec.write.error is None
+            if not home or any(kind not in spec.extents for kind in spec.buffers if kind != "grad"):
                 self.discard(index)
                 freed = True
                 continue
@@ -291,6 +358,7 @@ class Speculator:
 
     def close(self) -> None:
         self.discard_all()
-        if self.worker is not None:
-            self.worker.close()
-            self.worker = None
+        for worker in (self.worker, self.writer):
+            if worker is not None:
+                worker.close()
+        self.worker = self.writer = None

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Transfer", "TransferWorker", "Span", "SpanLog"]
+__all__ = ["Transfer", "TransferShare", "TransferWorker", "Span", "SpanLog"]
 
 Step = Callable[[], Any]
 
@@ -107,6 +107,42 @@ class Transfer:
             self.finished = time.perf_counter()
             self.steps = []  # drop closures (and the buffers they hold) as soon as possible
             self._done.set()
+
+
+class TransferShare:
+    """One kind's share of a transfer that moves several kinds at once: its own label and bytes,
+    the whole transfer's link, timing, completion and error (what the pipeline reaps per kind)."""
+
+    def __init__(self, transfer: Transfer, nbytes: int, label: str) -> None:
+        self.transfer = transfer
+        self.nbytes = nbytes
+        self.label = label
+
+    @property
+    def link(self) -> str:
+        return self.transfer.link
+
+    @property
+    def _done(self) -> threading.Event:
+        return self.transfer._done
+
+    @property
+    def error(self) -> BaseException | None:
+        return self.transfer.error
+
+    @property
+    def started(self) -> float:
+        return self.transfer.started
+
+    @property
+    def finished(self) -> float:
+        return self.transfer.finished
+
+    def done(self) -> bool:
+        return self.transfer.done()
+
+    def wait(self, timeout: float | None = None) -> None:
+        self.transfer.wait(timeout)
 
 
 class TransferWorker:

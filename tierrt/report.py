@@ -20,7 +20,7 @@ import json
 import os
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .sizes import format_size
@@ -43,42 +43,17 @@ class Counters:
     evictions: int = 0
     optimizer_seconds: float = 0.0
     optimizer_overlap_seconds: float = 0.0
+    block_updates: int = 0  # one block's optimizer update, however it ran
+    block_updates_in_backward: int = 0  # of them: computed during backward and committed by step()
     steps: int = 0
     wall_seconds: float = 0.0
 
     def copy(self) -> Counters:
-        return Counters(
-            Counter(self.bytes_by_link),
-            Counter(self.busy_by_link),
-            Counter(self.bytes_by_kind),
-            self.prefetch_hits,
-            self.prefetch_misses,
-            self.stall_seconds,
-            self.stall_events,
-            self.transfers,
-            self.evictions,
-            self.optimizer_seconds,
-            self.optimizer_overlap_seconds,
-            self.steps,
-            self.wall_seconds,
-        )
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return Counters(**{k: Counter(v) if isinstance(v, Counter) else v for k, v in values.items()})
 
     def minus(self, other: Counters) -> Counters:
-        return Counters(
-            self.bytes_by_link - other.bytes_by_link,
-            self.busy_by_link - other.busy_by_link,
-            self.bytes_by_kind - other.bytes_by_kind,
-            self.prefetch_hits - other.prefetch_hits,
-            self.prefetch_misses - other.prefetch_misses,
-            self.stall_seconds - other.stall_seconds,
-            self.stall_events - other.stall_events,
-            self.transfers - other.transfers,
-            self.evictions - other.evictions,
-            self.optimizer_seconds - other.optimizer_seconds,
-            self.optimizer_overlap_seconds - other.optimizer_overlap_seconds,
-            self.steps - other.steps,
-            self.wall_seconds - other.wall_seconds,
-        )
+        return Counters(**{f.name: getattr(self, f.name) - getattr(other, f.name) for f in fields(self)})
 
     def record_transfer(self, link: str, kind: str, nbytes: int, seconds: float) -> None:
         self.bytes_by_link[link] += nbytes
@@ -102,6 +77,8 @@ class Counters:
             "evictions": self.evictions,
             "optimizer_seconds": self.optimizer_seconds,
             "optimizer_overlap_seconds": self.optimizer_overlap_seconds,
+            "block_updates": self.block_updates,
+            "block_updates_in_backward": self.block_updates_in_backward,
             "steps": self.steps,
             "wall_seconds": self.wall_seconds,
         }
@@ -164,7 +141,9 @@ class Report:
             if counters.optimizer_seconds:
                 lines.append(
                     f"    optimizer {counters.optimizer_seconds:.3f}s, "
-                    f"{counters.optimizer_overlap_seconds:.3f}s of it overlapped backward"
+                    f"{counters.optimizer_overlap_seconds:.3f}s of it overlapped backward; "
+                    f"{counters.block_updates_in_backward} of {counters.block_updates} block updates "
+                    "ran during backward"
                 )
         lines.append(f"  {'tier':<8}{'budget':>10}{'in use':>10}{'peak':>10}")
         for name, stats in self.tiers.items():
