@@ -159,13 +159,10 @@ class Pipeline:
             raise transfer.error
         return True
 
-    def reap_all(self, keep: Iterable[tuple[int, str]] = ()) -> None:
-        """Apply every finished transfer (cheap; called at each acquisition), except those of the
-        (block index, kind) pairs in ``keep``."""
-        keep = set(keep)
+    def reap_all(self) -> None:
+        """Apply every finished transfer (cheap; called at each acquisition)."""
         for bs, kind in list(self._inflight.values()):
-            if (bs.index, kind) not in keep:
-                self._reap(bs, kind, wait=False)
+            self._reap(bs, kind, wait=False)
         if self.updates is not None:
             self.updates.speculator.reap()
 

@@ -69,13 +69,9 @@ class Speculator:
         self.committed = 0
         self.discarded = 0
         self.adopted = 0  # committed kinds whose write home was still in flight
-        self.retry: list[BlockState] = []  # found no room during backward: tried again at its end
 
     # ---- pattern ---------------------------------------------------------------------------------
     def on_backward_end(self) -> None:
-        if self.retry and self.backwards_since_step == 0 and self.enabled:
-            self._retry()
-        self.retry = []
         self.backwards_since_step += 1
         self._hyper = None
         if self.backwards_since_step > 1:
@@ -86,29 +82,9 @@ class Speculator:
         self.enabled = self.backwards_since_step == 1 and not used_multipliers and self.owner.transactional
         self.backwards_since_step = 0
 
-    def _retry(self) -> None:
-        """Backward is over and nothing computes until ``step()``: let the updates in flight finish
-        their writes (freeing their buffers) and start the ones that found no room. This costs less
-        than their gradients' round trip through the disk, which the blocks of the end of backward
-        (the embeddings) would otherwise make on the critical path of the next forward."""
-        start = time.perf_counter()
-        for spec in self.specs.values():
-            if spec.write is not None and not spec.write.done():
-                spec.write._done.wait()
-        end = time.perf_counter()
-        if end - start > 1e-4:
-            self.pipeline.counters.stall_seconds += end - start
-            self.pipeline.spans.add(Span("wait speculative writes", "wait", "compute", start, end))
-        # Finished transfers free their memory, except the gradient writes of the retried blocks
-        # (reaping those would drop the very gradients the updates read).
-        self.pipeline.reap_all(keep=[(bs.index, "grad") for bs in self.retry])
-        for bs in self.retry:
-            self.start(bs, retry=False)
-
     # ---- start -----------------------------------------------------------------------------------
-    def start(self, bs: BlockState, retry: bool = True) -> None:
-        """``bs``'s gradients are complete in this backward: speculate its update if allowed. With
-        ``retry``, a block that finds no room now is tried again when backward ends."""
+    def start(self, bs: BlockState) -> None:
+        """``bs``'s gradients are complete in this backward: speculate its update if allowed."""
         owner, pipeline = self.owner, self.pipeline
         if not self.enabled or self.backwards_since_step != 0 or bs.index in self.specs:
             return
@@ -145,21 +121,20 @@ class Speculator:
                 buf = store.dram.try_alloc(ks.nbytes, transient=True)  # released, clean blocks made room
             if buf is None:
                 log.debug(
-                    "%s not speculated%s: no DRAM room for its %s (%d bytes; largest free %d)",
+                    "%s not speculated: no DRAM room for its %s (%d bytes; largest free %d)",
                     bs.name,
-                    " yet" if retry else "",
                     kind,
                     ks.nbytes,
                     store.dram.largest_free(),
                 )
-                self._no_room(bs, buffers, extents, retry)
+                self._release(buffers, extents)
                 return
             buffers[kind] = buf
             if ks.home == "nvme":
                 extent = store.nvme.allocator.try_alloc(ks.nbytes) if store.nvme is not None else None
                 if extent is None:
                     log.debug("%s not speculated: no free NVMe extent for its %s", bs.name, kind)
-                    self._no_room(bs, buffers, extents, retry)
+                    self._release(buffers, extents)
                     return
                 extents[kind] = extent
         buffers["grad"] = gks.host
@@ -168,11 +143,6 @@ class Speculator:
         )
         spec.job = self._submit(bs, spec, kinds)
         self.specs[bs.index] = spec
-
-    def _no_room(self, bs: BlockState, buffers: dict[str, Any], extents: dict[str, int], retry: bool) -> None:
-        self._release(buffers, extents)
-        if retry:
-            self.retry.append(bs)
 
     def _submit(self, bs: BlockState, spec: Speculation, kinds: list[str]) -> Transfer:
         owner, store = self.owner, self.pipeline.store
