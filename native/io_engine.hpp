@@ -116,6 +116,52 @@ struct Chunk {
   int fd() const { return direct ? file->fd_direct : file->fd_buffered; }
 };
 
+// The chunks a backend has accepted but not yet dispatched, in order: an intrusive FIFO through
+// Chunk::next. It has no lock of its own: the backend guards it with the mutex that also guards its
+// wake-up state. Once closed it refuses chunks (the engine is shutting down).
+class ChunkQueue {
+ public:
+  // Appends the list head..tail of n chunks; false, with nothing appended, once closed.
+  bool push(Chunk* head, Chunk* tail, uint64_t n) {
+    if (closed_) return false;
+    if (tail_) {
+      tail_->next = head;
+    } else {
+      head_ = head;
+    }
+    tail_ = tail;
+    size_ += n;
+    return true;
+  }
+  // The oldest chunk, or nullptr when empty.
+  Chunk* pop() {
+    Chunk* c = head_;
+    if (c) {
+      head_ = c->next;
+      if (!head_) tail_ = nullptr;
+      --size_;
+    }
+    return c;
+  }
+  // Refuses further chunks; returns those still queued (a list through Chunk::next) to be cancelled.
+  Chunk* close() {
+    closed_ = true;
+    Chunk* rest = head_;
+    head_ = tail_ = nullptr;
+    size_ = 0;
+    return rest;
+  }
+  bool empty() const { return head_ == nullptr; }
+  bool closed() const { return closed_; }
+  uint64_t size() const { return size_; }
+
+ private:
+  Chunk* head_ = nullptr;
+  Chunk* tail_ = nullptr;
+  uint64_t size_ = 0;
+  bool closed_ = false;
+};
+
 // What went wrong with one chunk; formatted into a message only when someone asks.
 struct ChunkError {
   enum Kind : uint8_t { Errno, Eof, Short, Cancelled };
@@ -266,6 +312,33 @@ class Engine {
   void note_direct_fallback() { direct_fallbacks_.fetch_add(1, std::memory_order_relaxed); }
   void note_fixed() { fixed_chunks_.fetch_add(1, std::memory_order_relaxed); }
   void set_pending(uint64_t n) { pending_.store(n, std::memory_order_relaxed); }
+  // The shared part of enqueue(): under `mu`, appends the chunks to `queue` (and the pending count),
+  // then runs `under_lock` (a backend's wake-up bookkeeping); once the queue is closed, cancels the
+  // chunks instead. Returns whether they were queued.
+  template <class UnderLock>
+  bool queue_chunks(std::mutex& mu, ChunkQueue& queue, Chunk* head, Chunk* tail, size_t n,
+                    UnderLock&& under_lock) {
+    {
+      std::lock_guard<std::mutex> lk(mu);
+      if (queue.push(head, tail, n)) {
+        set_pending(queue.size());
+        under_lock();
+        return true;
+      }
+    }
+    cancel_list(head);
+    return false;
+  }
+  // The shared part of shutdown(): under `mu`, closes `queue`; cancels what was still queued.
+  void close_queue(std::mutex& mu, ChunkQueue& queue) {
+    Chunk* rest;
+    {
+      std::lock_guard<std::mutex> lk(mu);
+      rest = queue.close();
+      set_pending(0);
+    }
+    cancel_list(rest);
+  }
 
   std::string backend_;
   std::string backend_note_;

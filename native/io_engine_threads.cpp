@@ -41,24 +41,7 @@ class ThreadEngine final : public Engine {
 
  protected:
   void enqueue(Chunk* head, Chunk* tail, size_t n) override {
-    {
-      std::lock_guard<std::mutex> lk(mu_);
-      if (!stopping_) {
-        if (tail_) {
-          tail_->next = head;
-        } else {
-          head_ = head;
-        }
-        tail_ = tail;
-        npending_ += n;
-        set_pending(npending_);
-        head = nullptr;
-      }
-    }
-    if (head) {  // the engine is closing
-      cancel_list(head);
-      return;
-    }
+    if (!queue_chunks(mu_, queue_, head, tail, n, [] {})) return;
     if (n == 1) {
       cv_.notify_one();
     } else {
@@ -67,17 +50,8 @@ class ThreadEngine final : public Engine {
   }
 
   void shutdown() override {
-    Chunk* pending;
-    {
-      std::lock_guard<std::mutex> lk(mu_);
-      stopping_ = true;
-      pending = head_;
-      head_ = tail_ = nullptr;
-      npending_ = 0;
-      set_pending(0);
-    }
+    close_queue(mu_, queue_);
     cv_.notify_all();
-    cancel_list(pending);
     for (auto& t : workers_) {
       if (t.joinable()) t.join();
     }
@@ -89,12 +63,10 @@ class ThreadEngine final : public Engine {
       Chunk* c;
       {
         std::unique_lock<std::mutex> lk(mu_);
-        cv_.wait(lk, [&] { return head_ != nullptr || stopping_; });
-        if (!head_) return;
-        c = head_;
-        head_ = c->next;
-        if (!head_) tail_ = nullptr;
-        set_pending(--npending_);
+        cv_.wait(lk, [&] { return !queue_.empty() || queue_.closed(); });
+        c = queue_.pop();
+        if (!c) return;  // closed and drained
+        set_pending(queue_.size());
         // Faults are armed in queue order (under the queue lock) so that "after N chunks" means the
         // same chunks on every run and on both backends.
         if (arm_fault(c)) continue;  // parked by a stall fault
@@ -160,10 +132,7 @@ class ThreadEngine final : public Engine {
 
   std::mutex mu_;
   std::condition_variable cv_;
-  Chunk* head_ = nullptr;
-  Chunk* tail_ = nullptr;
-  uint64_t npending_ = 0;
-  bool stopping_ = false;
+  ChunkQueue queue_;  // guarded by mu_
   std::vector<std::thread> workers_;
 };
 

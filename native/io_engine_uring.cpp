@@ -163,40 +163,15 @@ class UringEngine final : public Engine {
  protected:
   void enqueue(Chunk* head, Chunk* tail, size_t n) override {
     bool wake = false;
-    {
-      std::lock_guard<std::mutex> lk(mu_);
-      if (!stopping_) {
-        if (tail_) {
-          tail_->next = head;
-        } else {
-          head_ = head;
-        }
-        tail_ = tail;
-        npending_ += n;
-        set_pending(npending_);
-        head = nullptr;
-        wake = need_wake_;
-        need_wake_ = false;
-      }
-    }
-    if (head) {
-      cancel_list(head);
-      return;
-    }
-    if (wake) wake_ring();
+    auto take_wake = [&] {
+      wake = need_wake_;
+      need_wake_ = false;
+    };
+    if (queue_chunks(mu_, queue_, head, tail, n, take_wake) && wake) wake_ring();
   }
 
   void shutdown() override {
-    Chunk* pending;
-    {
-      std::lock_guard<std::mutex> lk(mu_);
-      stopping_ = true;
-      pending = head_;
-      head_ = tail_ = nullptr;
-      npending_ = 0;
-      set_pending(0);
-    }
-    cancel_list(pending);
+    close_queue(mu_, queue_);
     if (thread_.joinable()) {
       wake_ring();
       thread_.join();
@@ -214,8 +189,8 @@ class UringEngine final : public Engine {
   void run_control(Control* ctl) {
     {
       std::unique_lock<std::mutex> lk(mu_);
-      ctl_cv_.wait(lk, [&] { return control_ == nullptr || stopping_; });
-      if (stopping_) throw NativeError("ConfigError", "IOEngine '" + name_ + "' is closed");
+      ctl_cv_.wait(lk, [&] { return control_ == nullptr || queue_.closed(); });
+      if (queue_.closed()) throw NativeError("ConfigError", "IOEngine '" + name_ + "' is closed");
       control_ = ctl;
       need_wake_ = false;
     }
@@ -431,16 +406,11 @@ class UringEngine final : public Engine {
       bool stop;
       {
         std::lock_guard<std::mutex> lk(mu_);
-        stop = stopping_;
+        stop = queue_.closed();
         ctl = control_;
         if (!ctl) {
-          while (head_ && inflight_ + batch.size() < queue_depth_) {
-            batch.push_back(head_);
-            head_ = head_->next;
-            --npending_;
-          }
-          if (!head_) tail_ = nullptr;
-          set_pending(npending_);
+          while (!queue_.empty() && inflight_ + batch.size() < queue_depth_) batch.push_back(queue_.pop());
+          set_pending(queue_.size());
         }
       }
       if (ctl && inflight_ == 0) {
@@ -454,8 +424,8 @@ class UringEngine final : public Engine {
         // Decide whether to sleep only now: dispatch may have completed or parked chunks at once
         // (injected faults), freeing slots that queued work can use.
         std::lock_guard<std::mutex> lk(mu_);
-        if (!stopping_ && !control_ && head_ && inflight_ < queue_depth_) continue;
-        need_wake_ = !stopping_ && inflight_ < queue_depth_;
+        if (!queue_.closed() && !control_ && !queue_.empty() && inflight_ < queue_depth_) continue;
+        need_wake_ = !queue_.closed() && inflight_ < queue_depth_;
       }
       int ret = io_uring_submit_and_wait(&ring_, 1);
       unsigned head;
@@ -496,10 +466,7 @@ class UringEngine final : public Engine {
 
   std::mutex mu_;
   std::condition_variable ctl_cv_;
-  Chunk* head_ = nullptr;
-  Chunk* tail_ = nullptr;
-  uint64_t npending_ = 0;
-  bool stopping_ = false;
+  ChunkQueue queue_;  // guarded by mu_
   bool need_wake_ = false;
   Control* control_ = nullptr;
   bool init_done_ = false;
