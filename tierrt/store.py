@@ -29,6 +29,7 @@ import torch
 from . import _native
 from .blocks import SLOT_ALIGN, BlockSpec, ParamSlot
 from .errors import ConfigError, TierCapacityError, TierPathError
+from .extents import ExtentPool
 from .sizes import format_size
 from .tiers import CxlTier, DramTier, GpuTier, NvmeTier
 
@@ -200,7 +201,7 @@ class NvmeTierStore:
                 "(the page cache will hold copies of swapped data)",
                 ", ".join(spec.paths),
             )
-        self.allocator = _native.Allocator(self.size, 4096, "nvme")
+        self.allocator = ExtentPool(self.size, 4096, "nvme")  # recycled by size: no fragmentation
 
     @property
     def budget(self) -> int:
