@@ -116,14 +116,16 @@ class Pipeline:
         worker.submit(transfer)
         return transfer
 
-    def adopt(self, bs: BlockState, kind: str, transfer: Transfer | TransferShare, on_reap: OnReap) -> None:
-        """Track a transfer submitted elsewhere (a speculative update's write home) as ``bs.kind``'s
-        transfer in flight: everything that waits for the kind waits for it, and ``on_reap``
-        applies its effect when it is reaped."""
+    def adopt_write(
+        self, bs: BlockState, kind: str, transfer: Transfer | TransferShare, new_extent: int
+    ) -> None:
+        """Track a write of ``bs.kind``'s DRAM copy to ``new_extent``, submitted elsewhere (a
+        speculative update's), as the kind's transfer in flight: what waits for the kind waits for
+        it, and it lands like any write home (see :meth:`flush`)."""
         ks = bs.kinds[kind]
         assert ks.inflight is None, f"{bs.name}.{kind}: a transfer is already in flight"
         ks.inflight = transfer
-        ks.on_reap = on_reap
+        ks.on_reap = self._write_landed(ks, new_extent, drop=False)
         self._inflight[id(ks)] = (bs, kind)
 
     def _reap(self, bs: BlockState, kind: str, wait: bool) -> bool:
@@ -323,15 +325,11 @@ class Pipeline:
     def room_for(self, ks: KindState, tier: str, demand: bool, protect: set[int]) -> bool:
         """Give ``ks`` a buffer on ``tier`` ("dram" or the GPU), evicting if needed."""
         alloc = self.store.try_host if tier == "dram" else self.store.try_gpu
-        keep = self._reserve_for(ks, tier, demand)
-        if keep:
-            if ks.host is not None:
-                return True
-            if not self._fits(tier, ks.nbytes + keep) and not self.make_room(
-                tier, ks.nbytes + keep, protect, demand=False
-            ):
+        keep = self._reserve_for(ks, tier, demand)  # room a fetch that is not demanded leaves free
+        if keep and ks.host is None:
+            wanted = ks.nbytes + keep
+            if not (self._fits(tier, wanted) or self.make_room(tier, wanted, protect, demand=False)):
                 return False
-            return alloc(ks)
         if alloc(ks):
             return True
         if self.make_room(tier, ks.nbytes, protect, demand=demand) and alloc(ks):
@@ -485,19 +483,27 @@ class Pipeline:
                     raise self.on_write_error(exc) from exc
                 raise
 
-        def on_reap(
-            error: BaseException | None, ks: KindState = ks, new_extent: int | None = new_extent
-        ) -> BaseException | None:
+        self._submit(
+            bs, kind, steps, f"dram->{ks.home}", self._write_landed(ks, new_extent, drop), self.flusher
+        )
+
+    def _write_landed(self, ks: KindState, new_extent: int | None, drop: bool) -> OnReap:
+        """What reaping a write of ``ks`` home does: the new extent becomes home (with ``drop``, the
+        DRAM copy goes); if the write failed, the extent is freed, the old home copy and the DRAM
+        copy stay, and a write of an open optimizer step rolls the step back."""
+
+        def on_reap(error: BaseException | None) -> BaseException | None:
             if error is not None:
-                self.store.abort_write(new_extent)  # old home copy untouched; DRAM copy kept
+                self.store.abort_write(new_extent)
                 if ks.in_step and self.on_write_error is not None:
                     return self.on_write_error(error)
                 return None
             self.store.commit_write(ks, new_extent)
             if drop and ks.host is not None:
                 self.store.drop(ks, "dram")
+            return None
 
-        self._submit(bs, kind, steps, f"dram->{ks.home}", on_reap, self.flusher)
+        return on_reap
 
     def read_slot(
         self,

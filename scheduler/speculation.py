@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +26,7 @@ from tierrt.optim.updaters import HyperSnapshot
 from .transfer import Span, Transfer, TransferShare, TransferWorker
 
 if TYPE_CHECKING:
-    from tierrt.store import BlockState, HostBuffer, KindState
+    from tierrt.store import BlockState, HostBuffer
 
     from .optimizer import OptimizerPipeline
 
@@ -255,7 +254,7 @@ class Speculator:
                     # now, the new extent once the write lands, as for any write home in flight.
                     ks.host, ks.valid = buffer, {"dram"}
                     share = TransferShare(write, ks.nbytes, f"{bs.name}.{kind}")
-                    pipeline.adopt(bs, kind, share, self._on_written(ks, extent))
+                    pipeline.adopt_write(bs, kind, share, extent)
                     self.adopted += 1
                     continue
                 store.commit_write(ks, extent)
@@ -286,22 +285,6 @@ class Speculator:
         if pipeline.compute == "dram" and "dram" in bs.kinds["weight"].valid:
             pipeline.attach(bs)
         return True
-
-    def _on_written(self, ks: KindState, extent: int) -> Callable[[BaseException | None], Any]:
-        """How an adopted write of a committed update lands: the new extent becomes home (or, if the
-        write failed, the extent is freed and the step is rolled back like any failed write)."""
-        pipeline, store = self.pipeline, self.pipeline.store
-
-        def on_reap(error: BaseException | None) -> BaseException | None:
-            if error is not None:
-                store.abort_write(extent)  # the DRAM copy stays the only current one
-                if ks.in_step and pipeline.on_write_error is not None:
-                    return pipeline.on_write_error(error)
-                return None
-            store.commit_write(ks, extent)
-            return None
-
-        return on_reap
 
     @staticmethod
     def _finish(spec: Speculation) -> None:
