@@ -62,6 +62,7 @@ class Speculator:
         self.worker: TransferWorker | None = None  # update kernels
         self.writer: TransferWorker | None = None  # their results' writes home
         self.specs: dict[int, Speculation] = {}
+        self.allowed = True  # offload(overlap_backward=...)
         self.enabled = False  # the learned pattern allows speculating in the current backward
         self.backwards_since_step = 0
         self._hyper: HyperSnapshot | None = None
@@ -78,7 +79,12 @@ class Speculator:
 
     def on_step(self, used_multipliers: bool) -> None:
         """Learn from the step just recorded whether the next backward may speculate."""
-        self.enabled = self.backwards_since_step == 1 and not used_multipliers and self.owner.transactional
+        self.enabled = (
+            self.allowed
+            and self.backwards_since_step == 1
+            and not used_multipliers
+            and self.owner.transactional
+        )
         self.backwards_since_step = 0
 
     # ---- start -----------------------------------------------------------------------------------

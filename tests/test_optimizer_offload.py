@@ -199,7 +199,8 @@ def test_load_state_dict_of_wrong_shape_is_refused(nvme_dir):
 @pytest.mark.parametrize("deferred", [True, False])
 def test_full_nvme_mid_run_keeps_previous_step(deferred, nvme_dir):
     """Writes of step 2's optimizer state fail with ENOSPC: the error is clear and every block still
-    holds step 1's weights and optimizer state, loadable with state_dict()."""
+    holds step 1's weights and optimizer state, loadable with state_dict(). (Updates during backward
+    are off: with them, step 2's state may be home before the disk fills, and step() then succeeds.)"""
     build, batches_fn, loss_fn = CASES["llama"]
     data = batches_fn(3)
     reference = build()
@@ -213,6 +214,7 @@ def test_full_nvme_mid_run_keeps_previous_step(deferred, nvme_dir):
         tiers=[tierrt.dram(streaming_budget(ours)), tierrt.nvme(nvme_dir)],
         optimizer=opt,
         deferred_step=deferred,
+        overlap_backward=False,
     ) as rt:
         run(ours, opt, data[:1], loss_fn)
         loss_fn(ours, data[1]).backward()
@@ -230,3 +232,41 @@ def test_full_nvme_mid_run_keeps_previous_step(deferred, nvme_dir):
             assert torch.equal(values[name], p), name
     for a, b in zip(reference.parameters(), ours.parameters()):
         assert torch.equal(a, b)
+
+
+def test_full_nvme_during_backward_with_updates_overlapping_it(nvme_dir):
+    """The disk fills before step 2's backward, while updates run during backward: whichever write
+    fails first (a gradient's, a speculative update's, or the step's own), a clear IOEngineError
+    comes out and every block still holds step 1's weights and optimizer state."""
+    build, batches_fn, loss_fn = CASES["llama"]
+    data = batches_fn(3)
+    reference = build()
+    ours = copy.deepcopy(reference)
+    ref_opt = make_opt("adamw", reference.parameters())
+    run(reference, ref_opt, data[:1], loss_fn)  # the reference after step 1
+
+    opt = make_opt("adamw", ours.parameters())
+    with tierrt.offload(
+        ours, tiers=[tierrt.dram(streaming_budget(ours)), tierrt.nvme(nvme_dir)], optimizer=opt
+    ) as rt:
+        run(ours, opt, data[:1], loss_fn)
+        loss = loss_fn(ours, data[1])
+        rt.synchronize()
+        rt.engine.inject_fault(op="write", errno=errno.ENOSPC, count=10**6)
+        with pytest.raises(tierrt.IOEngineError) as info:
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            loss_fn(ours, data[2])
+        assert info.value.errno == errno.ENOSPC
+        rt.engine.clear_faults()
+        try:
+            rt.synchronize()  # the other writes that failed meanwhile report too, each once
+        except tierrt.IOEngineError as more:
+            assert more.errno == errno.ENOSPC
+        rt.synchronize()
+        opt.zero_grad()
+        assert_state_equal(ref_opt.state_dict(), opt.state_dict())
+        values = ours.state_dict()
+        for name, p in reference.named_parameters():
+            assert torch.equal(values[name], p), name

@@ -33,14 +33,15 @@ def loop(model, opt, data, *, change_lr_before_step=False, accumulate=1, clip=No
     return losses
 
 
-def run_both(nvme_dir, setup=None, **kwargs):
+def run_both(nvme_dir, setup=None, offload_kwargs=None, **kwargs):
     reference = models.llama()
     ours = copy.deepcopy(reference)
     data = models.token_batches(6)
     ref = loop(reference, torch.optim.AdamW(reference.parameters(), lr=1e-3), data, **kwargs)
     opt = torch.optim.AdamW(ours.parameters(), lr=1e-3)
     budget = streaming_budget(ours, extra_blocks=6)
-    with tierrt.offload(ours, tiers=[tierrt.dram(budget), tierrt.nvme(nvme_dir)], optimizer=opt) as rt:
+    tiers = [tierrt.dram(budget), tierrt.nvme(nvme_dir)]
+    with tierrt.offload(ours, tiers=tiers, optimizer=opt, **(offload_kwargs or {})) as rt:
         if setup is not None:
             setup(rt)
         got = loop(ours, opt, data, **kwargs)
@@ -101,3 +102,9 @@ def test_step_commits_updates_still_being_written(nvme_dir):
     speculator, report = run_both(nvme_dir, setup=slow_speculative_writes)
     assert speculator.adopted > 0  # committed while their writes were in flight
     assert report.total.block_updates_in_backward == speculator.committed
+
+
+def test_overlap_backward_off_runs_every_update_in_step(nvme_dir):
+    speculator, report = run_both(nvme_dir, offload_kwargs={"overlap_backward": False})
+    assert speculator.committed == 0 and report.total.block_updates_in_backward == 0
+    assert report.total.block_updates > 0

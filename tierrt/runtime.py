@@ -85,6 +85,7 @@ def offload(
     restore: bool | None = None,
     native_optimizer: bool | None = None,
     deferred_step: bool = True,
+    overlap_backward: bool = True,
 ) -> Runtime:
     """Offload ``model`` across ``tiers`` for the duration of a ``with`` block.
 
@@ -117,6 +118,10 @@ def offload(
             optimizer, stepped block by block with its state in DRAM).
         deferred_step: ``optimizer.step()`` returns once the update pipeline is started; each block's
             update completes at the latest when the block is next used (same results, less I/O).
+        overlap_backward: when the loop runs one backward per ``optimizer.step()`` (learned from the
+            previous step), start each block's update during backward as soon as its gradients are
+            complete, and let ``step()`` commit it if nothing it used has changed (same results; the
+            gradients are not read back from NVMe). ``False`` runs every update from ``step()`` on.
 
     Returns:
         A :class:`Runtime`; use it as a context manager. Errors in the arguments, budgets or paths
@@ -137,6 +142,7 @@ def offload(
         restore=restore,
         native_optimizer=native_optimizer,
         deferred_step=deferred_step,
+        overlap_backward=overlap_backward,
     )
 
 
@@ -160,6 +166,7 @@ class Runtime:
         restore: bool | None = None,
         native_optimizer: bool | None = None,
         deferred_step: bool = True,
+        overlap_backward: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ConfigError(f"offload(model): expected a torch.nn.Module, got {type(model).__name__}")
@@ -185,6 +192,7 @@ class Runtime:
         self.restore_on_exit = restore
         self.native_optimizer = native_optimizer
         self.deferred_step = deferred_step
+        self.overlap_backward = bool(overlap_backward)
         self.weights_source = None if weights is None else os.fspath(weights)
         self.init_meta = bool(init)
         self.weights_index: Any = None
@@ -354,6 +362,8 @@ class Runtime:
         if blockwise is not None:
             assert self.grads is not None
             blockwise.attach(self.pipeline, store, self.grads)
+            assert blockwise.updates is not None
+            blockwise.updates.speculator.allowed = self.overlap_backward
             if not getattr(self, "_step_atomic", False) and blockwise.updates is not None:
                 blockwise.updates.transactional = False
             blockwise.install()
@@ -395,7 +405,10 @@ class Runtime:
                 depth=self.prefetch,
                 train=self._training(params),
                 state_kinds=blockwise.state_kinds if blockwise is not None else None,
-                speculate=blockwise is not None and blockwise.updater.transactional and "nvme" in budgets,
+                speculate=self.overlap_backward
+                and blockwise is not None
+                and blockwise.updater.transactional
+                and "nvme" in budgets,
             )
             return partition, placement, blockwise
 
