@@ -196,19 +196,32 @@ def test_load_state_dict_of_wrong_shape_is_refused(nvme_dir):
             opt.load_state_dict(bad)
 
 
-@pytest.mark.parametrize("deferred", [True, False])
-def test_full_nvme_mid_run_keeps_previous_step(deferred, nvme_dir):
-    """Writes of step 2's optimizer state fail with ENOSPC: the error is clear and every block still
-    holds step 1's weights and optimizer state, loadable with state_dict(). (Updates during backward
-    are off: with them, step 2's state may be home before the disk fills, and step() then succeeds.)"""
+def llama_after_one_step():
+    """A Llama case: its data, loss, a plain reference after step 1 with its AdamW, and a fresh copy
+    of the model with its own AdamW, to be offloaded and trained."""
     build, batches_fn, loss_fn = CASES["llama"]
     data = batches_fn(3)
     reference = build()
     ours = copy.deepcopy(reference)
     ref_opt = make_opt("adamw", reference.parameters())
     run(reference, ref_opt, data[:1], loss_fn)  # the reference after step 1
+    return data, loss_fn, reference, ref_opt, ours, make_opt("adamw", ours.parameters())
 
-    opt = make_opt("adamw", ours.parameters())
+
+def assert_holds_reference(ours, opt, reference, ref_opt):
+    """Inside the context: the offloaded model and optimizer hold exactly the reference's values."""
+    assert_state_equal(ref_opt.state_dict(), opt.state_dict())
+    values = ours.state_dict()
+    for name, p in reference.named_parameters():
+        assert torch.equal(values[name], p), name
+
+
+@pytest.mark.parametrize("deferred", [True, False])
+def test_full_nvme_mid_run_keeps_previous_step(deferred, nvme_dir):
+    """Writes of step 2's optimizer state fail with ENOSPC: the error is clear and every block still
+    holds step 1's weights and optimizer state, loadable with state_dict(). (Updates during backward
+    are off: with them, step 2's state may be home before the disk fills, and step() then succeeds.)"""
+    data, loss_fn, reference, ref_opt, ours, opt = llama_after_one_step()
     with tierrt.offload(
         ours,
         tiers=[tierrt.dram(streaming_budget(ours)), tierrt.nvme(nvme_dir)],
@@ -226,10 +239,7 @@ def test_full_nvme_mid_run_keeps_previous_step(deferred, nvme_dir):
             loss_fn(ours, data[2])  # deferred: step 2's updates run as the next forward needs them
         assert info.value.errno == errno.ENOSPC
         rt.engine.clear_faults()
-        assert_state_equal(ref_opt.state_dict(), opt.state_dict())
-        values = ours.state_dict()
-        for name, p in reference.named_parameters():
-            assert torch.equal(values[name], p), name
+        assert_holds_reference(ours, opt, reference, ref_opt)
     for a, b in zip(reference.parameters(), ours.parameters()):
         assert torch.equal(a, b)
 
@@ -238,14 +248,7 @@ def test_full_nvme_during_backward_with_updates_overlapping_it(nvme_dir):
     """The disk fills before step 2's backward, while updates run during backward: whichever write
     fails first (a gradient's, a speculative update's, or the step's own), a clear IOEngineError
     comes out and every block still holds step 1's weights and optimizer state."""
-    build, batches_fn, loss_fn = CASES["llama"]
-    data = batches_fn(3)
-    reference = build()
-    ours = copy.deepcopy(reference)
-    ref_opt = make_opt("adamw", reference.parameters())
-    run(reference, ref_opt, data[:1], loss_fn)  # the reference after step 1
-
-    opt = make_opt("adamw", ours.parameters())
+    data, loss_fn, reference, ref_opt, ours, opt = llama_after_one_step()
     with tierrt.offload(
         ours, tiers=[tierrt.dram(streaming_budget(ours)), tierrt.nvme(nvme_dir)], optimizer=opt
     ) as rt:
@@ -266,7 +269,4 @@ def test_full_nvme_during_backward_with_updates_overlapping_it(nvme_dir):
             assert more.errno == errno.ENOSPC
         rt.synchronize()
         opt.zero_grad()
-        assert_state_equal(ref_opt.state_dict(), opt.state_dict())
-        values = ours.state_dict()
-        for name, p in reference.named_parameters():
-            assert torch.equal(values[name], p), name
+        assert_holds_reference(ours, opt, reference, ref_opt)
