@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from tierrt.errors import TierCapacityError
+from tierrt.errors import ConfigError, TierCapacityError
 from tierrt.extents import ExtentPool
 
 MiB = 1 << 20
@@ -21,8 +21,10 @@ def test_freed_extent_is_reused_for_its_size():
     assert pool.alloc(3 * MiB) == a
     assert pool.stats()["in_use"] == 8 * MiB
     pool.free(b)
-    with pytest.raises(ValueError, match="no extent"):
+    with pytest.raises(ConfigError, match="no extent"):
         pool.free(b)
+    with pytest.raises(ConfigError, match="positive size"):
+        pool.alloc(0)
 
 
 def test_larger_extent_is_lent_when_nothing_else_is_free():

@@ -20,7 +20,7 @@ import threading
 from typing import Any
 
 from . import _native
-from .errors import TierCapacityError
+from .errors import ConfigError, TierCapacityError
 from .sizes import format_size
 
 __all__ = ["ExtentPool"]
@@ -52,7 +52,7 @@ class ExtentPool:
 
     def _round(self, nbytes: int) -> int:
         if nbytes <= 0:
-            raise ValueError(f"{self.name}: an extent needs a positive size, got {nbytes}")
+            raise ConfigError(f"{self.name}: an extent needs a positive size, got {nbytes}")
         return -(-int(nbytes) // self.alignment) * self.alignment
 
     def _take(self, size: int) -> int:
@@ -108,7 +108,10 @@ class ExtentPool:
         with self._lock:
             size = self._live.pop(int(offset), None)
             if size is None:
-                raise ValueError(f"{self.name}: no extent was handed out at offset {offset}")
+                raise ConfigError(
+                    f"{self.name}: free of offset {offset}, where no extent was handed out (double free, "
+                    "or an offset this pool did not give)"
+                )
             self._in_use -= size
             self._recycled += size
             if size not in self._free:
