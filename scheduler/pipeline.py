@@ -224,6 +224,11 @@ class Pipeline:
         if bs.refcount > 0:
             bs.refcount -= 1
 
+    def is_writing_home(self, ks: KindState) -> bool:
+        """A write of ``ks``'s DRAM copy home is in flight (it only reads that copy)."""
+        transfer = ks.inflight
+        return transfer is not None and transfer.link.startswith("dram->")
+
     def _is_fetch(self, ks: KindState) -> bool:
         transfer = ks.inflight
         return transfer is not None and transfer.link.endswith(self.compute)
@@ -470,11 +475,7 @@ class Pipeline:
                 steps, new_extent = self.store.write_steps(ks)
                 break
             except TierCapacityError as exc:  # no NVMe extent free: wait for writes in flight to finish
-                writes = [
-                    (b, k)
-                    for b, k in self._inflight.values()
-                    if b.kinds[k].inflight is not None and b.kinds[k].inflight.link.startswith("dram->")
-                ]
+                writes = [(b, k) for b, k in self._inflight.values() if self.is_writing_home(b.kinds[k])]
                 if writes:
                     for b, k in writes:
                         self.wait(b, k)

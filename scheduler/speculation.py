@@ -116,7 +116,7 @@ class Speculator:
             if ks.inflight is not None:
                 pipeline.poll(bs, kind)  # finished by now: apply it
             # A write home still in flight only reads the DRAM copy, which the update copies too.
-            writing = ks.inflight is not None and ks.inflight.link.startswith("dram->") and "dram" in ks.valid
+            writing = pipeline.is_writing_home(ks) and "dram" in ks.valid
             if (ks.inflight is not None and not writing) or not (ks.valid or fresh_state):
                 log.debug("%s not speculated: its %s is being fetched or has no copy", bs.name, kind)
                 self._release(buffers, extents)

@@ -49,8 +49,8 @@ class Counters:
     wall_seconds: float = 0.0
 
     def copy(self) -> Counters:
-        values = {f.name: getattr(self, f.name) for f in fields(self)}
-        return Counters(**{k: Counter(v) if isinstance(v, Counter) else v for k, v in values.items()})
+        values = (getattr(self, f.name) for f in fields(self))
+        return Counters(*(Counter(v) if isinstance(v, Counter) else v for v in values))
 
     def minus(self, other: Counters) -> Counters:
         return Counters(**{f.name: getattr(self, f.name) - getattr(other, f.name) for f in fields(self)})

@@ -364,7 +364,7 @@ class Runtime:
             blockwise.attach(self.pipeline, store, self.grads)
             assert blockwise.updates is not None
             blockwise.updates.speculator.allowed = self.overlap_backward
-            if not getattr(self, "_step_atomic", False) and blockwise.updates is not None:
+            if not getattr(self, "_step_atomic", False):
                 blockwise.updates.transactional = False
             blockwise.install()
             self.blockwise = blockwise
