@@ -10,8 +10,9 @@
 // with alpha); nothing else is contracted (these files turn GCC's default contraction off). The one
 // operation whose rounding depends on how torch was built is sqrt: see SqrtKind.
 //
-// Performance: a step is memory-bound. Each element is loaded once and stored once (param, grad,
-// exp_avg, exp_avg_sq in; param, exp_avg, exp_avg_sq and the optional weight output out), with
+// Performance: a step is memory-bound. Each element is loaded once and stored once (param or
+// param_in, grad, exp_avg, exp_avg_sq in; param, exp_avg, exp_avg_sq and the optional weight output
+// out), with
 // software prefetch ahead of the streams and, for large steps, non-temporal stores for the output
 // (which the step never reads). Threads (cpu_threads.hpp) take contiguous parts of the range.
 //
@@ -66,6 +67,9 @@ struct AdamScalars {
 
 struct AdamArrays {
   float* param = nullptr;
+  // Out-of-place step: read the weights from here and write the result to param (which param_in is
+  // never written through). Null: param is read and updated in place. Must equal param or not overlap it.
+  const float* param_in = nullptr;
   const void* grad = nullptr;
   float* exp_avg = nullptr;
   float* exp_avg_sq = nullptr;
@@ -95,6 +99,7 @@ struct SgdScalars {
 
 struct SgdArrays {
   float* param = nullptr;
+  const float* param_in = nullptr;  // as AdamArrays::param_in
   const void* grad = nullptr;
   float* momentum_buf = nullptr;
   void* out = nullptr;

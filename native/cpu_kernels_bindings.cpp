@@ -86,7 +86,7 @@ void adam_step_py(uintptr_t param, uintptr_t grad, uintptr_t exp_avg, uintptr_t 
                   double weight_decay, int64_t step, bool decoupled, bool maximize,
                   uintptr_t amsgrad_max, const std::string& grad_dtype, double grad_scale,
                   uintptr_t out, const std::string& out_dtype, int threads,
-                  const std::string& isa, const std::string& sqrt) {
+                  const std::string& isa, const std::string& sqrt, uintptr_t param_in) {
   const char* fn = "adam_step";
   check_common(n, threads, fn);
   const cpu::SqrtKind sqrt_kind = parse_sqrt(sqrt, fn);
@@ -101,6 +101,7 @@ void adam_step_py(uintptr_t param, uintptr_t grad, uintptr_t exp_avg, uintptr_t 
   a.grad_dtype = parse_dtype(grad_dtype, "grad_dtype", fn);
   a.out_dtype = parse_dtype(out_dtype, "out_dtype", fn);
   a.param = pointer<float>(param, "param", 4, n, fn);
+  a.param_in = param_in ? pointer<const float>(param_in, "param_in", 4, n, fn) : nullptr;
   a.grad = pointer<const void>(grad, "grad", cpu::dtype_size(a.grad_dtype), n, fn);
   a.exp_avg = pointer<float>(exp_avg, "exp_avg", 4, n, fn);
   a.exp_avg_sq = pointer<float>(exp_avg_sq, "exp_avg_sq", 4, n, fn);
@@ -123,7 +124,8 @@ void adam_step_py(uintptr_t param, uintptr_t grad, uintptr_t exp_avg, uintptr_t 
 void sgd_step_py(uintptr_t param, uintptr_t grad, uintptr_t momentum_buf, int64_t n, double lr,
                  double momentum, double dampening, bool nesterov, double weight_decay,
                  bool maximize, bool first_step, const std::string& grad_dtype, double grad_scale,
-                 uintptr_t out, const std::string& out_dtype, int threads, const std::string& isa) {
+                 uintptr_t out, const std::string& out_dtype, int threads, const std::string& isa,
+                 uintptr_t param_in) {
   const char* fn = "sgd_step";
   check_common(n, threads, fn);
   if (nesterov && (momentum <= 0.0 || dampening != 0.0)) {
@@ -135,6 +137,7 @@ void sgd_step_py(uintptr_t param, uintptr_t grad, uintptr_t momentum_buf, int64_
   a.grad_dtype = parse_dtype(grad_dtype, "grad_dtype", fn);
   a.out_dtype = parse_dtype(out_dtype, "out_dtype", fn);
   a.param = pointer<float>(param, "param", 4, n, fn);
+  a.param_in = param_in ? pointer<const float>(param_in, "param_in", 4, n, fn) : nullptr;
   a.grad = pointer<const void>(grad, "grad", cpu::dtype_size(a.grad_dtype), n, fn);
   if (momentum != 0.0) {
     a.momentum_buf = pointer<float>(momentum_buf, "momentum_buf", 4, n, fn);
@@ -226,7 +229,7 @@ void bind_cpu_kernels(py::module_& m) {
         arg("weight_decay"), arg("step"), arg("decoupled") = true, arg("maximize") = false,
         arg("amsgrad_max") = 0, arg("grad_dtype") = "float32", arg("grad_scale") = 1.0,
         arg("out") = 0, arg("out_dtype") = "bfloat16", arg("threads") = 0, arg("isa") = "auto",
-        arg("sqrt") = "ieee", py::call_guard<py::gil_scoped_release>(),
+        arg("sqrt") = "ieee", arg("param_in") = 0, py::call_guard<py::gil_scoped_release>(),
         R"doc(One Adam (decoupled=False) or AdamW (decoupled=True) step over n fp32 elements, in place.
 
 param, exp_avg, exp_avg_sq (and amsgrad_max when non-zero: AMSGrad's max_exp_avg_sq) are addresses of
@@ -236,13 +239,15 @@ is non-zero the updated weights are also written there as out_dtype in the same 
 even, torch's NaN encodings). The result is bitwise equal to torch.optim.Adam / AdamW (single-tensor
 CPU path) given the same fp32 gradient, when sqrt names the rounding of torch's Tensor.sqrt() in this
 process ('ieee', or 'rsqrt14' for torch with MKL on an AVX-512 CPU; tierrt.optim.kernels detects it).
-threads=0 uses every CPU; isa: 'auto', 'avx512', 'avx2', 'scalar'. Releases the GIL.)doc");
+threads=0 uses every CPU; isa: 'auto', 'avx512', 'avx2', 'scalar'. When param_in is non-zero the step is
+out of place: the weights are read from param_in (n float32, not written) and the result is written to
+param. Releases the GIL.)doc");
   m.def("sgd_step", &sgd_step_py, arg("param"), arg("grad"), arg("momentum_buf"), arg("n"),
         py::kw_only(), arg("lr"), arg("momentum") = 0.0, arg("dampening") = 0.0,
         arg("nesterov") = false, arg("weight_decay") = 0.0, arg("maximize") = false,
         arg("first_step") = false, arg("grad_dtype") = "float32", arg("grad_scale") = 1.0,
         arg("out") = 0, arg("out_dtype") = "bfloat16", arg("threads") = 0, arg("isa") = "auto",
-        py::call_guard<py::gil_scoped_release>(),
+        arg("param_in") = 0, py::call_guard<py::gil_scoped_release>(),
         R"doc(One SGD step over n fp32 elements, in place, bitwise equal to torch.optim.SGD.
 
 momentum_buf (n float32, used when momentum != 0) is written from the gradient when first_step is

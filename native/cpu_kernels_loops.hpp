@@ -100,14 +100,15 @@ struct AdamVec {
 };
 
 // One vector of the Adam step (see scalar::adam_element for the operation each line reproduces).
-// Returns the updated weights (stored to p_ptr already) for the optional output.
+// Reads the weights at p_in, stores the updated ones to p_ptr (the same address for an in-place step)
+// and returns them for the optional output.
 template <DType G, WeightDecay WD, SqrtKind SQ>
-inline typename V::reg adam_vec(float* p_ptr, const void* g_ptr, float* m_ptr, float* v_ptr,
-                                float* vmax_ptr, const AdamVec& c) {
+inline typename V::reg adam_vec(const float* p_in, float* p_ptr, const void* g_ptr, float* m_ptr,
+                                float* v_ptr, float* vmax_ptr, const AdamVec& c) {
   using reg = typename V::reg;
   reg g = load_grad_vec<G>(g_ptr);
   if (c.has_grad_mul) g = V::mul(g, c.grad_mul);
-  reg p = V::load(p_ptr);
+  reg p = V::load(p_in);
   if constexpr (WD == WeightDecay::kDecoupled) {
     p = V::mul(p, c.wd);
   } else if constexpr (WD == WeightDecay::kL2) {
@@ -147,12 +148,12 @@ void adam_partial(const AdamArrays& a, const AdamVec& c, int64_t i, int64_t k) {
   const size_t bytes = static_cast<size_t>(k) * 4;
   alignas(64) float p[W] = {}, m[W] = {}, v[W] = {}, mx[W] = {};
   alignas(64) unsigned char gb[W * 4] = {}, ob[W * 4] = {};
-  std::memcpy(p, a.param + i, bytes);
+  std::memcpy(p, (a.param_in != nullptr ? a.param_in : a.param) + i, bytes);
   std::memcpy(m, a.exp_avg + i, bytes);
   std::memcpy(v, a.exp_avg_sq + i, bytes);
   std::memcpy(gb, static_cast<const char*>(a.grad) + i * gs, static_cast<size_t>(k) * gs);
   if (ams) std::memcpy(mx, a.max_exp_avg_sq + i, bytes);
-  const typename V::reg pv = adam_vec<G, WD, SQ>(p, gb, m, v, ams ? mx : nullptr, c);
+  const typename V::reg pv = adam_vec<G, WD, SQ>(p, p, gb, m, v, ams ? mx : nullptr, c);
   std::memcpy(a.param + i, p, bytes);
   std::memcpy(a.exp_avg + i, m, bytes);
   std::memcpy(a.exp_avg_sq + i, v, bytes);
@@ -170,6 +171,7 @@ void adam_loop(const AdamArrays& a, const AdamScalars& s, int64_t begin, int64_t
   constexpr size_t os = out_size(OUT);
   const AdamVec c(s);
   const bool ams = a.max_exp_avg_sq != nullptr;
+  const float* pin = a.param_in != nullptr ? a.param_in : a.param;
   const char* g = static_cast<const char*>(a.grad);
   char* o = static_cast<char*>(a.out);
   const int64_t pf = prefetch_bytes();
@@ -186,12 +188,12 @@ void adam_loop(const AdamArrays& a, const AdamScalars& s, int64_t begin, int64_t
   for (; i + W <= end; i += W) {
     if (pf > 0) {
       const int64_t d = pf / 4;
-      prefetch(a.param + i + d);
+      prefetch(pin + i + d);
       prefetch(a.exp_avg + i + d);
       prefetch(a.exp_avg_sq + i + d);
       prefetch(g + (i + d) * gs);
     }
-    const typename V::reg p = adam_vec<G, WD, SQ>(a.param + i, g + i * gs, a.exp_avg + i,
+    const typename V::reg p = adam_vec<G, WD, SQ>(pin + i, a.param + i, g + i * gs, a.exp_avg + i,
                                                   a.exp_avg_sq + i,
                                                   ams ? a.max_exp_avg_sq + i : nullptr, c);
     if constexpr (OUT != kOutNone) {
@@ -268,11 +270,12 @@ struct SgdVec {
 
 // One vector of the SGD step (see scalar::sgd_element).
 template <DType G, int MOM>
-inline typename V::reg sgd_vec(float* p_ptr, const void* g_ptr, float* b_ptr, const SgdVec& c) {
+inline typename V::reg sgd_vec(const float* p_in, float* p_ptr, const void* g_ptr, float* b_ptr,
+                               const SgdVec& c) {
   using reg = typename V::reg;
   reg g = load_grad_vec<G>(g_ptr);
   if (c.has_grad_mul) g = V::mul(g, c.grad_mul);
-  reg p = V::load(p_ptr);
+  reg p = V::load(p_in);
   if (c.has_wd) g = V::fmadd(p, c.wd, g);
   if constexpr (MOM != kNoMomentum) {
     reg buf;
@@ -297,10 +300,10 @@ void sgd_partial(const SgdArrays& a, const SgdVec& c, int64_t i, int64_t k) {
   const size_t bytes = static_cast<size_t>(k) * 4;
   alignas(64) float p[W] = {}, b[W] = {};
   alignas(64) unsigned char gb[W * 4] = {}, ob[W * 4] = {};
-  std::memcpy(p, a.param + i, bytes);
+  std::memcpy(p, (a.param_in != nullptr ? a.param_in : a.param) + i, bytes);
   std::memcpy(gb, static_cast<const char*>(a.grad) + i * gs, static_cast<size_t>(k) * gs);
   if constexpr (MOM == kMomentum) std::memcpy(b, a.momentum_buf + i, bytes);
-  const typename V::reg pv = sgd_vec<G, MOM>(p, gb, b, c);
+  const typename V::reg pv = sgd_vec<G, MOM>(p, p, gb, b, c);
   std::memcpy(a.param + i, p, bytes);
   if constexpr (MOM != kNoMomentum) std::memcpy(a.momentum_buf + i, b, bytes);
   if constexpr (OUT != kOutNone) {
@@ -315,6 +318,7 @@ void sgd_loop(const SgdArrays& a, const SgdScalars& s, int64_t begin, int64_t en
   constexpr size_t gs = G == DType::kFloat32 ? 4 : 2;
   constexpr size_t os = out_size(OUT);
   const SgdVec c(s);
+  const float* pin = a.param_in != nullptr ? a.param_in : a.param;
   const char* g = static_cast<const char*>(a.grad);
   char* o = static_cast<char*>(a.out);
   const int64_t pf = prefetch_bytes();
@@ -331,12 +335,13 @@ void sgd_loop(const SgdArrays& a, const SgdScalars& s, int64_t begin, int64_t en
   for (; i + W <= end; i += W) {
     if (pf > 0) {
       const int64_t d = pf / 4;
-      prefetch(a.param + i + d);
+      prefetch(pin + i + d);
       prefetch(g + (i + d) * gs);
       if constexpr (MOM == kMomentum) prefetch(a.momentum_buf + i + d);
     }
     const typename V::reg p =
-        sgd_vec<G, MOM>(a.param + i, g + i * gs, MOM != kNoMomentum ? a.momentum_buf + i : nullptr, c);
+        sgd_vec<G, MOM>(pin + i, a.param + i, g + i * gs,
+                        MOM != kNoMomentum ? a.momentum_buf + i : nullptr, c);
     if constexpr (OUT != kOutNone) {
       if (stream) {
         stream_out_vec<OUT>(o + i * os, p);

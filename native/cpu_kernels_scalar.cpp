@@ -34,19 +34,25 @@ float scalar::sqrt_rsqrt14(float x) { return std::sqrt(x); }  // never selected 
 namespace {
 
 void adam_scalar(const AdamArrays& a, const AdamScalars& s, int64_t begin, int64_t end) {
+  const float* pin = a.param_in != nullptr ? a.param_in : a.param;
   for (int64_t i = begin; i < end; ++i) {
     float* vmax = a.max_exp_avg_sq != nullptr ? a.max_exp_avg_sq + i : nullptr;
-    scalar::adam_element(a.param[i], scalar::load_grad(a.grad, a.grad_dtype, i), a.exp_avg[i],
+    float p = pin[i];
+    scalar::adam_element(p, scalar::load_grad(a.grad, a.grad_dtype, i), a.exp_avg[i],
                          a.exp_avg_sq[i], vmax, s);
-    if (a.out != nullptr) scalar::store_out(a.out, a.out_dtype, i, a.param[i]);
+    a.param[i] = p;
+    if (a.out != nullptr) scalar::store_out(a.out, a.out_dtype, i, p);
   }
 }
 
 void sgd_scalar(const SgdArrays& a, const SgdScalars& s, int64_t begin, int64_t end) {
+  const float* pin = a.param_in != nullptr ? a.param_in : a.param;
   for (int64_t i = begin; i < end; ++i) {
     float* buf = a.momentum_buf != nullptr ? a.momentum_buf + i : nullptr;
-    scalar::sgd_element(a.param[i], scalar::load_grad(a.grad, a.grad_dtype, i), buf, s);
-    if (a.out != nullptr) scalar::store_out(a.out, a.out_dtype, i, a.param[i]);
+    float p = pin[i];
+    scalar::sgd_element(p, scalar::load_grad(a.grad, a.grad_dtype, i), buf, s);
+    a.param[i] = p;
+    if (a.out != nullptr) scalar::store_out(a.out, a.out_dtype, i, p);
   }
 }
 

@@ -108,6 +108,7 @@ class OptimizerPipeline:
         used_multipliers = any(key[0] in candidates for key in self.grads.muls)
         if self.transactional and candidates:
             self._open_step(candidates)
+        self.pipeline.counters.block_updates += len(candidates)  # run now, in backward, or deferred
         for index in candidates:
             if self.speculator.commit(index, hyper):
                 continue  # updated during backward already
@@ -185,7 +186,6 @@ class OptimizerPipeline:
         self._after_update(bs, wkind, kinds)
         end = time.perf_counter()
         pipeline.counters.optimizer_seconds += end - start
-        pipeline.counters.block_updates += 1
         pipeline.spans.add(Span(f"update {bs.name}", "optimizer", "optimizer", start, end))
         zero = self.zero_after.pop(index, None)
         if zero is not None:

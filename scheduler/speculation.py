@@ -2,9 +2,10 @@
 
 When the training loop's pattern is one backward pass per ``optimizer.step()`` without gradient
 clipping or loss scaling (learned from the previous step), a block's update can start as soon as its
-gradients are complete, while backward goes on with earlier blocks: its weights and optimizer state
-are copied (or read from NVMe) into spare buffers, a worker thread runs the update there (the kernel
-releases the GIL) and writes the results to fresh NVMe extents. Nothing current is touched.
+gradients are complete, while backward goes on with earlier blocks: a worker thread runs the update
+(the kernel releases the GIL) into spare buffers, reading the resident weights in place (the native
+kernels step out of place) and the optimizer state copied or read from NVMe into those buffers, and
+writes the results to fresh NVMe extents. Nothing current is touched.
 
 ``optimizer.step()`` then *commits* each speculative update whose inputs are still what the step
 would use — the same hyperparameters, the same gradients (no further backward, no ``zero_grad``,
@@ -153,11 +154,15 @@ class Speculator:
         owner, store = self.owner, self.pipeline.store
         steps: list[Any] = []
         nbytes = 0
+        wkind = owner.weight_kind(bs)
+        sources: dict[str, Any] = {}  # read in place by the kernel (out of place into the buffer)
         for kind in kinds:
             ks = bs.kinds[kind]
             dest = spec.buffers[kind]
             nbytes += ks.nbytes
-            if "dram" in ks.valid and ks.host is not None:
+            if kind == wkind and "dram" in ks.valid and ks.host is not None:
+                sources[kind] = ks.host  # resident after its backward: no copy needed
+            elif "dram" in ks.valid and ks.host is not None:
                 source = ks.host
                 steps.append(lambda dest=dest, source=source: dest.flat.copy_(source.flat))
             elif ks.home == "nvme" and ks.extent is not None and ks.written:
@@ -170,13 +175,20 @@ class Speculator:
                 far = ks.far
                 steps.append(lambda dest=dest, far=far: dest.flat.copy_(far.flat))
             # never written (fresh optimizer state): the kernel starts it from zeros
-        wkind = owner.weight_kind(bs)
         updater = owner.updater
 
         def compute() -> None:
             start = time.perf_counter()
             spec.changes = updater.apply(
-                store, bs, wkind, spec.slots, spec.hyper, {}, buffers=spec.buffers, advance=False
+                store,
+                bs,
+                wkind,
+                spec.slots,
+                spec.hyper,
+                {},
+                buffers=spec.buffers,
+                advance=False,
+                sources=sources,
             )
             spec.kernel_seconds = time.perf_counter() - start
 
@@ -285,7 +297,6 @@ class Speculator:
             counters.record_transfer("dram->nvme", "speculative", written, 0.0)
         counters.optimizer_seconds += spec.kernel_seconds
         counters.optimizer_overlap_seconds += spec.kernel_seconds
-        counters.block_updates += 1
         counters.block_updates_in_backward += 1
         self.committed += 1
         if pipeline.compute == "dram" and "dram" in bs.kinds["weight"].valid:

@@ -491,3 +491,55 @@ def test_thread_pool_in_forked_child():
         os._exit(0 if ok else 1)
     _, status = os.waitpid(pid, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
+@pytest.mark.parametrize("n", [1, 17, 100003])
+def test_out_of_place_steps_equal_in_place_and_leave_the_input(n):
+    """param_in: the weights are read there and the result written to param, bitwise as in place."""
+    gen = torch.Generator().manual_seed(11)
+    p0 = make_param(n, gen)
+    g = make_grad(n, gen)
+    for isa, threads in VARIANTS:
+        what = f"isa={isa} threads={threads}"
+        # AdamW with a fused bf16 output and AMSGrad
+        m0, v0 = torch.randn(n, generator=gen) * 0.1, torch.rand(n, generator=gen) * 0.01
+        expected = {"p": p0.clone(), "m": m0.clone(), "v": v0.clone(), "x": v0.clone()}
+        out_e = torch.empty(n, dtype=torch.bfloat16)
+        kernels.adamw_step_(expected["p"], g, expected["m"], expected["v"], step=3, lr=1e-2, amsgrad=True,
+                            max_exp_avg_sq=expected["x"], out=out_e, threads=threads, isa=isa)  # fmt: skip
+        source = p0.clone()
+        param, m, v, x = torch.full((n,), 7.0), m0.clone(), v0.clone(), v0.clone()
+        out = torch.empty(n, dtype=torch.bfloat16)
+        kernels.adamw_step_(param, g, m, v, step=3, lr=1e-2, amsgrad=True, max_exp_avg_sq=x, out=out,
+                            threads=threads, isa=isa, param_in=source)  # fmt: skip
+        assert_bits_equal(param, expected["p"], what)
+        assert_bits_equal(m, expected["m"], what)
+        assert_bits_equal(x, expected["x"], what)
+        assert_bits_equal(out, out_e, what)
+        assert_bits_equal(source, p0, what + " (param_in changed)")
+        # SGD with momentum and weight decay
+        buf_e, buf = m0.clone(), m0.clone()
+        p_e = p0.clone()
+        kernels.sgd_step_(p_e, g, buf_e, lr=0.1, momentum=0.9, weight_decay=0.01, threads=threads, isa=isa)
+        param = torch.empty(n)
+        kernels.sgd_step_(param, g, buf, lr=0.1, momentum=0.9, weight_decay=0.01, threads=threads, isa=isa,
+                          param_in=source)  # fmt: skip
+        assert_bits_equal(param, p_e, "sgd " + what)
+        assert_bits_equal(buf, buf_e, "sgd " + what)
+        assert_bits_equal(source, p0, "sgd " + what + " (param_in changed)")
+    # param_in == param is an in-place step
+    p = p0.clone()
+    kernels.sgd_step_(p, g, lr=0.1, param_in=p)
+    assert_bits_equal(p, torch.add(p0, g, alpha=-0.1))
+
+
+def test_out_of_place_step_refuses_overlapping_or_mismatched_input():
+    p, g, m, v = (torch.zeros(64) for _ in range(4))
+    with pytest.raises(ConfigError, match="param_in"):
+        kernels.sgd_step_(p[:32], g[:32], lr=0.1, param_in=p[16:48])
+    with pytest.raises(ConfigError, match="param_in"):
+        kernels.adamw_step_(p, g, m, v, step=1, param_in=g)
+    with pytest.raises(ConfigError, match="param_in"):
+        kernels.sgd_step_(p, g, lr=0.1, param_in=torch.zeros(63))
+    with pytest.raises(ConfigError, match="param_in"):
+        kernels.sgd_step_(p, g, lr=0.1, param_in=torch.zeros(64, dtype=torch.float64))

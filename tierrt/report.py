@@ -43,7 +43,7 @@ class Counters:
     evictions: int = 0
     optimizer_seconds: float = 0.0
     optimizer_overlap_seconds: float = 0.0
-    block_updates: int = 0  # one block's optimizer update, however it ran
+    block_updates: int = 0  # blocks step() updated (in backward, in step() or deferred to the next forward)
     block_updates_in_backward: int = 0  # of them: computed during backward and committed by step()
     steps: int = 0
     wall_seconds: float = 0.0

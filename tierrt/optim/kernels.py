@@ -174,6 +174,18 @@ def _bump_versions(*tensors: torch.Tensor | None) -> None:
         torch.autograd.graph.increment_version(written)
 
 
+def _param_source(param: torch.Tensor, param_in: torch.Tensor | None, **others: torch.Tensor | None) -> int:
+    """The address the step reads the weights from when it differs from ``param`` (else 0)."""
+    if param_in is None:
+        return 0
+    _check_tensor("param_in", param_in)
+    _check_same_numel(param.numel(), param_in=param_in)
+    if param_in.data_ptr() == param.data_ptr():
+        return 0  # in place
+    _check_no_overlap(param=param, param_in=param_in, **others)
+    return param_in.data_ptr()
+
+
 @functools.cache
 def torch_sqrt_kind() -> Literal["ieee", "rsqrt14"]:
     """How the running torch rounds fp32 ``Tensor.sqrt()``: ``"ieee"`` or ``"rsqrt14"``.
@@ -255,6 +267,7 @@ def adam_step_(
     threads: int = 0,
     isa: Isa = "auto",
     sqrt: SqrtKind = "torch",
+    param_in: torch.Tensor | None = None,
 ) -> None:
     """One Adam step in place (``decoupled=True``: AdamW), bitwise equal to torch.optim.Adam.
 
@@ -275,6 +288,9 @@ def adam_step_(
         isa: "auto" (best available; env TIERRT_CPU_ISA overrides), "avx512", "avx2" or "scalar".
         sqrt: rounding of ``exp_avg_sq.sqrt()``: "torch" (the running torch's, detected), "ieee"
             or "rsqrt14".
+        param_in: an out-of-place step: the weights are read from ``param_in`` (float32, same
+            numel, left unchanged) and the updated weights written to ``param``, in the same single
+            pass (no copy of the weights first). ``param_in`` is ``param`` or overlaps nothing.
 
     Raises:
         ConfigError: a tensor that is not a contiguous CPU tensor of an accepted dtype, numels that
@@ -303,6 +319,15 @@ def adam_step_(
     _check_no_overlap(
         param=param, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, max_exp_avg_sq=max_exp_avg_sq, out=out
     )
+    source = _param_source(
+        param,
+        param_in,
+        grad=grad,
+        exp_avg=exp_avg,
+        exp_avg_sq=exp_avg_sq,
+        max_exp_avg_sq=max_exp_avg_sq,
+        out=out,
+    )
     if len(betas) != 2:
         raise ConfigError(f"betas must be a pair (beta1, beta2), got {betas!r}.", argument="betas")
     _native.adam_step(
@@ -327,6 +352,7 @@ def adam_step_(
         threads=int(threads),
         isa=isa,
         sqrt=_sqrt_kind(sqrt),
+        param_in=source,
     )
     _bump_versions(param, exp_avg, exp_avg_sq, max_exp_avg_sq, out)
 
@@ -385,6 +411,7 @@ def sgd_step_(
     out: torch.Tensor | None = None,
     threads: int = 0,
     isa: Isa = "auto",
+    param_in: torch.Tensor | None = None,
 ) -> None:
     """One SGD step in place, bitwise equal to torch.optim.SGD.
 
@@ -397,6 +424,7 @@ def sgd_step_(
         buf = torch.empty_like(p)
         sgd_step_(p, g, buf, lr=0.1, momentum=0.9, first_step=True)
         sgd_step_(p, g, buf, lr=0.1, momentum=0.9)
+        sgd_step_(new_p, g, lr=0.1, param_in=p)  # out of place: p is left as it was
     """
     _check_tensor("param", param)
     _check_tensor("grad", grad, _GRAD_DTYPES)
@@ -417,6 +445,7 @@ def sgd_step_(
     n = param.numel()
     _check_same_numel(n, grad=grad, momentum_buffer=momentum_buffer, out=out)
     _check_no_overlap(param=param, grad=grad, momentum_buffer=momentum_buffer, out=out)
+    source = _param_source(param, param_in, grad=grad, momentum_buffer=momentum_buffer, out=out)
     _native.sgd_step(
         param.data_ptr(),
         grad.data_ptr(),
@@ -435,6 +464,7 @@ def sgd_step_(
         out_dtype=_OUT_DTYPES[out.dtype] if out is not None else "bfloat16",
         threads=int(threads),
         isa=isa,
+        param_in=source,
     )
     _bump_versions(param, momentum_buffer, out)
 

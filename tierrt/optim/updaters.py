@@ -102,12 +102,16 @@ class Updater:
         muls: dict[int, list[float]],
         buffers: dict[str, Any] | None = None,
         advance: bool = True,
+        sources: dict[str, Any] | None = None,
     ) -> dict[int, Any]:
         """Update ``slots`` of ``bs`` (DRAM copies of every kind are current). ``muls``: multipliers
         (clip coefficients, inverse loss scales) applied to a slot's gradient first, in order, as
         torch's in-place multiplies would be. ``buffers``: update these copies of some kinds instead
-        (a speculative update). ``advance=False`` leaves the per-parameter counters (Adam's step) as
-        they are and returns the changes for :meth:`advance` to apply when the update is committed."""
+        (a speculative update). ``sources``: read these kinds from the given buffers and write the
+        result to ``buffers`` (an out-of-place update, which saves copying the inputs first; native
+        updaters take the weights this way). ``advance=False`` leaves the per-parameter counters
+        (Adam's step) as they are and returns the changes for :meth:`advance` to apply when the
+        update is committed."""
         raise NotImplementedError
 
     def advance(self, changes: dict[int, Any]) -> None:
@@ -147,6 +151,25 @@ def _views(
     return dict(zip(ks.layout.slots, store.host_views(bs, ks, buffer)))
 
 
+def _weights_in(
+    store: TensorStore,
+    bs: BlockState,
+    wkind: str,
+    slots: list[int],
+    weights: dict[int, torch.Tensor],
+    sources: dict[str, Any] | None,
+) -> dict[int, torch.Tensor]:
+    """Views of the weights an out-of-place update reads (empty for an in-place one). Parameters it
+    does not update (frozen, or without a gradient) are copied over, so the result is whole."""
+    if not sources or wkind not in sources:
+        return {}
+    source = _views(store, bs, wkind, sources)
+    for slot_index, view in source.items():
+        if slot_index not in slots:
+            weights[slot_index].copy_(view)
+    return source
+
+
 class TorchUpdater(Updater):
     """The user's torch optimizer, stepped for one block's parameters at a time."""
 
@@ -171,8 +194,12 @@ class TorchUpdater(Updater):
         muls: dict[int, list[float]],
         buffers: dict[str, Any] | None = None,
         advance: bool = True,
+        sources: dict[str, Any] | None = None,
     ) -> dict[int, Any]:
         weights = _views(store, bs, wkind, buffers)
+        for slot_index, source in _weights_in(store, bs, wkind, slots, weights, sources).items():
+            if slot_index in slots:  # torch's optimizers step in place: copy the inputs first
+                weights[slot_index].copy_(source)
         grads = _views(store, bs, "grad", buffers)
         touched = []
         for slot_index in slots:
@@ -239,6 +266,7 @@ class NativeAdamUpdater(Updater):
         muls: dict[int, list[float]],
         buffers: dict[str, Any] | None = None,
         advance: bool = True,
+        sources: dict[str, Any] | None = None,
     ) -> dict[int, Any]:
         weights = _views(store, bs, wkind, buffers)
         grads = _views(store, bs, "grad", buffers)
@@ -246,6 +274,7 @@ class NativeAdamUpdater(Updater):
         v = _views(store, bs, "exp_avg_sq", buffers)
         vmax = _views(store, bs, "max_exp_avg_sq", buffers) if self.amsgrad else {}
         out = _views(store, bs, "weight", buffers) if wkind == "master" else {}
+        weights_in = _weights_in(store, bs, wkind, slots, weights, sources)
         changes: dict[int, Any] = {}
         for slot_index in slots:
             param = bs.spec.slots[slot_index].param
@@ -273,6 +302,7 @@ class NativeAdamUpdater(Updater):
                 maximize=bool(group.get("maximize", False)),
                 grad_scale=last,
                 out=out.get(slot_index),
+                param_in=weights_in.get(slot_index),
             )
             changes[id(param)] = step
         if advance:
@@ -321,11 +351,13 @@ class NativeSGDUpdater(Updater):
         muls: dict[int, list[float]],
         buffers: dict[str, Any] | None = None,
         advance: bool = True,
+        sources: dict[str, Any] | None = None,
     ) -> dict[int, Any]:
         weights = _views(store, bs, wkind, buffers)
         grads = _views(store, bs, "grad", buffers)
         bufs = _views(store, bs, "momentum_buffer", buffers) if self.momentum else {}
         out = _views(store, bs, "weight", buffers) if wkind == "master" else {}
+        weights_in = _weights_in(store, bs, wkind, slots, weights, sources)
         changes: dict[int, Any] = {}
         for slot_index in slots:
             param = bs.spec.slots[slot_index].param
@@ -346,6 +378,7 @@ class NativeSGDUpdater(Updater):
                 first_step=first,
                 grad_scale=last,
                 out=out.get(slot_index),
+                param_in=weights_in.get(slot_index),
             )
             if momentum:
                 changes[id(param)] = True
