@@ -38,6 +38,14 @@ __all__ = ["Pipeline", "Placeholders"]
 OnReap = Callable[[BaseException | None], BaseException | None]
 
 
+class _Forgotten(Exception):
+    """Returned by the reap callback of a write whose value nobody wants any more (see
+    :meth:`Pipeline.forget_write`): its failure is not raised."""
+
+
+FORGOTTEN = _Forgotten()
+
+
 class Placeholders:
     """Zero-memory stand-ins for detached parameters: the right shape, dtype and device, backed by
     a single NaN element (so a use outside tierrt's hooks shows up as NaN, not as silent zeros)."""
@@ -128,6 +136,25 @@ class Pipeline:
         ks.on_reap = self._write_landed(ks, new_extent, drop=False)
         self._inflight[id(ks)] = (bs, kind)
 
+    def forget_write(self, bs: BlockState, kind: str) -> None:
+        """The value of ``bs.kind`` being written home is no longer wanted (gradients that
+        ``zero_grad(set_to_none=True)`` forgets): let the write run on instead of waiting for it.
+        When it lands its extent is kept as the kind's (stale) home, or freed if it failed; nothing
+        is marked current and a failure is logged, not raised."""
+        ks = bs.kinds[kind]
+        assert self.is_writing_home(ks), f"{bs.name}.{kind}: no write home in flight"
+        landed = ks.on_reap
+
+        def on_reap(error: BaseException | None) -> BaseException | None:
+            if landed is not None:
+                landed(error)  # extent bookkeeping: the new extent is kept or freed
+            ks.valid.discard(ks.home)
+            if error is not None:
+                log.warning("%s.%s: a write of a forgotten value failed: %s", bs.name, kind, error)
+            return FORGOTTEN
+
+        ks.on_reap = on_reap
+
     def _reap(self, bs: BlockState, kind: str, wait: bool) -> bool:
         """Apply a finished transfer of ``bs.kind``; with ``wait``, wait for it first (a stall).
 
@@ -155,7 +182,7 @@ class Pipeline:
                 f"{src}->{dst}", kind, transfer.nbytes, transfer.finished - transfer.started
             )
         replacement = on_reap(transfer.error) if on_reap is not None else None
-        if transfer.error is not None:
+        if transfer.error is not None and replacement is not FORGOTTEN:
             if replacement is not None and replacement is not transfer.error:
                 raise replacement from transfer.error
             raise transfer.error

@@ -135,8 +135,13 @@ class GradientStore:
         self._forget_factors(bs)
         self._changed(bs.index)
         ks = bs.kinds["grad"]
+        forgotten = False
         if ks.inflight is not None:
-            self.pipeline.wait(bs, "grad")
+            if set_to_none and self.pipeline.is_writing_home(ks):
+                self.pipeline.forget_write(bs, "grad")  # no need to wait for it
+                forgotten = True
+            else:
+                self.pipeline.wait(bs, "grad")
         present = self.present.get(bs.index)
         if not present:
             return
@@ -144,7 +149,10 @@ class GradientStore:
             present.clear()
             ks.valid = set()
             if ks.host is not None and ks.home != "dram":
-                self.store.drop(ks, "dram")
+                if forgotten:
+                    ks.host = None  # the write in flight holds the buffer until it lands
+                else:
+                    self.store.drop(ks, "dram")
             self.pending_blocks.discard(bs.index)
         else:
             self.pipeline.ensure_host(bs, "grad", demand=True)
