@@ -108,6 +108,32 @@ def checkpointed(seed: int = 0, reentrant: bool = False) -> nn.Module:
     return CheckpointedLM(reentrant)
 
 
+class SelfCheckpointingLayer(nn.Sequential):
+    """A layer that checkpoints its own ``forward`` (as transformers' GradientCheckpointingLayer
+    does, to keep module hooks outside the checkpoint): backward recomputes it without any hook."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(super().forward, x, use_reentrant=False)
+        return super().forward(x)
+
+
+def checkpointed_forward(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = TiedLM()
+    for i, layer in enumerate(model.layers):
+        model.layers[i] = SelfCheckpointingLayer(*layer)
+    return model
+
+
+def llama_gradient_checkpointing(seed: int = 0) -> nn.Module:
+    """transformers' own activation checkpointing (it checkpoints each layer's ``forward``)."""
+    model = llama(seed)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    return model
+
+
 def token_batches(count: int, batch: int = 2, seed: int = 1) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     return [torch.randint(0, VOCAB, (batch, SEQ), generator=gen) for _ in range(count)]

@@ -57,6 +57,12 @@ CASES = {
         lambda n: models.token_batches(n),
         models.lm_loss,
     ),
+    "checkpoint_forward": (models.checkpointed_forward, lambda n: models.token_batches(n), models.lm_loss),
+    "llama_gradient_checkpointing": (
+        models.llama_gradient_checkpointing,
+        lambda n: models.token_batches(n),
+        models.lm_loss,
+    ),
 }
 
 OPTIMIZERS = {

@@ -6,10 +6,12 @@ fetch not yet finished) and the post-hook releases them.
 Backward: autograd saves some parameters (or views of them) for backward. A saved-tensor pack hook
 replaces every tensor that views a block's weights by a small reference; the unpack hook acquires
 the block again (fetching it if it was evicted) and rebuilds the view. So backward fetches blocks
-in reverse order exactly when they are needed, activation checkpointing's recomputation works (its
-forward runs the hooks again), and no saved tensor pins a block's memory. A block acquired for
-backward is released once every trainable parameter in it has received its gradient, or when later
-blocks show backward has moved on, and in any case when the backward pass ends.
+in reverse order exactly when they are needed, and no saved tensor pins a block's memory. A hook on
+each hooked module's output also acquires its blocks when backward reaches that output, so
+activation checkpointing works whether it recomputes the module through its hooks
+(``checkpoint(layer, x)``) or not (``checkpoint(layer.forward, x)``, as transformers does). A block
+acquired for backward is released once every trainable parameter in it has received its gradient,
+or when later blocks show backward has moved on, and in any case when the backward pass ends.
 
 Gradients: ``register_post_accumulate_grad_hook`` moves each parameter's gradient to its block's
 gradient buffer (adding to what earlier micro-batches left there) and frees it, so gradients never
@@ -138,8 +140,25 @@ class HookSet:
         def post_hook(module: nn.Module, args: Any, output: Any) -> None:
             for bs in needed:
                 pipeline.release(bs)
+            if torch.is_grad_enabled() and torch._C._current_graph_task_id() < 0:
+                self._acquire_when_backward_reaches(output, needed)
 
         return post_hook
+
+    def _acquire_when_backward_reaches(self, output: Any, needed: list[BlockState]) -> None:
+        """Make ``needed`` resident as soon as backward reaches this module's output, before any
+        node inside the module runs backward. Saved-tensor hooks alone do not cover activation
+        checkpointing that recomputes ``module.forward`` directly (transformers does, to keep module
+        hooks outside the checkpoint): the recomputation reads the parameters with no hook run."""
+        tensor = _first_tensor_requiring_grad(output)
+        if tensor is None:
+            return
+
+        def on_output_grad(grad: torch.Tensor) -> None:
+            for bs in needed:
+                self._backward_acquire(bs)
+
+        tensor.register_hook(on_output_grad)
 
     # ---- saved tensors -------------------------------------------------------------------------
     def _on_attach(self, bs: BlockState) -> None:
@@ -251,3 +270,18 @@ class HookSet:
                 self._grad_counts[bs.index] = count
 
         return grad_hook
+
+
+def _first_tensor_requiring_grad(value: Any, depth: int = 0) -> torch.Tensor | None:
+    """The first tensor requiring grad in a module's output (tensors, tuples, lists, dicts and
+    transformers' ModelOutput, which is a dict)."""
+    if isinstance(value, torch.Tensor):
+        return value if value.requires_grad and value.grad_fn is not None else None
+    if depth > 3:
+        return None
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list | tuple) else ()
+    for item in items:
+        found = _first_tensor_requiring_grad(item, depth + 1)
+        if found is not None:
+            return found
+    return None
