@@ -184,3 +184,46 @@ def test_cxl_tier_between_dram_and_nvme(nvme_dir):
     assert report.total.bytes_by_link["cxl0->dram"] > 0
     assert all(torch.equal(a, b) for a, b in zip(ref, got))
     assert all(torch.equal(a, b) for a, b in zip(reference.parameters(), ours.parameters()))
+
+
+class Staged(nn.Module):
+    """Layers grouped in stages (a ModuleList of ModuleLists, never called themselves), per-layer
+    scales in an nn.ParameterList (parameters held by a container, used by the root's forward) and
+    heads in an nn.ModuleDict."""
+
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(models.VOCAB, width)
+        self.stages = nn.ModuleList(
+            nn.ModuleList(nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width)) for _ in range(2))
+            for _ in range(3)
+        )
+        self.scales = nn.ParameterList(nn.Parameter(torch.full((width,), 0.5)) for _ in range(6))
+        self.heads = nn.ModuleDict({"a": nn.Linear(width, models.VOCAB), "b": nn.Linear(width, models.VOCAB)})
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        i = 0
+        for stage in self.stages:
+            for layer in stage:
+                x = x + layer(x) * self.scales[i]
+                i += 1
+        return self.heads["a"](x) + self.heads["b"](x)
+
+
+def test_nested_layer_lists_and_container_parameters(nvme_dir):
+    torch.manual_seed(0)
+    reference = Staged()
+    ours = copy.deepcopy(reference)
+    data = models.token_batches(3)
+    ref_losses = train(reference, torch.optim.AdamW(reference.parameters(), lr=1e-2), data, models.lm_loss)
+    opt = torch.optim.AdamW(ours.parameters(), lr=1e-2)
+    with tierrt.offload(ours, tiers=tiers_for(ours, nvme_dir), optimizer=opt) as rt:
+        names = [b.name for b in rt.blocks]
+        assert "stages.0.1" in names  # the layers inside the stages are the blocks
+        losses = train(ours, opt, data, models.lm_loss)
+        assert rt.report().total.bytes_by_link["nvme->dram"] > 0
+    for a, b in zip(ref_losses, losses):
+        assert torch.equal(a, b)
+    for (name, a), b in zip(reference.named_parameters(), ours.parameters()):
+        assert torch.equal(a, b), name

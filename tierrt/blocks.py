@@ -5,6 +5,11 @@ parameters: the transformer layers) is one block, and every other module that di
 parameters (embeddings, final norm, head) is a block of its own. ``blocks=`` overrides this with a
 list of modules or a predicate ``(qualified_name, module) -> bool``.
 
+Hooks only run on modules that are called, so containers (``nn.ModuleList``, ``nn.ModuleDict``,
+``nn.ParameterList``: no forward of their own) are looked through: a list of lists yields the inner
+modules as blocks, a container block is hooked at the callable modules inside it, and parameters a
+container holds directly are made resident by its nearest called ancestor (the model at the latest).
+
 A block's parameters are packed back to back in one flat buffer per kind of state (weights,
 gradients, optimizer states), each parameter at an aligned offset, so that one large transfer moves
 the whole block and a parameter is a view into the buffer.
@@ -111,6 +116,32 @@ def _layer_lists(model: nn.Module, total: int) -> list[nn.ModuleList]:
     return chosen
 
 
+def _is_container(module: nn.Module) -> bool:
+    """A module that is never called, only indexed (ModuleList, ModuleDict, ParameterList, ...): it
+    has no forward of its own, so a hook on it would never run."""
+    return type(module).forward is nn.Module.forward
+
+
+def _callable_units(name: str, module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``module`` itself if it can be called, else the callable modules inside it that hold
+    parameters (containers are looked through, recursively)."""
+    if not _is_container(module):
+        return [(name, module)]
+    units: list[tuple[str, nn.Module]] = []
+    for child_name, child in module.named_children():
+        if any(True for _ in child.parameters()):
+            units.extend(_callable_units(f"{name}.{child_name}" if name else child_name, child))
+    return units
+
+
+def _callable_owner(name: str, named: dict[str, nn.Module]) -> nn.Module:
+    """The nearest module at or above ``name`` that is called (the model itself at the latest): the
+    one to hook for parameters held directly by a container (e.g. an ``nn.ParameterList``)."""
+    while name and _is_container(named[name]):
+        name = name.rpartition(".")[0]
+    return named[name]
+
+
 def _unique_params(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
     seen: set[int] = set()
     out = []
@@ -129,7 +160,8 @@ def _select_roots(model: nn.Module, blocks: BlockSelector, total: int) -> list[t
             prefix = names[id(layer_list)]
             for i, child in enumerate(layer_list):
                 if any(True for _ in child.parameters()):
-                    roots.append((f"{prefix}.{i}" if prefix else str(i), child))
+                    # A nested list (layers grouped in stages) is looked through to its layers.
+                    roots.extend(_callable_units(f"{prefix}.{i}" if prefix else str(i), child))
         return roots
     if callable(blocks) and not isinstance(blocks, nn.Module):
         roots = []
@@ -213,12 +245,21 @@ def partition_model(
         if id(p) not in assigned:
             raise HookError(f"parameter {names.get(id(p), '?')} could not be assigned to a block")
 
-    for _, root in roots:
-        needed = sorted({assigned[id(p)] for p in root.parameters()})
-        hook_targets.append((root, needed))
-    for _, module in rest_modules:
-        needed = sorted({assigned[id(p)] for p in module.parameters(recurse=False)})
-        hook_targets.append((module, needed))
+    # Hooks go on modules that are called: a container block root is hooked at the callable modules
+    # inside it, and parameters held directly by a container at its nearest called ancestor.
+    named = dict(model.named_modules())
+    needed_by: dict[int, tuple[nn.Module, set[int]]] = {}
+
+    def hook(module: nn.Module, blocks: Iterable[int]) -> None:
+        needed_by.setdefault(id(module), (module, set()))[1].update(blocks)
+
+    for name, root in roots:
+        needed = {assigned[id(p)] for p in root.parameters()}
+        for _, unit in _callable_units(name, root) or [(name, root)]:
+            hook(unit, needed)
+    for name, module in rest_modules:
+        hook(_callable_owner(name, named), {assigned[id(p)] for p in module.parameters(recurse=False)})
+    hook_targets.extend((module, sorted(needed)) for module, needed in needed_by.values())
 
     for spec in specs:
         for slot in spec.slots:
@@ -246,7 +287,12 @@ def _split_large(roots: list[tuple[str, nn.Module]], max_block_bytes: int) -> li
     out: list[tuple[str, nn.Module]] = []
     for name, root in roots:
         size = sum(p.numel() * p.element_size() for p in _unique_params(root.parameters()))
-        children = [(f"{name}.{n}", c) for n, c in root.named_children() if any(True for _ in c.parameters())]
+        children = [
+            unit
+            for n, c in root.named_children()
+            if any(True for _ in c.parameters())
+            for unit in _callable_units(f"{name}.{n}", c)
+        ]
         if size > max_block_bytes and children:
             # The root's own direct parameters become a rest-block at the root; children split further.
             out.extend(_split_large(children, max_block_bytes))
