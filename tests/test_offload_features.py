@@ -227,3 +227,41 @@ def test_nested_layer_lists_and_container_parameters(nvme_dir):
         assert torch.equal(a, b)
     for (name, a), b in zip(reference.named_parameters(), ours.parameters()):
         assert torch.equal(a, b), name
+
+
+class FunctionalUses(nn.Module):
+    """Parameters used outside a call of their module: positions read as ``self.pos.weight[:n]``
+    (as Whisper's encoder does) and the output projection as ``F.linear(x, self.embed.weight)``."""
+
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(models.VOCAB, width)
+        self.pos = nn.Embedding(models.SEQ, width)
+        self.layers = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width)) for _ in range(4)
+        )
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids) + self.pos.weight[: ids.shape[1]]
+        for layer in self.layers:
+            x = x + layer(x)
+        return torch.nn.functional.linear(x, self.embed.weight)
+
+
+def test_parameters_used_outside_their_module_are_fetched(nvme_dir, caplog):
+    torch.manual_seed(0)
+    reference = FunctionalUses()
+    ours = copy.deepcopy(reference)
+    data = models.token_batches(4)
+    ref_losses = train(reference, torch.optim.SGD(reference.parameters(), lr=0.1), data, models.lm_loss)
+    opt = torch.optim.SGD(ours.parameters(), lr=0.1)
+    budget = streaming_budget(ours, extra_blocks=0, adam=False)
+    with caplog.at_level("WARNING", logger="tierrt"):
+        with tierrt.offload(ours, tiers=[tierrt.dram(budget), tierrt.nvme(nvme_dir)], optimizer=opt):
+            losses = train(ours, opt, data, models.lm_loss)
+    assert "parameter embed.weight is used outside a call of the module" in caplog.text
+    assert "parameter pos.weight is used outside" in caplog.text
+    for a, b in zip(ref_losses, losses):
+        assert torch.equal(a, b)
+    for (name, a), b in zip(reference.named_parameters(), ours.parameters()):
+        assert torch.equal(a, b), name

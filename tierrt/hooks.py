@@ -74,6 +74,14 @@ class HookSet:
         self._callback_tasks: set[int] = set()
         self._grad_counts: dict[int, int] = {}
         self.on_forward_start: Callable[[], None] | None = None
+        # Parameters used outside any call of a module holding them (see _OutOfModuleUses).
+        self._block_of: dict[int, tuple[BlockState, str]] = {}  # id(param) -> (block, name)
+        self._checked_forwards = 2  # forwards still watched for such uses
+        self._use_check: _OutOfModuleUses | None = None
+        self._root_blocks: list[BlockState] = []  # learned: acquired for the whole model forward
+        self._root_held: list[BlockState] = []
+        self._warned: set[int] = set()
+        self._internal = 0  # > 0 while tierrt's own hooks run
 
     # ---- installation --------------------------------------------------------------------------
     def install(self) -> None:
@@ -85,6 +93,10 @@ class HookSet:
                 module.register_forward_hook(self._make_post(needed_blocks), always_call=True)
             )
         self._handles.append(self.model.register_forward_pre_hook(self._root_pre))
+        self._handles.append(self.model.register_forward_hook(self._root_post, always_call=True))
+        for bs in blocks:
+            for slot in bs.spec.slots:
+                self._block_of[id(slot.param)] = (bs, slot.name)
         if self.grads is not None:
             for bs in blocks:
                 for slot in bs.spec.slots:
@@ -101,6 +113,8 @@ class HookSet:
                 self._on_attach(bs)
 
     def remove(self) -> None:
+        if self._use_check is not None:
+            self._root_post(self.model, (), None)
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -118,8 +132,63 @@ class HookSet:
 
     # ---- forward -------------------------------------------------------------------------------
     def _root_pre(self, module: nn.Module, args: Any) -> None:
-        if self.on_forward_start is not None and torch._C._current_graph_task_id() < 0:
+        if torch._C._current_graph_task_id() >= 0:
+            return
+        if self.on_forward_start is not None:
             self.on_forward_start()
+        if self._root_held:  # a previous forward raised before its post-hook: start clean
+            self._root_post(module, args, None)
+        for bs in self._root_blocks:
+            self.pipeline.acquire(bs, "fwd")
+            self._root_held.append(bs)
+        if self._checked_forwards > 0 and self._use_check is None:
+            self._checked_forwards -= 1
+            self._use_check = _OutOfModuleUses(self)
+            self._use_check.__enter__()
+
+    def _root_post(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self._use_check is not None:
+            check, self._use_check = self._use_check, None
+            check.__exit__(None, None, None)
+        while self._root_held:
+            self.pipeline.release(self._root_held.pop())
+
+    def _used(self, func: Any, values: Any) -> None:
+        """A torch function is called on ``values`` during a watched forward: make the block of any
+        offloaded parameter among them resident if no running module holds it."""
+        if self._internal:
+            return
+        for value in values:
+            if isinstance(value, list | tuple):
+                self._used(func, [v for v in value if isinstance(v, nn.Parameter)])
+                continue
+            if not isinstance(value, nn.Parameter):
+                continue
+            entry = self._block_of.get(id(value))
+            if entry is None:
+                continue
+            bs, name = entry
+            if bs.refcount > 0 or bs.pinned:
+                continue
+            if id(value) not in self._warned:
+                self._warned.add(id(value))
+                log.warning(
+                    "parameter %s is used outside a call of the module that holds it (by %s); tierrt "
+                    "now keeps its block %s resident for the whole forward. To stream it with its "
+                    "module instead, use it inside that module's forward, or share the Parameter "
+                    "object with the module that uses it (e.g. head.weight = embed.weight).",
+                    name,
+                    getattr(func, "__name__", func),
+                    bs.name,
+                )
+            if bs not in self._root_blocks:
+                self._root_blocks.append(bs)
+            self._internal += 1
+            try:
+                self.pipeline.acquire(bs, "fwd")  # a synchronous fetch if it was evicted
+            finally:
+                self._internal -= 1
+            self._root_held.append(bs)
 
     def _make_pre(self, needed: list[BlockState]) -> Callable[..., None]:
         pipeline = self.pipeline
@@ -129,8 +198,12 @@ class HookSet:
             phase = "bwd" if in_backward else "fwd"
             if in_backward:
                 self._note_backward()
-            for bs in needed:
-                pipeline.acquire(bs, phase)
+            self._internal += 1  # tierrt's own work (e.g. a deferred update) is not a user's use
+            try:
+                for bs in needed:
+                    pipeline.acquire(bs, phase)
+            finally:
+                self._internal -= 1
 
         return pre_hook
 
@@ -285,3 +358,29 @@ def _first_tensor_requiring_grad(value: Any, depth: int = 0) -> torch.Tensor | N
         if found is not None:
             return found
     return None
+
+
+# Tensor methods that only read metadata, valid on a placeholder: no reason to fetch for them.
+_METADATA = frozenset(
+    {"__get__", "__set__", "size", "dim", "numel", "nelement", "ndimension", "stride", "storage_offset",
+     "is_floating_point", "is_complex", "element_size", "is_contiguous", "__len__", "__hash__"}
+)  # fmt: skip
+
+
+class _OutOfModuleUses(torch.overrides.TorchFunctionMode):
+    """Watches the first forwards for parameters used while no running module holds their block
+    (``F.linear(x, self.embed.weight)`` in a parent's forward, a submodule's weight read directly):
+    such a block would be a placeholder or could be evicted under the op. It is fetched on the spot
+    and, from then on, kept resident for every whole forward (learned once, logged once)."""
+
+    def __init__(self, hooks: HookSet) -> None:
+        super().__init__()
+        self.hooks = hooks
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") not in _METADATA:
+            self.hooks._used(func, args)
+            if kwargs:
+                self.hooks._used(func, list(kwargs.values()))
+        return func(*args, **kwargs)
