@@ -72,6 +72,10 @@ def test_bad_sizes():
         tierrt.dram("64 parsecs")
     with pytest.raises(tierrt.ConfigError):
         tierrt.dram(-5)
+    with pytest.raises(tierrt.ConfigError, match="cannot be negative"):
+        tierrt.dram("-1GiB")
+    with pytest.raises(tierrt.ConfigError, match="cannot read"):
+        tierrt.dram("abc")
 
 
 def test_budget_below_largest_block(nvme_dir):

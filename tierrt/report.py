@@ -132,7 +132,9 @@ class Report:
             lines.append("  no data moved between tiers")
         for label, counters in (("last step", step), ("total", total)):
             wall = counters.wall_seconds
-            frac = f" ({100 * counters.stall_seconds / wall:.1f}%)" if wall > 0 else ""
+            # A fraction of the steps' wall time (stalls while the model was first placed come
+            # before any step and have no such fraction).
+            frac = f" ({100 * counters.stall_seconds / wall:.1f}%)" if wall > 0 and counters.steps else ""
             hits, misses = counters.prefetch_hits, counters.prefetch_misses
             lines.append(
                 f"  {label}: compute waited on I/O {counters.stall_seconds:.3f}s{frac}; "

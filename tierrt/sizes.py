@@ -61,6 +61,8 @@ def parse_size(value: Size, *, what: str = "size") -> int:
     if not isinstance(value, str):
         raise ConfigError(f"{what}: expected a size such as '64GiB' or an int of bytes, got {value!r}")
     match = _PATTERN.match(value)
+    if match is None and value.strip().startswith("-"):
+        raise ConfigError(f"{what}: a size cannot be negative, got {value!r}")
     if match is None:
         raise ConfigError(f"{what}: cannot read {value!r} as a size (examples: '64GiB', '512MiB', 4096)")
     number, unit = match.groups()
