@@ -159,3 +159,34 @@ def test_a_single_tensor_larger_than_the_budget_is_named(nvme_dir):
         with tierrt.offload(model, tiers=[tierrt.dram("2MiB"), tierrt.nvme(nvme_dir)]):
             pass
     assert info.value.tier == "dram"
+
+
+def test_peft_lora_bitwise_and_merge(nvme_dir):
+    """LoRA adapters (peft) on a Llama: only the adapters train, the frozen base streams from NVMe;
+    losses, adapters and the merged model after the context match the run without tierrt."""
+    peft = pytest.importorskip("peft")
+
+    def build():
+        base = models.llama()
+        torch.manual_seed(1)
+        config = peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, init_lora_weights=False
+        )
+        return peft.get_peft_model(base, config)
+
+    data = models.token_batches(3)
+    reference, ours = build(), build()
+    trainable = [p for p in reference.parameters() if p.requires_grad]
+    ref_losses = train(reference, torch.optim.AdamW(trainable, lr=1e-2), data, models.lm_loss)
+    opt = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-2)
+    budget = streaming_budget(ours)
+    with tierrt.offload(ours, tiers=[tierrt.dram(budget), tierrt.nvme(nvme_dir)], optimizer=opt) as rt:
+        losses = train(ours, opt, data, models.lm_loss)
+        assert rt.report().total.bytes_by_link["nvme->dram"] > 0
+    for a, b in zip(ref_losses, losses):
+        assert torch.equal(a, b)
+    for (name, a), b in zip(reference.state_dict().items(), ours.state_dict().values()):
+        assert torch.equal(a, b), name
+    merged_ref, merged = reference.merge_and_unload(), ours.merge_and_unload()
+    for (name, a), b in zip(merged_ref.state_dict().items(), merged.state_dict().values()):
+        assert torch.equal(a, b), name
