@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from tierrt.scheduler.pipeline import Pipeline
 
     from ..grads import GradientStore
-    from ..store import TensorStore
+    from ..store import BlockState, TensorStore
 
 log = logging.getLogger("tierrt.optim")
 
@@ -63,20 +63,85 @@ class BlockwiseOptimizer:
         self.block_of_param = block_of_param
         self.on_step_end = on_step_end
         self.deferred = deferred
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        self.managed_blocks = sorted({block_of_param[id(p)] for p in params if id(p) in block_of_param})
-        self.unmanaged = [p for p in params if id(p) not in block_of_param]
-        if not self.managed_blocks:
-            raise HookError(
-                "the optimizer holds none of the offloaded model's parameters; build it over "
-                "model.parameters()"
-            )
+        self.names: dict[int, str] = {}  # id(param) -> its name in the model, for messages
         self.updater: Updater = choose_updater(optimizer, native)
         self.pipeline: Pipeline | None = None
         self.store: TensorStore | None = None
         self.grads: GradientStore | None = None
         self.updates: OptimizerPipeline | None = None
         self._saved_attrs: dict[str, Any] = {}
+        # id(param) -> (block, slot) of every offloaded parameter with a gradient buffer (it required
+        # grad on entry); known once the blocks exist (bind)
+        self._slots: dict[int, tuple[BlockState, int]] = {}
+        self._index_params()
+        if not self.managed_blocks:
+            raise HookError(
+                "the optimizer holds none of the offloaded model's parameters; build it over "
+                "model.parameters()"
+            )
+
+    def _params(self) -> list[torch.nn.Parameter]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def _index_params(self) -> None:
+        """Learn the optimizer's parameters: which blocks it updates, which of its parameters are
+        not offloaded (stepped plainly), and which group each is in."""
+        params = self._params()
+        block_of_param = self.block_of_param
+        self.managed_blocks = sorted({block_of_param[id(p)] for p in params if id(p) in block_of_param})
+        self.unmanaged = [p for p in params if id(p) not in block_of_param]
+        self.updater.index_groups()
+        if self.updates is not None:
+            self.updates.managed = set(self.managed_blocks)
+
+    def name_of(self, param: torch.Tensor) -> str:
+        """``param``'s name in the model (for messages)."""
+        return self.names.get(id(param)) or f"a parameter of shape {list(param.shape)}"
+
+    def slot_of(self, param: torch.Tensor) -> tuple[BlockState, int]:
+        """The block and slot holding ``param``'s gradient and optimizer state."""
+        return self._slots[id(param)]
+
+    def holds_state_of(self, param: torch.Tensor) -> bool:
+        """Whether ``param``'s optimizer state lives in the tiers (native updater, offloaded, required
+        grad on entry); any other parameter's state stays in ``optimizer.state``."""
+        return self.updater.native and bool(self.updater.state_kinds) and id(param) in self._slots
+
+    # ---- state that exists before entering --------------------------------------------------------
+    def check_existing_state(self) -> None:
+        """Before anything moves: ``optimizer.state`` (steps taken before entering, a loaded
+        checkpoint, an earlier offload()) fits the parameters whose state will live in the tiers.
+        Raises :class:`ConfigError` naming the parameter otherwise."""
+        from .state import check_torch_state
+
+        def will_hold(p: torch.Tensor) -> bool:
+            return bool(self.updater.state_kinds) and id(p) in self.block_of_param and p.requires_grad
+
+        check_torch_state(self, will_hold, self.name_of)
+
+    def bind(self, pipeline: Pipeline) -> None:
+        """The blocks exist: learn where each parameter's gradient and state live."""
+        self.pipeline = pipeline
+        self._slots = {
+            id(slot.param): (bs, slot.index)
+            for bs in pipeline.blocks
+            for slot in bs.spec.slots
+            if bs.trains(slot.index)
+        }
+        self._index_params()
+
+    def import_state(self) -> list[torch.nn.Parameter]:
+        """Move ``optimizer.state`` of the parameters whose state lives in the tiers there (after
+        placement, before the parameters let go of their values). Returns those parameters: call
+        :meth:`release_imported` once the runtime is up to free their torch-side copies."""
+        from .state import import_torch_state
+
+        return import_torch_state(self)
+
+    def release_imported(self, params: list[torch.nn.Parameter]) -> None:
+        from .state import release_torch_state
+
+        release_torch_state(self.optimizer, params)
 
     @property
     def state_kinds(self) -> dict[str, torch.dtype]:
@@ -86,11 +151,13 @@ class BlockwiseOptimizer:
         """Connect to the runtime once the model is placed."""
         from tierrt.scheduler.optimizer import OptimizerPipeline
 
-        self.pipeline, self.store, self.grads = pipeline, store, grads
+        if self.pipeline is not pipeline:
+            self.bind(pipeline)
+        self.store, self.grads = store, grads
         self.updates = OptimizerPipeline(
             pipeline, grads, self.updater, deferred=self.deferred, depth=max(pipeline.depth, 1)
         )
-        self.updates.managed = set(self.managed_blocks)
+        self._index_params()
         pipeline.updates = self.updates
         grads.updates = self.updates
 
@@ -214,6 +281,7 @@ class BlockwiseOptimizer:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         assert self.updates is not None
         self.updates.apply_all()
+        self.updates.commit()
         opt = self.optimizer
         if not self.updater.native:
             type(opt).load_state_dict(opt, state_dict)
