@@ -1,8 +1,10 @@
-"""Optimizer state that exists before entering.
+"""Optimizer state that exists before entering, and parameters that change status inside.
 
 Entering ``tierrt.offload()`` continues from whatever state the optimizer holds — a checkpoint
 loaded with ``load_state_dict``, plain steps taken before, an earlier ``offload()`` of the same
-model — bit for bit as plain torch would, and leaving hands it back.
+model — bit for bit as plain torch would, and leaving hands it back. A parameter frozen on entry
+that requires grad inside is refused with a clear error (never silently left untrained), and a
+param group added inside is trained like torch trains it.
 """
 
 from __future__ import annotations
@@ -163,3 +165,97 @@ def test_state_lacking_what_the_options_need_is_refused(nvme_dir):
     with pytest.raises(tierrt.ConfigError, match="lacks max_exp_avg_sq"):
         with tierrt.offload(model, tiers=tiers(model, nvme_dir), optimizer=opt):
             pass
+
+
+# ---- parameters frozen on entry, param groups added inside --------------------------------------
+def test_unfreezing_inside_is_refused_at_forward_and_step(nvme_dir):
+    """An unfrozen parameter has no gradient buffer or state: a clear error, never silent no-training.
+    Freezing it again lets the run continue exactly like torch with the parameter frozen throughout."""
+    build, batches_fn, loss_fn = CASES["llama"]
+    data = batches_fn(3)
+    reference, ours = build(), build()
+    for model in (reference, ours):
+        model.model.embed_tokens.weight.requires_grad_(False)
+    ref_opt = make_opt("adamw", reference.parameters())
+    ref_losses = run(reference, ref_opt, data, loss_fn)
+    opt = make_opt("adamw", ours.parameters())
+    embedding = ours.model.embed_tokens.weight
+    with tierrt.offload(ours, tiers=tiers(ours, nvme_dir), optimizer=opt):
+        losses = run(ours, opt, data[:1], loss_fn)
+        embedding.requires_grad_(True)
+        with pytest.raises(tierrt.HookError, match="model.embed_tokens.weight did not require grad") as info:
+            loss_fn(ours, data[1])
+        assert info.value.parameters == ["model.embed_tokens.weight"]
+        with pytest.raises(tierrt.HookError, match="model.embed_tokens.weight"):
+            opt.step()
+        assert embedding.grad is None
+        embedding.requires_grad_(False)
+        losses += run(ours, opt, data[1:], loss_fn)
+    assert_same(reference, ref_opt, ref_losses, ours, opt, losses)
+
+
+def test_add_param_group_of_a_parameter_frozen_on_entry_is_refused(nvme_dir):
+    model = models.llama()
+    head = model.lm_head.weight
+    head.requires_grad_(False)
+    opt = make_opt("adamw", [p for p in model.parameters() if p.requires_grad])
+    with tierrt.offload(model, tiers=tiers(model, nvme_dir), optimizer=opt):
+        head.requires_grad_(True)
+        with pytest.raises(tierrt.HookError, match="parameter lm_head.weight did not require grad"):
+            opt.add_param_group({"params": [head], "lr": 1e-3})
+        assert len(opt.param_groups) == 2
+
+
+@pytest.mark.parametrize("opt_kind", ["adamw", "sgd_nesterov"])
+def test_add_param_group_inside_trains_like_torch(opt_kind, nvme_dir):
+    """Parameters trainable on entry but not in the optimizer yet: added after step 1, trained from
+    step 2 on with fresh state; until then they keep their values. (``model.zero_grad()`` before
+    adding: torch's ``opt.zero_grad()`` leaves the gradients of parameters outside the optimizer to
+    accumulate, tierrt's clears every offloaded gradient.)"""
+    build, batches_fn, loss_fn = CASES["llama"]
+    data = batches_fn(3)
+    models_ = [build(), build()]
+    results = []
+    for use in (False, True):
+        model = models_[use]
+        head = model.lm_head.weight
+        opt = make_opt(opt_kind, [p for p in model.parameters() if p is not head])
+        if use:
+            rt = tierrt.offload(model, tiers=tiers(model, nvme_dir), optimizer=opt)
+            rt.start()
+        losses = run(model, opt, data[:1], loss_fn)
+        model.zero_grad()
+        opt.add_param_group({"params": head, "lr": 1e-3})
+        losses += run(model, opt, data[1:], loss_fn)
+        state = copy.deepcopy(opt.state_dict())
+        if use:
+            rt.close()
+        results.append((losses, state))
+    (ref_losses, ref_state), (losses, state) = results
+    assert all(torch.equal(a, b) for a, b in zip(ref_losses, losses))
+    for (n, a), b in zip(models_[0].named_parameters(), models_[1].parameters()):
+        assert torch.equal(a, b), n
+    assert_state_equal(ref_state, state)
+
+
+def test_add_param_group_needing_state_not_laid_out_is_refused(nvme_dir):
+    model = models.llama()
+    head = model.lm_head.weight
+    opt = torch.optim.Adam([p for p in model.parameters() if p is not head], lr=1e-3)
+    with tierrt.offload(model, tiers=tiers(model, nvme_dir), optimizer=opt):
+        with pytest.raises(tierrt.ConfigError, match="amsgrad=True in a new group"):
+            opt.add_param_group({"params": [head], "amsgrad": True})
+        assert len(opt.param_groups) == 1
+
+
+def test_trainable_parameters_left_out_of_the_optimizer_keep_their_values(nvme_dir):
+    """Only the weights are in the optimizer; the biases of the same blocks require grad too."""
+    build, batches_fn, loss_fn = CASES["mlp"]
+    data = batches_fn(3)
+    reference, ours = build(), build()
+    ref_opt = torch.optim.AdamW([p for p in reference.parameters() if p.dim() > 1], lr=1e-2)
+    opt = torch.optim.AdamW([p for p in ours.parameters() if p.dim() > 1], lr=1e-2)
+    ref_losses = run(reference, ref_opt, data, loss_fn)
+    with tierrt.offload(ours, tiers=tiers(ours, nvme_dir), optimizer=opt):
+        losses = run(ours, opt, data, loss_fn)
+    assert_same(reference, ref_opt, ref_losses, ours, opt, losses)

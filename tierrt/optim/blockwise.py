@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import ConfigError, HookError
+from ..hooks import unfrozen_error
 from .updaters import HyperSnapshot, Updater, choose_updater
 
 if TYPE_CHECKING:
@@ -39,7 +40,7 @@ log = logging.getLogger("tierrt.optim")
 __all__ = ["BlockwiseOptimizer"]
 
 _MISSING = object()
-_PATCHED = ("step", "zero_grad", "state_dict", "load_state_dict")
+_PATCHED = ("step", "zero_grad", "state_dict", "load_state_dict", "add_param_group")
 
 
 class BlockwiseOptimizer:
@@ -85,14 +86,17 @@ class BlockwiseOptimizer:
 
     def _index_params(self) -> None:
         """Learn the optimizer's parameters: which blocks it updates, which of its parameters are
-        not offloaded (stepped plainly), and which group each is in."""
+        not offloaded (stepped plainly), and which group each is in. Again after add_param_group."""
         params = self._params()
         block_of_param = self.block_of_param
         self.managed_blocks = sorted({block_of_param[id(p)] for p in params if id(p) in block_of_param})
         self.unmanaged = [p for p in params if id(p) not in block_of_param]
+        # offloaded parameters of the optimizer without a gradient buffer (frozen on entry)
+        self.untrainable = [p for p in params if id(p) in block_of_param and id(p) not in self._slots]
         self.updater.index_groups()
         if self.updates is not None:
             self.updates.managed = set(self.managed_blocks)
+            self.updates.members = {id(p) for p in params}
 
     def name_of(self, param: torch.Tensor) -> str:
         """``param``'s name in the model (for messages)."""
@@ -184,11 +188,15 @@ class BlockwiseOptimizer:
         def load_state_dict(self: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:
             owner.load_state_dict(state_dict)
 
+        def add_param_group(self: torch.optim.Optimizer, param_group: dict[str, Any]) -> None:
+            owner.add_param_group(param_group)
+
         for name, fn in (
             ("step", step),
             ("zero_grad", zero_grad),
             ("state_dict", state_dict),
             ("load_state_dict", load_state_dict),
+            ("add_param_group", add_param_group),
         ):
             setattr(opt, name, types.MethodType(fn, opt))
 
@@ -221,6 +229,7 @@ class BlockwiseOptimizer:
     # ---- step ------------------------------------------------------------------------------------
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         assert self.updates is not None and self.pipeline is not None
+        self.check_trainable()
         opt = self.optimizer
         loss = None
         if closure is not None:
@@ -264,6 +273,40 @@ class BlockwiseOptimizer:
         finally:
             for p, grad in hidden.items():
                 p.grad = grad
+
+    # ---- parameters frozen on entry ---------------------------------------------------------------
+    def check_trainable(self) -> None:
+        """Raise :class:`HookError` when a parameter of the optimizer that was frozen on entry (it
+        has no gradient buffer or optimizer state in the tiers) requires grad or has a gradient now:
+        tierrt could not train it, and must not skip it silently."""
+        wrong = [p for p in self.untrainable if p.requires_grad or p.grad is not None]
+        if wrong:
+            raise unfrozen_error([self.name_of(p) for p in wrong])
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """``optimizer.add_param_group()`` inside the context. Offloaded parameters that required
+        grad on entry are updated from the next step on (their state starts fresh, as in torch); one
+        frozen on entry that requires grad now is refused (:class:`HookError`), as are options the
+        native kernel did not lay out state for on entry (:class:`ConfigError`)."""
+        opt = self.optimizer
+        wrong = [
+            p
+            for p in _group_tensors(param_group)
+            if id(p) in self.block_of_param and id(p) not in self._slots and p.requires_grad
+        ]
+        if wrong:
+            raise unfrozen_error([self.name_of(p) for p in wrong])
+        if self.updates is not None:
+            self.updates.apply_all()  # pending updates were recorded with the old groups
+        type(opt).add_param_group(opt, param_group)
+        refusal = self.updater.refuses_group(opt.param_groups[-1])
+        if refusal is not None:
+            opt.param_groups.pop()
+            raise ConfigError(
+                f"add_param_group inside tierrt.offload(): {refusal}. Create the optimizer with every "
+                "param group before entering"
+            )
+        self._index_params()
 
     # ---- state -----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -311,6 +354,19 @@ class BlockwiseOptimizer:
                 k: (v.to(p.device) if isinstance(v, torch.Tensor) and v.dim() > 0 else v)
                 for k, v in state.items()
             }
+
+
+def _group_tensors(param_group: dict[str, Any]) -> list[Any]:
+    """The parameters of a group being added, as torch will read them: a tensor, or a list of
+    tensors or of (name, tensor) pairs. An iterator is made a list in place (torch does the same),
+    so reading it here does not use it up."""
+    params = param_group["params"]
+    if isinstance(params, torch.Tensor):
+        return [params]
+    if isinstance(params, set):
+        return []  # torch refuses sets (unordered) with its own error
+    params = param_group["params"] = list(params)
+    return [p[1] if isinstance(p, tuple) else p for p in params]
 
 
 def check_optimizer_matches(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:

@@ -155,6 +155,10 @@ class Updater:
     def forget_counters(self) -> None:
         """Every parameter starts from fresh state again (before loading a whole state dict)."""
 
+    def refuses_group(self, group: dict[str, Any]) -> str | None:
+        """Why a param group added after entering cannot be stepped here (None when it can)."""
+        return None
+
 
 def _scaled(grad: torch.Tensor, factors: list[float]) -> tuple[torch.Tensor, float]:
     """The gradient after all multipliers but the last (on a copy), and the last one."""
@@ -295,6 +299,14 @@ class NativeAdamUpdater(Updater):
     def forget_counters(self) -> None:
         self.steps.clear()
 
+    def refuses_group(self, group: dict[str, Any]) -> str | None:
+        if group.get("amsgrad", False) and "max_exp_avg_sq" not in self.state_kinds:
+            return (
+                "amsgrad=True in a new group, but no group had it on entering, so the tiers hold no "
+                "max_exp_avg_sq"
+            )
+        return group_refusal(group)
+
     def apply(
         self,
         store: TensorStore,
@@ -391,6 +403,14 @@ class NativeSGDUpdater(Updater):
     def forget_counters(self) -> None:
         self.has_buffer.clear()
 
+    def refuses_group(self, group: dict[str, Any]) -> str | None:
+        if float(group.get("momentum", 0.0)) != 0.0 and not self.momentum:
+            return (
+                "momentum in a new group, but no group had it on entering, so the tiers hold no "
+                "momentum_buffer"
+            )
+        return group_refusal(group)
+
     def apply(
         self,
         store: TensorStore,
@@ -474,21 +494,29 @@ def _native_refusal(optimizer: torch.optim.Optimizer) -> str | None:
     if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD):
         return f"{type(optimizer).__name__} has no native kernel (Adam, AdamW and SGD do)"
     for group in optimizer.param_groups:
-        for flag in ("fused", "foreach"):
-            if group.get(flag):
-                return f"{flag}=True asks for torch's own {flag} arithmetic"
-        for flag in ("capturable", "differentiable"):
-            if group.get(flag):
-                return f"{flag}=True is not supported by the native kernel"
-        for key, value in group.items():
-            if key != "params" and isinstance(value, torch.Tensor):
-                return f"tensor-valued hyperparameter {key}"
-            if key == "betas" and any(isinstance(b, torch.Tensor) for b in value):
-                return "tensor-valued betas"
-        for p in group["params"]:
-            if p.dtype != torch.float32 and not p.is_meta:
-                return (
-                    f"parameters in {p.dtype} (the native kernel keeps fp32 master weights; pass "
-                    "compute_dtype= for low-precision compute)"
-                )
+        reason = group_refusal(group)
+        if reason is not None:
+            return reason
+    return None
+
+
+def group_refusal(group: dict[str, Any]) -> str | None:
+    """Why the native kernel cannot step this param group (None when it can)."""
+    for flag in ("fused", "foreach"):
+        if group.get(flag):
+            return f"{flag}=True asks for torch's own {flag} arithmetic"
+    for flag in ("capturable", "differentiable"):
+        if group.get(flag):
+            return f"{flag}=True is not supported by the native kernel"
+    for key, value in group.items():
+        if key != "params" and isinstance(value, torch.Tensor):
+            return f"tensor-valued hyperparameter {key}"
+        if key == "betas" and any(isinstance(b, torch.Tensor) for b in value):
+            return "tensor-valued betas"
+    for p in group["params"]:
+        if p.dtype != torch.float32 and not p.is_meta:
+            return (
+                f"parameters in {p.dtype} (the native kernel keeps fp32 master weights; pass "
+                "compute_dtype= for low-precision compute)"
+            )
     return None
