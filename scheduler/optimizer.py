@@ -67,7 +67,8 @@ class OptimizerPipeline:
         self.pending: dict[int, PendingUpdate] = {}
         self.order: list[int] = []  # pending blocks in the order they will be applied
         self.zero_after: dict[int, bool] = {}  # block -> set_to_none of a zero_grad() that came meanwhile
-        self.managed: set[int] = set()
+        self.managed: set[int] = set()  # blocks holding parameters of the optimizer
+        self.members: set[int] | None = None  # id() of the optimizer's parameters (None: all)
         # Step transaction: NVMe-homed state changed by the open step keeps its previous extent until
         # every block's update is home (commit), so a failed write can restore the previous step.
         self.transactional = updater.transactional and pipeline.store.nvme is not None
@@ -104,7 +105,8 @@ class OptimizerPipeline:
         self.commit()
         self.step_number += 1
         now = time.perf_counter()
-        candidates = [index for index in blocks if self.grads.present.get(index)]
+        updatable = {index: self.updatable(index) for index in blocks}
+        candidates = [index for index in blocks if updatable[index]]
         used_multipliers = any(key[0] in candidates for key in self.grads.muls)
         if self.transactional and candidates:
             self._open_step(candidates)
@@ -112,13 +114,13 @@ class OptimizerPipeline:
         for index in candidates:
             if self.speculator.commit(index, hyper):
                 continue  # updated during backward already
-            present = self.grads.present[index]
+            slots = updatable[index]
             muls = {
                 slot: list(self.grads.muls[(index, slot)])
-                for slot in present
+                for slot in slots
                 if (index, slot) in self.grads.muls
             }
-            self.pending[index] = PendingUpdate(index, sorted(present), hyper, muls, now)
+            self.pending[index] = PendingUpdate(index, slots, hyper, muls, now)
             self.order.append(index)
         self.speculator.discard_all()
         self.speculator.on_step(used_multipliers)
@@ -131,6 +133,17 @@ class OptimizerPipeline:
 
     def has_pending(self, index: int) -> bool:
         return index in self.pending
+
+    def updatable(self, index: int) -> list[int]:
+        """Slots of block ``index`` a step updates: those with a gradient whose parameter is the
+        optimizer's (a trainable parameter left out of it keeps its value, as in torch)."""
+        present = self.grads.present.get(index)
+        if not present:
+            return []
+        if self.members is None:
+            return sorted(present)
+        slots = self.pipeline.blocks[index].spec.slots
+        return sorted(i for i in present if id(slots[i].param) in self.members)
 
     # ---- application -----------------------------------------------------------------------------
     def prefetch_next(self, current: int | None) -> None:

@@ -97,9 +97,9 @@ class Speculator:
         if owner.has_pending(bs.index) or bs.index not in owner.managed:
             return
         grads = owner.grads
-        present = grads.present.get(bs.index)
+        slots = owner.updatable(bs.index)
         gks = bs.kinds["grad"]
-        if not present or gks.host is None or "dram" not in gks.valid:
+        if not slots or gks.host is None or "dram" not in gks.valid:
             return
         if any(key[0] == bs.index for key in grads.muls):
             return
@@ -144,9 +144,7 @@ class Speculator:
                     return
                 extents[kind] = extent
         buffers["grad"] = gks.host
-        spec = Speculation(
-            bs.index, sorted(present), self._hyper, grads.generation(bs.index), buffers, extents
-        )
+        spec = Speculation(bs.index, slots, self._hyper, grads.generation(bs.index), buffers, extents)
         spec.job = self._submit(bs, spec, kinds)
         self.specs[bs.index] = spec
 
@@ -246,7 +244,7 @@ class Speculator:
             and not (write is not None and write.done() and write.error is not None)
             and spec.hyper.same_as(hyper)
             and grads.generation(index) == spec.grad_generation
-            and sorted(grads.present.get(index, ())) == spec.slots
+            and owner.updatable(index) == spec.slots
             and not any(key[0] == index for key in grads.muls)
         )
         if not valid:

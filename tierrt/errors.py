@@ -70,7 +70,8 @@ class TierCapacityError(TierrtError, MemoryError):
 
 class HookError(TierrtError, RuntimeError):
     """A model (or a use of it) that tierrt's hooks cannot handle: no parameters, entering twice,
-    a parameter shared with another offloaded model, a parameter used where it is not resident."""
+    a parameter shared with another offloaded model, a parameter used where it is not resident, a
+    parameter frozen on entry that requires grad inside the context (attribute ``parameters``)."""
 
 
 class CorruptStoreError(TierrtError, RuntimeError):

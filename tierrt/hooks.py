@@ -38,7 +38,23 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tierrt.hooks")
 
-__all__ = ["HookSet", "SavedWeightRef"]
+__all__ = ["HookSet", "SavedWeightRef", "unfrozen_error"]
+
+
+def unfrozen_error(names: list[str]) -> HookError:
+    """The error for parameters that did not require grad on entering tierrt.offload() and require
+    it (or have a gradient) now."""
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    one = len(names) == 1
+    what, it, now = ("parameter", "it", "it requires") if one else ("parameters", "them", "they require")
+    return HookError(
+        f"{what} {shown} did not require grad when tierrt.offload() was entered, so tierrt keeps no "
+        f"gradient or optimizer state for {it} and cannot train {it}, but {now} grad now "
+        "(requires_grad_(True) or add_param_group inside the with-block). Set requires_grad on every "
+        "parameter to train before entering tierrt.offload(): leave the with-block, unfreeze, and "
+        "enter again",
+        parameters=names,
+    )
 
 
 @dataclass(frozen=True)
@@ -82,6 +98,8 @@ class HookSet:
         self._root_held: list[BlockState] = []
         self._warned: set[int] = set()
         self._internal = 0  # > 0 while tierrt's own hooks run
+        # (name, param) of parameters without a gradient buffer (frozen on entry) while training
+        self.untrained: list[tuple[str, nn.Parameter]] = []
 
     # ---- installation --------------------------------------------------------------------------
     def install(self) -> None:
@@ -100,10 +118,12 @@ class HookSet:
         if self.grads is not None:
             for bs in blocks:
                 for slot in bs.spec.slots:
-                    if slot.param.requires_grad:
+                    if bs.trains(slot.index):
                         self._handles.append(
                             slot.param.register_post_accumulate_grad_hook(self._make_grad_hook(bs, slot))
                         )
+                    else:
+                        self.untrained.append((slot.name, slot.param))
         self._saved_hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         self._saved_hooks.__enter__()
         self.pipeline.on_attach = self._on_attach
@@ -134,6 +154,8 @@ class HookSet:
     def _root_pre(self, module: nn.Module, args: Any) -> None:
         if torch._C._current_graph_task_id() >= 0:
             return
+        if self.untrained and torch.is_grad_enabled():
+            self.check_untrained()
         if self.on_forward_start is not None:
             self.on_forward_start()
         if self._root_held:  # a previous forward raised before its post-hook: start clean
@@ -189,6 +211,13 @@ class HookSet:
             finally:
                 self._internal -= 1
             self._root_held.append(bs)
+
+    def check_untrained(self) -> None:
+        """Raise :class:`HookError` when a parameter frozen on entry requires grad now: it has no
+        gradient buffer or optimizer state, so it would be silently left untrained."""
+        wrong = [name for name, p in self.untrained if p.requires_grad]
+        if wrong:
+            raise unfrozen_error(wrong)
 
     def _make_pre(self, needed: list[BlockState]) -> Callable[..., None]:
         pipeline = self.pipeline

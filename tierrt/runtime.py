@@ -270,6 +270,9 @@ class Runtime:
             raise HookError("an optimizer was given but no parameter of the model requires grad")
         partition, placement, blockwise = self._plan(model, params, compute, budgets)
         self.partition, self.placement = partition, placement
+        if blockwise is not None:
+            blockwise.names = {key: names[0] for key, names in self._aliases.items()}
+            blockwise.check_existing_state()  # state from before entering: fits, or fail now
         log.info("tierrt placement: %s", placement.describe())
 
         # Create tiers: paths are checked (and swap files preallocated) before anything moves.
@@ -348,6 +351,8 @@ class Runtime:
             self.pipeline = Pipeline(store, compute, compute_device, placement.depth, self.counters, spans)
             self.pipeline.update_reserve = placement.update_reserve
             self._place(store, partition, placement, compute_device)
+            imported = self._import_optimizer_state(blockwise)
+            self._let_go(store, compute_device)
         except BaseException:
             self._unplace_after_failure()
             raise
@@ -367,6 +372,9 @@ class Runtime:
             if not getattr(self, "_step_atomic", False):
                 blockwise.updates.transactional = False
             blockwise.install()
+            if imported:
+                blockwise.release_imported(imported)  # the tiers hold that state now
+                _trim_heap()
             self.blockwise = blockwise
         self._slot_index = {id(slot.param): (bs, slot.index) for bs in store.blocks for slot in bs.spec.slots}
         self._patch_model()
@@ -517,7 +525,8 @@ class Runtime:
     def _place(
         self, store: TensorStore, partition: Partition, placement: Placement, compute_device: torch.device
     ) -> None:
-        """Copy every parameter into its block's home buffers, then let go of the originals.
+        """Copy every parameter into its block's home buffers (:meth:`_let_go` then drops the
+        originals).
 
         The original tensors are dropped only after every block is safely home, so a failure part way
         (a full disk, an I/O error) leaves the model exactly as it was."""
@@ -560,8 +569,20 @@ class Runtime:
         finally:
             bar.close()
         _trim_heap()  # temporaries of the placement (initialised blocks) go back to the OS
-        # Everything is home: parameters now view their block (resident) or a placeholder. A meta
-        # parameter first becomes a real one (same Python object, so optimizers and modules keep it).
+
+    def _import_optimizer_state(self, blockwise: BlockwiseOptimizer | None) -> list[nn.Parameter]:
+        """The optimizer's state from before entering (steps taken, a loaded checkpoint, an earlier
+        offload()) goes into the tiers, so training continues where it was. Runs while the
+        parameters still hold their values, so a failure leaves everything as it was."""
+        if blockwise is None:
+            return []
+        blockwise.bind(self.pipeline)
+        return blockwise.import_state()
+
+    def _let_go(self, store: TensorStore, compute_device: torch.device) -> None:
+        """Everything is home: parameters now view their block (resident) or a placeholder. A meta
+        parameter first becomes a real one (same Python object, so optimizers and modules keep it)."""
+        pipeline = self.pipeline
         for bs in store.blocks:
             for slot in bs.spec.slots:
                 if slot.param.is_meta:

@@ -344,6 +344,12 @@ class BlockState:
     def name(self) -> str:
         return self.spec.name
 
+    def trains(self, slot_index: int) -> bool:
+        """Whether slot ``slot_index`` has a gradient buffer (and optimizer state) here: its
+        parameter required grad when the model was placed. Layouts are fixed then."""
+        grad = self.kinds.get("grad")
+        return grad is not None and grad.layout.position(slot_index) is not None
+
 
 class TensorStore:
     """The blocks' state across tiers, with the primitive copies between them.

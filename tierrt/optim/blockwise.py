@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import ConfigError, HookError
+from ..hooks import unfrozen_error
 from .updaters import HyperSnapshot, Updater, choose_updater
 
 if TYPE_CHECKING:
@@ -32,14 +33,14 @@ if TYPE_CHECKING:
     from tierrt.scheduler.pipeline import Pipeline
 
     from ..grads import GradientStore
-    from ..store import TensorStore
+    from ..store import BlockState, TensorStore
 
 log = logging.getLogger("tierrt.optim")
 
 __all__ = ["BlockwiseOptimizer"]
 
 _MISSING = object()
-_PATCHED = ("step", "zero_grad", "state_dict", "load_state_dict")
+_PATCHED = ("step", "zero_grad", "state_dict", "load_state_dict", "add_param_group")
 
 
 class BlockwiseOptimizer:
@@ -63,20 +64,88 @@ class BlockwiseOptimizer:
         self.block_of_param = block_of_param
         self.on_step_end = on_step_end
         self.deferred = deferred
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        self.managed_blocks = sorted({block_of_param[id(p)] for p in params if id(p) in block_of_param})
-        self.unmanaged = [p for p in params if id(p) not in block_of_param]
-        if not self.managed_blocks:
-            raise HookError(
-                "the optimizer holds none of the offloaded model's parameters; build it over "
-                "model.parameters()"
-            )
+        self.names: dict[int, str] = {}  # id(param) -> its name in the model, for messages
         self.updater: Updater = choose_updater(optimizer, native)
         self.pipeline: Pipeline | None = None
         self.store: TensorStore | None = None
         self.grads: GradientStore | None = None
         self.updates: OptimizerPipeline | None = None
         self._saved_attrs: dict[str, Any] = {}
+        # id(param) -> (block, slot) of every offloaded parameter with a gradient buffer (it required
+        # grad on entry); known once the blocks exist (bind)
+        self._slots: dict[int, tuple[BlockState, int]] = {}
+        self._index_params()
+        if not self.managed_blocks:
+            raise HookError(
+                "the optimizer holds none of the offloaded model's parameters; build it over "
+                "model.parameters()"
+            )
+
+    def _params(self) -> list[torch.nn.Parameter]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def _index_params(self) -> None:
+        """Learn the optimizer's parameters: which blocks it updates, which of its parameters are
+        not offloaded (stepped plainly), and which group each is in. Again after add_param_group."""
+        params = self._params()
+        block_of_param = self.block_of_param
+        self.managed_blocks = sorted({block_of_param[id(p)] for p in params if id(p) in block_of_param})
+        self.unmanaged = [p for p in params if id(p) not in block_of_param]
+        # offloaded parameters of the optimizer without a gradient buffer (frozen on entry)
+        self.untrainable = [p for p in params if id(p) in block_of_param and id(p) not in self._slots]
+        self.updater.index_groups()
+        if self.updates is not None:
+            self.updates.managed = set(self.managed_blocks)
+            self.updates.members = {id(p) for p in params}
+
+    def name_of(self, param: torch.Tensor) -> str:
+        """``param``'s name in the model (for messages)."""
+        return self.names.get(id(param)) or f"a parameter of shape {list(param.shape)}"
+
+    def slot_of(self, param: torch.Tensor) -> tuple[BlockState, int]:
+        """The block and slot holding ``param``'s gradient and optimizer state."""
+        return self._slots[id(param)]
+
+    def holds_state_of(self, param: torch.Tensor) -> bool:
+        """Whether ``param``'s optimizer state lives in the tiers (native updater, offloaded, required
+        grad on entry); any other parameter's state stays in ``optimizer.state``."""
+        return self.updater.native and bool(self.updater.state_kinds) and id(param) in self._slots
+
+    # ---- state that exists before entering --------------------------------------------------------
+    def check_existing_state(self) -> None:
+        """Before anything moves: ``optimizer.state`` (steps taken before entering, a loaded
+        checkpoint, an earlier offload()) fits the parameters whose state will live in the tiers.
+        Raises :class:`ConfigError` naming the parameter otherwise."""
+        from .state import check_torch_state
+
+        def will_hold(p: torch.Tensor) -> bool:
+            return bool(self.updater.state_kinds) and id(p) in self.block_of_param and p.requires_grad
+
+        check_torch_state(self, will_hold, self.name_of)
+
+    def bind(self, pipeline: Pipeline) -> None:
+        """The blocks exist: learn where each parameter's gradient and state live."""
+        self.pipeline = pipeline
+        self._slots = {
+            id(slot.param): (bs, slot.index)
+            for bs in pipeline.blocks
+            for slot in bs.spec.slots
+            if bs.trains(slot.index)
+        }
+        self._index_params()
+
+    def import_state(self) -> list[torch.nn.Parameter]:
+        """Move ``optimizer.state`` of the parameters whose state lives in the tiers there (after
+        placement, before the parameters let go of their values). Returns those parameters: call
+        :meth:`release_imported` once the runtime is up to free their torch-side copies."""
+        from .state import import_torch_state
+
+        return import_torch_state(self)
+
+    def release_imported(self, params: list[torch.nn.Parameter]) -> None:
+        from .state import release_torch_state
+
+        release_torch_state(self.optimizer, params)
 
     @property
     def state_kinds(self) -> dict[str, torch.dtype]:
@@ -86,11 +155,13 @@ class BlockwiseOptimizer:
         """Connect to the runtime once the model is placed."""
         from tierrt.scheduler.optimizer import OptimizerPipeline
 
-        self.pipeline, self.store, self.grads = pipeline, store, grads
+        if self.pipeline is not pipeline:
+            self.bind(pipeline)
+        self.store, self.grads = store, grads
         self.updates = OptimizerPipeline(
             pipeline, grads, self.updater, deferred=self.deferred, depth=max(pipeline.depth, 1)
         )
-        self.updates.managed = set(self.managed_blocks)
+        self._index_params()
         pipeline.updates = self.updates
         grads.updates = self.updates
 
@@ -117,11 +188,15 @@ class BlockwiseOptimizer:
         def load_state_dict(self: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:
             owner.load_state_dict(state_dict)
 
+        def add_param_group(self: torch.optim.Optimizer, param_group: dict[str, Any]) -> None:
+            owner.add_param_group(param_group)
+
         for name, fn in (
             ("step", step),
             ("zero_grad", zero_grad),
             ("state_dict", state_dict),
             ("load_state_dict", load_state_dict),
+            ("add_param_group", add_param_group),
         ):
             setattr(opt, name, types.MethodType(fn, opt))
 
@@ -154,6 +229,7 @@ class BlockwiseOptimizer:
     # ---- step ------------------------------------------------------------------------------------
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         assert self.updates is not None and self.pipeline is not None
+        self.check_trainable()
         opt = self.optimizer
         loss = None
         if closure is not None:
@@ -198,6 +274,40 @@ class BlockwiseOptimizer:
             for p, grad in hidden.items():
                 p.grad = grad
 
+    # ---- parameters frozen on entry ---------------------------------------------------------------
+    def check_trainable(self) -> None:
+        """Raise :class:`HookError` when a parameter of the optimizer that was frozen on entry (it
+        has no gradient buffer or optimizer state in the tiers) requires grad or has a gradient now:
+        tierrt could not train it, and must not skip it silently."""
+        wrong = [p for p in self.untrainable if p.requires_grad or p.grad is not None]
+        if wrong:
+            raise unfrozen_error([self.name_of(p) for p in wrong])
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """``optimizer.add_param_group()`` inside the context. Offloaded parameters that required
+        grad on entry are updated from the next step on (their state starts fresh, as in torch); one
+        frozen on entry that requires grad now is refused (:class:`HookError`), as are options the
+        native kernel did not lay out state for on entry (:class:`ConfigError`)."""
+        opt = self.optimizer
+        wrong = [
+            p
+            for p in _group_tensors(param_group)
+            if id(p) in self.block_of_param and id(p) not in self._slots and p.requires_grad
+        ]
+        if wrong:
+            raise unfrozen_error([self.name_of(p) for p in wrong])
+        if self.updates is not None:
+            self.updates.apply_all()  # pending updates were recorded with the old groups
+        type(opt).add_param_group(opt, param_group)
+        refusal = self.updater.refuses_group(opt.param_groups[-1])
+        if refusal is not None:
+            opt.param_groups.pop()
+            raise ConfigError(
+                f"add_param_group inside tierrt.offload(): {refusal}. Create the optimizer with every "
+                "param group before entering"
+            )
+        self._index_params()
+
     # ---- state -----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """torch's format: {"state": {index: {...}}, "param_groups": [...]} with every tensor read
@@ -214,6 +324,7 @@ class BlockwiseOptimizer:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         assert self.updates is not None
         self.updates.apply_all()
+        self.updates.commit()
         opt = self.optimizer
         if not self.updater.native:
             type(opt).load_state_dict(opt, state_dict)
@@ -243,6 +354,19 @@ class BlockwiseOptimizer:
                 k: (v.to(p.device) if isinstance(v, torch.Tensor) and v.dim() > 0 else v)
                 for k, v in state.items()
             }
+
+
+def _group_tensors(param_group: dict[str, Any]) -> list[Any]:
+    """The parameters of a group being added, as torch will read them: a tensor, or a list of
+    tensors or of (name, tensor) pairs. An iterator is made a list in place (torch does the same),
+    so reading it here does not use it up."""
+    params = param_group["params"]
+    if isinstance(params, torch.Tensor):
+        return [params]
+    if isinstance(params, set):
+        return []  # torch refuses sets (unordered) with its own error
+    params = param_group["params"] = list(params)
+    return [p[1] if isinstance(p, tuple) else p for p in params]
 
 
 def check_optimizer_matches(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:

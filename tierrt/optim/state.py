@@ -1,55 +1,194 @@
-"""Optimizer state in torch's own ``state_dict`` format, read from and written to the tiers."""
+"""Optimizer state in torch's own format, read from and written to the tiers.
+
+Three ways in and one way out, all in the format of ``torch.optim.Adam/AdamW/SGD.state_dict()``:
+
+- :func:`check_torch_state` / :func:`import_torch_state`: on entering ``tierrt.offload()``, the
+  state the optimizer already holds (steps taken before, ``load_state_dict`` of a checkpoint, an
+  earlier ``offload()`` of the same model) moves into the tiers, so training continues exactly
+  where it was; the torch-side tensors are then let go.
+- :func:`load_native_state_dict`: ``optimizer.load_state_dict()`` inside the context.
+- :func:`native_state_dict`: ``optimizer.state_dict()`` inside the context, and on exit (the state
+  goes back to ``optimizer.state``).
+
+Only the offloaded parameters that required grad on entry have state in the tiers; any other
+parameter's state stays in ``optimizer.state`` as torch keeps it.
+"""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..errors import ConfigError
-from .updaters import NativeAdamUpdater, NativeSGDUpdater
+from .updaters import Updater, step_count
 
 if TYPE_CHECKING:
+    from tierrt.scheduler.pipeline import Pipeline
+
+    from ..store import BlockState
     from .blockwise import BlockwiseOptimizer
 
-__all__ = ["native_state_dict", "load_native_state_dict"]
+log = logging.getLogger("tierrt.optim")
 
+__all__ = [
+    "native_state_dict",
+    "load_native_state_dict",
+    "check_torch_state",
+    "import_torch_state",
+    "release_torch_state",
+]
 
-def _slot_of(bw: BlockwiseOptimizer, param: torch.nn.Parameter) -> tuple[Any, int]:
-    assert bw.pipeline is not None
-    bs = bw.pipeline.blocks[bw.block_of_param[id(param)]]
-    for slot in bs.spec.slots:
-        if slot.param is param:
-            return bs, slot.index
-    raise AssertionError("parameter not in its block")
+Entry = dict[str, Any]
 
 
 def _params(opt: torch.optim.Optimizer) -> list[torch.nn.Parameter]:
     return [p for group in opt.param_groups for p in group["params"]]
 
 
+def _groups_of(opt: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """The param group of every parameter, in ``state_dict`` order."""
+    return [group for group in opt.param_groups for _ in group["params"]]
+
+
+# ---- checks -------------------------------------------------------------------------------------
+def check_entry(
+    updater: Updater, param: torch.Tensor, group: dict[str, Any], entry: Entry, name: str
+) -> None:
+    """Raise :class:`ConfigError` unless ``entry`` (torch's state of ``param``) can be continued by
+    the native ``updater``: every key torch's optimizer needs, each state tensor shaped like the
+    parameter, a whole step count."""
+    missing = [key for key in updater.required_keys(group) if key not in entry]
+    if missing:
+        raise ConfigError(
+            f"optimizer state of {name} lacks {', '.join(missing)} (it has {', '.join(entry) or 'nothing'}); "
+            f"{type(updater.optimizer).__name__} with these options keeps "
+            f"{', '.join(updater.required_keys(group))}. The state comes from an optimizer of another type "
+            "or other options (amsgrad, momentum): load a matching state, or none"
+        )
+    if "step" in updater.required_keys(group):
+        try:
+            step_count(entry["step"])
+        except ConfigError as exc:
+            raise ConfigError(f"optimizer state of {name}: {exc}") from None
+    for key in updater.state_kinds:
+        value = entry.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, torch.Tensor):
+            raise ConfigError(f"optimizer state of {name}: {key} is a {type(value).__name__}, not a tensor")
+        if tuple(value.shape) != tuple(param.shape):
+            raise ConfigError(
+                f"optimizer state of {name}: {key} has shape {list(value.shape)}, the parameter "
+                f"{list(param.shape)}. The state belongs to another model or another order of "
+                "parameters: load the state saved with this model's optimizer"
+            )
+
+
+def check_torch_state(
+    bw: BlockwiseOptimizer, will_hold: Callable[[torch.Tensor], bool], name_of: Callable[[torch.Tensor], str]
+) -> None:
+    """Before anything moves: the state ``optimizer.state`` holds for every parameter whose state
+    will live in the tiers (``will_hold``) can be continued natively (see :func:`check_entry`)."""
+    opt = bw.optimizer
+    if not bw.updater.native:
+        return
+    for p, group in zip(_params(opt), _groups_of(opt)):
+        entry = opt.state.get(p)
+        if entry and will_hold(p):
+            check_entry(bw.updater, p, group, entry, name_of(p))
+
+
+# ---- writing into the tiers ---------------------------------------------------------------------
+def _write_kind(
+    pipeline: Pipeline, bs: BlockState, kind: str, values: list[tuple[int, torch.Tensor]]
+) -> None:
+    """Set some slots of ``bs.kind`` (copying from any dtype or device) and write the kind home. A
+    kind never written before starts as zeros, so no slot holds leftover arena memory."""
+    if pipeline.updates is not None and pipeline.updates.has_pending(bs.index):
+        pipeline.updates.apply(bs.index)
+    ks = bs.kinds[kind]
+    fresh = not ks.valid
+    pipeline.ensure_host(bs, kind)
+    assert ks.host is not None
+    ks.pins += 1
+    try:
+        if fresh:
+            ks.host.flat.zero_()
+        for slot_index, value in values:
+            view = pipeline.store.slot_view(bs, ks, bs.spec.slots[slot_index], "dram")
+            view.copy_(value.detach())
+    finally:
+        ks.pins -= 1
+    pipeline.mark_modified(bs, kind, "dram")
+    pipeline.flush(bs, kind, drop=True)
+
+
+def _store_entries(bw: BlockwiseOptimizer, entries: dict[torch.nn.Parameter, Entry]) -> None:
+    """Write the state tensors of ``entries`` (checked already) into the tiers, one block and kind
+    at a time (so DRAM holds at most one kind's buffer for it), and set the updater's counters."""
+    pipeline = bw.pipeline
+    assert pipeline is not None
+    by_block: dict[int, list[tuple[int, torch.nn.Parameter, Entry]]] = {}
+    for p, entry in entries.items():
+        bs, slot_index = bw.slot_of(p)
+        by_block.setdefault(bs.index, []).append((slot_index, p, entry))
+    for index in sorted(by_block):
+        bs = pipeline.blocks[index]
+        items = by_block[index]
+        for kind in bw.updater.state_kinds:
+            values = [(slot, entry[kind]) for slot, _, entry in items if entry.get(kind) is not None]
+            if values:
+                _write_kind(pipeline, bs, kind, values)
+        for _, p, entry in items:
+            bw.updater.load_counters(p, entry)
+    pipeline.drain()  # a failed write is reported here, not at some later step
+
+
+def import_torch_state(bw: BlockwiseOptimizer) -> list[torch.nn.Parameter]:
+    """On entering: move the state ``optimizer.state`` holds for parameters whose state lives in the
+    tiers there (checked by :func:`check_torch_state` before). Returns those parameters; the caller
+    drops their torch-side state once the runtime is up (:func:`release_torch_state`)."""
+    opt = bw.optimizer
+    if not bw.updater.native:
+        return []
+    entries = {p: opt.state[p] for p in _params(opt) if opt.state.get(p) and bw.holds_state_of(p)}
+    extra = {key for entry in entries.values() for key in entry} - {"step", *bw.updater.state_kinds}
+    if extra:
+        log.warning(
+            "tierrt: optimizer state keys %s are not used by the native %s and are dropped",
+            ", ".join(sorted(extra)),
+            type(opt).__name__,
+        )
+    _store_entries(bw, entries)
+    return list(entries)
+
+
+def release_torch_state(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> None:
+    """Forget the torch-side state of ``params`` (it lives in the tiers now)."""
+    for p in params:
+        opt.state.pop(p, None)
+
+
+# ---- torch's state_dict -------------------------------------------------------------------------
 def native_state_dict(bw: BlockwiseOptimizer, opt: torch.optim.Optimizer) -> dict[str, Any]:
     """What ``torch.optim.Adam/AdamW/SGD.state_dict()`` would return, tensors copied from the tiers."""
-    assert bw.pipeline is not None
     pipeline = bw.pipeline
+    assert pipeline is not None
     updater = bw.updater
     cpu = torch.device("cpu")
-    params = _params(opt)
-    state: dict[int, dict[str, Any]] = {}
-    for index, p in enumerate(params):
-        if id(p) not in bw.block_of_param:
-            if opt.state.get(p):
-                state[index] = dict(opt.state[p])
-            continue
-        if not updater.has_state(p):
-            continue
-        bs, slot = _slot_of(bw, p)
-        entry: dict[str, Any] = {}
-        if isinstance(updater, NativeAdamUpdater):
-            entry["step"] = torch.tensor(float(updater.steps[id(p)]), dtype=torch.get_default_dtype())
-        for kind in updater.state_kinds:
-            entry[kind] = pipeline.read_slot(bs, kind, slot, cpu)
-        state[index] = entry
+    state: dict[int, Entry] = {}
+    for index, (p, group) in enumerate(zip(_params(opt), _groups_of(opt))):
+        if bw.holds_state_of(p) and updater.has_state(p):
+            bs, slot = bw.slot_of(p)
+            entry = updater.counters_of(p)
+            for kind in updater.state_keys(group):
+                entry[kind] = pipeline.read_slot(bs, kind, slot, cpu)
+            state[index] = entry
+        elif opt.state.get(p):  # not offloaded, or frozen on entry: torch's own state
+            state[index] = dict(opt.state[p])
     groups = []
     start = 0
     for group in opt.param_groups:
@@ -60,14 +199,9 @@ def native_state_dict(bw: BlockwiseOptimizer, opt: torch.optim.Optimizer) -> dic
     return {"state": state, "param_groups": groups}
 
 
-def load_native_state_dict(
-    bw: BlockwiseOptimizer, opt: torch.optim.Optimizer, state_dict: dict[str, Any]
-) -> None:
-    """``load_state_dict`` for the native updaters: hyperparameters into ``param_groups``, state
-    tensors into the tiers. Raises :class:`ConfigError` for a state dict that does not fit."""
-    assert bw.pipeline is not None
-    pipeline = bw.pipeline
-    updater = bw.updater
+def _loaded_entries(opt: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[int, Entry]:
+    """The state dict's entries by position in ``opt``'s parameters; ConfigError if the state dict
+    does not have ``opt``'s shape of groups."""
     groups = opt.param_groups
     saved_groups = state_dict.get("param_groups")
     if not isinstance(saved_groups, list) or len(saved_groups) != len(groups):
@@ -75,58 +209,58 @@ def load_native_state_dict(
     for group, saved in zip(groups, saved_groups):
         if len(group["params"]) != len(saved["params"]):
             raise ConfigError("load_state_dict: a parameter group's size does not match the state dict")
-    params = _params(opt)
-    saved_index = {i: j for i, j in zip((i for g in saved_groups for i in g["params"]), range(len(params)))}
-    loaded: dict[int, dict[str, Any]] = {}
+    saved_ids = [i for g in saved_groups for i in g["params"]]
+    position_of = {saved_id: position for position, saved_id in enumerate(saved_ids)}
+    loaded: dict[int, Entry] = {}
     for key, value in state_dict.get("state", {}).items():
-        position = saved_index.get(int(key))
+        position = position_of.get(int(key))
         if position is None:
             raise ConfigError(f"load_state_dict: state for parameter index {key} matches no parameter")
         loaded[position] = value
-    # Validate everything before changing anything.
+    return loaded
+
+
+def load_native_state_dict(
+    bw: BlockwiseOptimizer, opt: torch.optim.Optimizer, state_dict: dict[str, Any]
+) -> None:
+    """``load_state_dict`` for the native updaters: hyperparameters into ``param_groups``, state
+    tensors into the tiers. Raises :class:`ConfigError` for a state dict that does not fit."""
+    loaded = _loaded_entries(opt, state_dict)
+    params = _params(opt)
+    saved_groups = state_dict["param_groups"]
+    # Validate everything before changing anything (with the hyperparameters being loaded).
     for position, entry in loaded.items():
         p = params[position]
-        if id(p) not in bw.block_of_param:
-            continue
-        for kind in updater.state_kinds:
-            if kind in entry and entry[kind] is not None and tuple(entry[kind].shape) != tuple(p.shape):
-                raise ConfigError(
-                    f"load_state_dict: {kind} of parameter {position} has shape "
-                    f"{list(entry[kind].shape)}, the parameter {list(p.shape)}"
-                )
-        if isinstance(updater, NativeAdamUpdater):
-            missing = [k for k in ("step", "exp_avg", "exp_avg_sq") if k not in entry]
-            if updater.amsgrad and "max_exp_avg_sq" not in entry:
-                missing.append("max_exp_avg_sq")
-            if missing:
-                raise ConfigError(f"load_state_dict: parameter {position} lacks {', '.join(missing)}")
-    for group, saved in zip(groups, saved_groups):
+        if bw.holds_state_of(p):
+            group = saved_groups[_group_index(opt, position)]
+            check_entry(bw.updater, p, group, entry, f"{bw.name_of(p)} (index {position})")
+    for group, saved in zip(opt.param_groups, saved_groups):
         for key, value in saved.items():
             if key != "params":
                 group[key] = value
-    if isinstance(updater, NativeAdamUpdater):
-        updater.steps.clear()
-    elif isinstance(updater, NativeSGDUpdater):
-        updater.has_buffer.clear()
+    bw.updater.forget_counters()
+    tiered: dict[torch.nn.Parameter, Entry] = {}
+    for p in params:
+        opt.state.pop(p, None)
     for position, entry in loaded.items():
         p = params[position]
-        if id(p) not in bw.block_of_param:
-            opt.state[p] = {
-                k: (v.to(p.device) if isinstance(v, torch.Tensor) and v.dim() else v)
-                for k, v in entry.items()
-            }
-            continue
-        bs, slot = _slot_of(bw, p)
-        for kind in updater.state_kinds:
-            value = entry.get(kind)
-            if value is None:
-                continue
-            pipeline.write_slot(bs, kind, slot, value.detach().to(torch.float32))
-        if isinstance(updater, NativeAdamUpdater):
-            updater.steps[id(p)] = int(float(entry["step"]))
-        elif isinstance(updater, NativeSGDUpdater) and entry.get("momentum_buffer") is not None:
-            updater.has_buffer.add(id(p))
-    for bs in pipeline.blocks:
-        for kind in updater.state_kinds:
-            if kind in bs.kinds and bs.kinds[kind].host is not None:
-                pipeline.flush(bs, kind, drop=True)
+        if bw.holds_state_of(p):
+            tiered[p] = entry
+        else:
+            opt.state[p] = {k: _on_device(v, p.device) for k, v in entry.items()}
+    _store_entries(bw, tiered)
+
+
+def _on_device(value: Any, device: torch.device) -> Any:
+    """A state value as torch keeps it: tensors shaped like the parameter on its device (the step
+    stays where it is)."""
+    return value.to(device) if isinstance(value, torch.Tensor) and value.dim() else value
+
+
+def _group_index(opt: torch.optim.Optimizer, position: int) -> int:
+    """The index of the param group holding parameter number ``position``."""
+    for index, group in enumerate(opt.param_groups):
+        if position < len(group["params"]):
+            return index
+        position -= len(group["params"])
+    raise IndexError(position)

@@ -36,6 +36,7 @@ __all__ = [
     "NativeAdamUpdater",
     "NativeSGDUpdater",
     "choose_updater",
+    "step_count",
 ]
 
 
@@ -85,9 +86,13 @@ class Updater:
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
         self.optimizer = optimizer
         self.group_of: dict[int, int] = {}
-        for index, group in enumerate(optimizer.param_groups):
-            for p in group["params"]:
-                self.group_of[id(p)] = index
+        self.index_groups()
+
+    def index_groups(self) -> None:
+        """(Re)learn which param group each parameter is in (after ``add_param_group``)."""
+        self.group_of = {
+            id(p): index for index, group in enumerate(self.optimizer.param_groups) for p in group["params"]
+        }
 
     def describe(self) -> str:
         return type(self).__name__
@@ -130,6 +135,29 @@ class Updater:
 
     def restore(self, snapshot: Any) -> None:
         pass
+
+    # ---- torch's per-parameter state format (native updaters) -------------------------------------
+    def state_keys(self, group: dict[str, Any]) -> list[str]:
+        """The state kinds torch keeps per parameter of ``group`` (tensors shaped like it)."""
+        return []
+
+    def required_keys(self, group: dict[str, Any]) -> list[str]:
+        """Keys a torch state entry of a parameter of ``group`` must have to be continued here."""
+        return []
+
+    def counters_of(self, param: torch.nn.Parameter) -> dict[str, Any]:
+        """The non-tensor-kind part of ``param``'s torch state entry (Adam's ``step``)."""
+        return {}
+
+    def load_counters(self, param: torch.nn.Parameter, entry: dict[str, Any]) -> None:
+        """Continue ``param`` from a torch state entry (its kinds are written to the tiers apart)."""
+
+    def forget_counters(self) -> None:
+        """Every parameter starts from fresh state again (before loading a whole state dict)."""
+
+    def refuses_group(self, group: dict[str, Any]) -> str | None:
+        """Why a param group added after entering cannot be stepped here (None when it can)."""
+        return None
 
 
 def _scaled(grad: torch.Tensor, factors: list[float]) -> tuple[torch.Tensor, float]:
@@ -254,7 +282,30 @@ class NativeAdamUpdater(Updater):
         return f"native {type(self.optimizer).__name__} (SIMD kernel, states in the tiers)"
 
     def has_state(self, param: torch.nn.Parameter) -> bool:
-        return self.steps.get(id(param), 0) > 0
+        return id(param) in self.steps
+
+    def state_keys(self, group: dict[str, Any]) -> list[str]:
+        return ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if group.get("amsgrad", False) else [])
+
+    def required_keys(self, group: dict[str, Any]) -> list[str]:
+        return ["step", *self.state_keys(group)]
+
+    def counters_of(self, param: torch.nn.Parameter) -> dict[str, Any]:
+        return {"step": torch.tensor(float(self.steps[id(param)]), dtype=torch.get_default_dtype())}
+
+    def load_counters(self, param: torch.nn.Parameter, entry: dict[str, Any]) -> None:
+        self.steps[id(param)] = step_count(entry["step"])
+
+    def forget_counters(self) -> None:
+        self.steps.clear()
+
+    def refuses_group(self, group: dict[str, Any]) -> str | None:
+        if group.get("amsgrad", False) and "max_exp_avg_sq" not in self.state_kinds:
+            return (
+                "amsgrad=True in a new group, but no group had it on entering, so the tiers hold no "
+                "max_exp_avg_sq"
+            )
+        return group_refusal(group)
 
     def apply(
         self,
@@ -279,8 +330,9 @@ class NativeAdamUpdater(Updater):
         for slot_index in slots:
             param = bs.spec.slots[slot_index].param
             group = hyper.groups[self.group_of[id(param)]]
+            fresh = id(param) not in self.steps
             step = self.steps.get(id(param), 0) + 1
-            if step == 1:  # fresh state: torch starts from zeros
+            if fresh:  # no state yet: torch starts from zeros
                 m[slot_index].zero_()
                 v[slot_index].zero_()
                 if self.amsgrad:
@@ -341,6 +393,24 @@ class NativeSGDUpdater(Updater):
     def has_state(self, param: torch.nn.Parameter) -> bool:
         return id(param) in self.has_buffer
 
+    def state_keys(self, group: dict[str, Any]) -> list[str]:
+        return ["momentum_buffer"] if self.momentum else []
+
+    def load_counters(self, param: torch.nn.Parameter, entry: dict[str, Any]) -> None:
+        if self.momentum and entry.get("momentum_buffer") is not None:
+            self.has_buffer.add(id(param))
+
+    def forget_counters(self) -> None:
+        self.has_buffer.clear()
+
+    def refuses_group(self, group: dict[str, Any]) -> str | None:
+        if float(group.get("momentum", 0.0)) != 0.0 and not self.momentum:
+            return (
+                "momentum in a new group, but no group had it on entering, so the tiers hold no "
+                "momentum_buffer"
+            )
+        return group_refusal(group)
+
     def apply(
         self,
         store: TensorStore,
@@ -390,6 +460,18 @@ class NativeSGDUpdater(Updater):
         self.has_buffer.update(changes)
 
 
+def step_count(value: Any) -> int:
+    """Adam's ``state["step"]`` (a tensor or a number) as an int; ConfigError if it is not a whole
+    number >= 0."""
+    try:
+        number = float(value.item() if isinstance(value, torch.Tensor) else value)
+    except (TypeError, ValueError, RuntimeError) as exc:  # RuntimeError: a tensor of several values
+        raise ConfigError(f"step {value!r} is not a number") from exc
+    if not number.is_integer() or number < 0:
+        raise ConfigError(f"step {value!r} is not a whole number >= 0")
+    return int(number)
+
+
 def choose_updater(optimizer: torch.optim.Optimizer, native: bool | None) -> Updater:
     """The native updater for Adam, AdamW and SGD with options it implements; else the torch one.
 
@@ -412,21 +494,29 @@ def _native_refusal(optimizer: torch.optim.Optimizer) -> str | None:
     if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD):
         return f"{type(optimizer).__name__} has no native kernel (Adam, AdamW and SGD do)"
     for group in optimizer.param_groups:
-        for flag in ("fused", "foreach"):
-            if group.get(flag):
-                return f"{flag}=True asks for torch's own {flag} arithmetic"
-        for flag in ("capturable", "differentiable"):
-            if group.get(flag):
-                return f"{flag}=True is not supported by the native kernel"
-        for key, value in group.items():
-            if key != "params" and isinstance(value, torch.Tensor):
-                return f"tensor-valued hyperparameter {key}"
-            if key == "betas" and any(isinstance(b, torch.Tensor) for b in value):
-                return "tensor-valued betas"
-        for p in group["params"]:
-            if p.dtype != torch.float32 and not p.is_meta:
-                return (
-                    f"parameters in {p.dtype} (the native kernel keeps fp32 master weights; pass "
-                    "compute_dtype= for low-precision compute)"
-                )
+        reason = group_refusal(group)
+        if reason is not None:
+            return reason
+    return None
+
+
+def group_refusal(group: dict[str, Any]) -> str | None:
+    """Why the native kernel cannot step this param group (None when it can)."""
+    for flag in ("fused", "foreach"):
+        if group.get(flag):
+            return f"{flag}=True asks for torch's own {flag} arithmetic"
+    for flag in ("capturable", "differentiable"):
+        if group.get(flag):
+            return f"{flag}=True is not supported by the native kernel"
+    for key, value in group.items():
+        if key != "params" and isinstance(value, torch.Tensor):
+            return f"tensor-valued hyperparameter {key}"
+        if key == "betas" and any(isinstance(b, torch.Tensor) for b in value):
+            return "tensor-valued betas"
+    for p in group["params"]:
+        if p.dtype != torch.float32 and not p.is_meta:
+            return (
+                f"parameters in {p.dtype} (the native kernel keeps fp32 master weights; pass "
+                "compute_dtype= for low-precision compute)"
+            )
     return None
