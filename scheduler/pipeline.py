@@ -382,7 +382,7 @@ class Pipeline:
         while not self._fits(tier, nbytes):
             victim = self._pick_victim(tier, protect, demand)
             if victim is not None:
-                self._evict(victim[0], victim[1], tier)
+                self.evict(victim[0], victim[1], tier)
                 continue
             if not demand:
                 return False
@@ -429,7 +429,7 @@ class Pipeline:
     def _holds(self, ks: KindState, tier: str) -> bool:
         return (ks.host is not None) if tier == "dram" else (ks.gpu is not None)
 
-    def _evict(self, bs: BlockState, kind: str, tier: str) -> None:
+    def evict(self, bs: BlockState, kind: str, tier: str) -> None:
         """Drop ``bs.kind``'s copy on ``tier``, detaching parameters and writing it home first if it
         is the only current copy."""
         ks = bs.kinds[kind]
@@ -517,8 +517,9 @@ class Pipeline:
 
     def _write_landed(self, ks: KindState, new_extent: int | None, drop: bool) -> OnReap:
         """What reaping a write of ``ks`` home does: the new extent becomes home (with ``drop``, the
-        DRAM copy goes); if the write failed, the extent is freed, the old home copy and the DRAM
-        copy stay, and a write of an open optimizer step rolls the step back."""
+        DRAM copy goes, unless it was pinned meanwhile: then it stays, a clean copy); if the write
+        failed, the extent is freed, the old home copy and the DRAM copy stay, and a write of an open
+        optimizer step rolls the step back."""
 
         def on_reap(error: BaseException | None) -> BaseException | None:
             if error is not None:
@@ -527,7 +528,7 @@ class Pipeline:
                     return self.on_write_error(error)
                 return None
             self.store.commit_write(ks, new_extent)
-            if drop and ks.host is not None:
+            if drop and ks.host is not None and ks.pins == 0:  # a pinned copy is being worked on
                 self.store.drop(ks, "dram")
             return None
 
