@@ -444,17 +444,36 @@ class Pipeline:
     def _raise_no_room(self, tier: str, ks: KindState) -> None:
         stats = self.store.dram.stats() if tier == "dram" else self.store.gpu.stats()  # type: ignore[union-attr]
         held = [bs.name for bs in self.blocks if bs.refcount > 0]
+        outside = self._held_outside() if tier == "dram" else 0
         raise TierCapacityError(
             f"{tier}: no room for {format_size(ks.nbytes)} of {ks.layout.kind} "
             f"(budget {format_size(stats.get('capacity', stats.get('budget', 0)))}, "
             f"free {format_size(stats.get('free', 0))}, largest free extent "
             f"{format_size(stats.get('largest_free', stats.get('free', 0)))}); blocks in use now: "
-            f"{', '.join(held) or 'none'}. Raise the {tier} budget or split the model into smaller blocks",
+            f"{', '.join(held) or 'none'}"
+            + (
+                f"; {format_size(outside)} of it is held by tensors outside tierrt that still view "
+                "blocks' memory (e.g. param.detach() or param.data kept from inside the context): "
+                "let go of them"
+                if outside
+                else ""
+            )
+            + f". Raise the {tier} budget or split the model into smaller blocks",
             tier=tier,
             requested=ks.nbytes,
             free=stats.get("free"),
             largest_free=stats.get("largest_free"),
         )
+
+    def _held_outside(self) -> int:
+        """Bytes of the DRAM arena in use that no copy of a block (nor a speculative update's
+        buffer) accounts for: ranges kept alive by tensors outside tierrt that still view them."""
+        buffers = {id(ks.host): ks.host for bs in self.blocks for ks in bs.kinds.values() if ks.host}
+        if self.updates is not None:
+            for spec in self.updates.speculator.specs.values():
+                buffers.update((id(buf), buf) for buf in spec.buffers.values())
+        in_use = int(self.store.dram.stats().get("in_use", 0))
+        return max(in_use - sum(buf.nbytes for buf in buffers.values()), 0)
 
     # ---- other kinds -----------------------------------------------------------------------------
     def ensure_host(
