@@ -171,25 +171,29 @@ class OptimizerPipeline:
         return True
 
     def apply(self, index: int) -> None:
-        """Apply block ``index``'s pending update now (if it has one)."""
-        update = self.pending.pop(index, None)
+        """Apply block ``index``'s pending update now (if it has one).
+
+        The update stays pending until its inputs are in DRAM: an error while making room for them
+        or reading them (:class:`~tierrt.errors.TierCapacityError`, an I/O error) leaves the block,
+        its optimizer state and the pending update exactly as they were, so a later call applies
+        it. Only the kernel changes state, and it runs once nothing can fail for lack of room."""
+        update = self.pending.get(index)
         if update is None:
             return
-        self.order.remove(index)
         pipeline = self.pipeline
         bs = pipeline.blocks[index]
         start = time.perf_counter()
         kinds = self.input_kinds(bs)
+        wkind = self.weight_kind(bs)
         for kind in kinds:
             bs.kinds[kind].pins += 1
         try:
-            missing = sum(bs.kinds[k].nbytes for k in kinds if bs.kinds[k].host is None)
-            if missing:  # room for all of them at once, so they cannot fragment each other out
-                pipeline.make_room("dram", missing, {index})
-            for kind in kinds:
-                pipeline.ensure_host(bs, kind, protect={index})
+            self._stage_inputs(bs, kinds)
+            if self.pending.get(index) is not update:
+                return  # rolled back while its inputs were read (a failed write of the open step)
+            del self.pending[index]  # from here on the update changes state: it is no longer pending
+            self.order.remove(index)
             self.prefetch_next(index)
-            wkind = self.weight_kind(bs)
             if wkind == "weight" and bs.attached and pipeline.compute != "dram":
                 pipeline.detach(bs)
             self.updater.apply(pipeline.store, bs, wkind, update.slots, update.hyper, update.muls)
@@ -203,6 +207,57 @@ class OptimizerPipeline:
         zero = self.zero_after.pop(index, None)
         if zero is not None:
             self.grads.zero_block(bs, zero)
+
+    def _stage_inputs(self, bs: BlockState, kinds: list[str]) -> None:
+        """Give every input kind of ``bs``'s update a DRAM buffer and read it there.
+
+        Each kind gets its own extent (largest first), so free room split into several extents
+        serves as well as one. When the extents still do not fit, the block's own copies in DRAM
+        are let go (written home first where they are the only current copy) and every buffer is
+        placed again into the room that leaves. Raises TierCapacityError, naming the pending update,
+        only when even that does not fit; nothing has changed then."""
+        try:
+            try:
+                self._reserve_inputs(bs, kinds)
+            except TierCapacityError:
+                if not self._release_own_copies(bs, kinds):
+                    raise
+                self._reserve_inputs(bs, kinds)
+            for kind in kinds:
+                self.pipeline.ensure_host(bs, kind, protect={bs.index})
+        except TierCapacityError as error:
+            raise TierCapacityError(
+                f"{error}. The optimizer update of block {bs.name} (step {self.step_number}) was not "
+                "applied and is still pending: the block's weights and optimizer state are unchanged, "
+                "and the update runs when the block is next needed",
+                **error.details,
+            ) from error
+
+    def _reserve_inputs(self, bs: BlockState, kinds: list[str]) -> None:
+        """A DRAM buffer for each input kind that has none, largest first (evicting other blocks)."""
+        missing = [kind for kind in kinds if bs.kinds[kind].host is None]
+        for kind in sorted(missing, key=lambda k: bs.kinds[k].nbytes, reverse=True):
+            self.pipeline.room_for(bs.kinds[kind], "dram", True, {bs.index})
+
+    def _release_own_copies(self, bs: BlockState, kinds: list[str]) -> bool:
+        """Let go of the DRAM copies of ``bs``'s input kinds that are not their home, so that all of
+        them can be placed again without the ones already there splitting the free room. Dirty copies
+        are written home first. Returns False when there was nothing to let go."""
+        pipeline = self.pipeline
+        released = False
+        for kind in kinds:
+            ks = bs.kinds[kind]
+            if ks.host is None or ks.home == "dram" or ks.pins > 1:
+                continue
+            if kind == "weight" and (bs.refcount > 0 or bs.pinned):
+                continue  # compute is using these weights
+            if ks.inflight is not None:
+                pipeline.wait(bs, kind)
+            if ks.host is None:
+                continue
+            pipeline.evict(bs, kind, "dram")
+            released = True
+        return released
 
     def _after_update(self, bs: BlockState, wkind: str, kinds: list[str]) -> None:
         pipeline = self.pipeline

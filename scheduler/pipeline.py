@@ -382,7 +382,7 @@ class Pipeline:
         while not self._fits(tier, nbytes):
             victim = self._pick_victim(tier, protect, demand)
             if victim is not None:
-                self._evict(victim[0], victim[1], tier)
+                self.evict(victim[0], victim[1], tier)
                 continue
             if not demand:
                 return False
@@ -429,7 +429,7 @@ class Pipeline:
     def _holds(self, ks: KindState, tier: str) -> bool:
         return (ks.host is not None) if tier == "dram" else (ks.gpu is not None)
 
-    def _evict(self, bs: BlockState, kind: str, tier: str) -> None:
+    def evict(self, bs: BlockState, kind: str, tier: str) -> None:
         """Drop ``bs.kind``'s copy on ``tier``, detaching parameters and writing it home first if it
         is the only current copy."""
         ks = bs.kinds[kind]
@@ -444,17 +444,36 @@ class Pipeline:
     def _raise_no_room(self, tier: str, ks: KindState) -> None:
         stats = self.store.dram.stats() if tier == "dram" else self.store.gpu.stats()  # type: ignore[union-attr]
         held = [bs.name for bs in self.blocks if bs.refcount > 0]
+        outside = self._held_outside() if tier == "dram" else 0
         raise TierCapacityError(
             f"{tier}: no room for {format_size(ks.nbytes)} of {ks.layout.kind} "
             f"(budget {format_size(stats.get('capacity', stats.get('budget', 0)))}, "
             f"free {format_size(stats.get('free', 0))}, largest free extent "
             f"{format_size(stats.get('largest_free', stats.get('free', 0)))}); blocks in use now: "
-            f"{', '.join(held) or 'none'}. Raise the {tier} budget or split the model into smaller blocks",
+            f"{', '.join(held) or 'none'}"
+            + (
+                f"; {format_size(outside)} of it is held by tensors outside tierrt that still view "
+                "blocks' memory (e.g. param.detach() or param.data kept from inside the context): "
+                "let go of them"
+                if outside
+                else ""
+            )
+            + f". Raise the {tier} budget or split the model into smaller blocks",
             tier=tier,
             requested=ks.nbytes,
             free=stats.get("free"),
             largest_free=stats.get("largest_free"),
         )
+
+    def _held_outside(self) -> int:
+        """Bytes of the DRAM arena in use that no copy of a block (nor a speculative update's
+        buffer) accounts for: ranges kept alive by tensors outside tierrt that still view them."""
+        buffers = {id(ks.host): ks.host for bs in self.blocks for ks in bs.kinds.values() if ks.host}
+        if self.updates is not None:
+            for spec in self.updates.speculator.specs.values():
+                buffers.update((id(buf), buf) for buf in spec.buffers.values())
+        in_use = int(self.store.dram.stats().get("in_use", 0))
+        return max(in_use - sum(buf.nbytes for buf in buffers.values()), 0)
 
     # ---- other kinds -----------------------------------------------------------------------------
     def ensure_host(
@@ -517,8 +536,9 @@ class Pipeline:
 
     def _write_landed(self, ks: KindState, new_extent: int | None, drop: bool) -> OnReap:
         """What reaping a write of ``ks`` home does: the new extent becomes home (with ``drop``, the
-        DRAM copy goes); if the write failed, the extent is freed, the old home copy and the DRAM
-        copy stay, and a write of an open optimizer step rolls the step back."""
+        DRAM copy goes, unless it was pinned meanwhile: then it stays, a clean copy); if the write
+        failed, the extent is freed, the old home copy and the DRAM copy stay, and a write of an open
+        optimizer step rolls the step back."""
 
         def on_reap(error: BaseException | None) -> BaseException | None:
             if error is not None:
@@ -527,7 +547,7 @@ class Pipeline:
                     return self.on_write_error(error)
                 return None
             self.store.commit_write(ks, new_extent)
-            if drop and ks.host is not None:
+            if drop and ks.host is not None and ks.pins == 0:  # a pinned copy is being worked on
                 self.store.drop(ks, "dram")
             return None
 

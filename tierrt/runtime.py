@@ -213,7 +213,7 @@ class Runtime:
         self.blockwise: BlockwiseOptimizer | None = None
         self._originals: dict[int, tuple[torch.device, torch.dtype]] = {}
         self._patched_zero_grad: Any = None
-        self._state_dict_handle: Any = None
+        self._state_dict_handles: list[Any] = []
 
     # ---- context manager -------------------------------------------------------------------------
     def __enter__(self) -> Runtime:
@@ -693,7 +693,12 @@ class Runtime:
             if rt is not None:
                 rt._state_dict_post_hook(module, state_dict, prefix, local_metadata)
 
-        self._state_dict_handle = model.register_state_dict_post_hook(state_dict_post_hook)
+        # On every module that owns offloaded parameters itself, so that the state_dict() of any
+        # submodule has real values too, and each module's entries are replaced right after it saved
+        # them (they view the blocks' buffers, which must not stay held while other blocks are read).
+        for module in model.modules():
+            if any(id(p) in self._slot_index for p in module._parameters.values() if p is not None):
+                self._state_dict_handles.append(module.register_state_dict_post_hook(state_dict_post_hook))
 
     def _unpatch_model(self) -> None:
         model = self.model
@@ -704,25 +709,28 @@ class Runtime:
             else:
                 model.zero_grad = original  # type: ignore[method-assign]
             self._patched_zero_grad = None
-        if self._state_dict_handle is not None:
-            self._state_dict_handle.remove()
-            self._state_dict_handle = None
+        for handle in self._state_dict_handles:
+            handle.remove()
+        self._state_dict_handles.clear()
 
     def _state_dict_post_hook(
         self, module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any
     ) -> None:
-        """``model.state_dict()`` inside the context: real values, read from the tiers."""
+        """``state_dict()`` of a module inside the context: real values of the parameters it owns
+        itself, read from the tiers (a submodule's own hook handles the submodule's)."""
         if not self.active or self.partition is None:
             return
-        slots = {}
-        for bs in self.store.blocks:  # type: ignore[union-attr]
-            for slot in bs.spec.slots:
-                slots[id(slot.param)] = (bs, slot)
-        for name, param in module.named_parameters(remove_duplicate=False):
+        entries = []
+        for name, param in module._parameters.items():
             key = prefix + name
-            entry = slots.get(id(param))
-            if key in state_dict and entry is not None:
-                state_dict[key] = self._materialize(*entry, device=torch.device("cpu"))
+            if param is not None and key in state_dict and id(param) in self._slot_index:
+                bs, slot_index = self._slot_index[id(param)]
+                entries.append((key, bs, bs.spec.slots[slot_index]))
+                # Let go of the saved view first: it holds the block's buffer, which reading other
+                # blocks (or applying their pending updates) may need room in place of.
+                state_dict[key] = None
+        for key, bs, slot in entries:
+            state_dict[key] = self._materialize(bs, slot, device=torch.device("cpu"))
 
     def _materialize(
         self, bs: BlockState, slot: Any, device: torch.device, dtype: torch.dtype | None = None
