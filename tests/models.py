@@ -30,14 +30,16 @@ def gpt2(seed: int = 0, layers: int = 4, width: int = 64) -> nn.Module:
     return GPT2LMHeadModel(cfg)
 
 
-def llama(seed: int = 0, layers: int = 4, width: int = 64) -> nn.Module:
+def llama(
+    seed: int = 0, layers: int = 4, width: int = 64, vocab: int = VOCAB, intermediate: int | None = None
+) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=VOCAB,
+        vocab_size=vocab,
         hidden_size=width,
-        intermediate_size=2 * width,
+        intermediate_size=intermediate or 2 * width,
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 
+import models
 import pytest
 import torch
 from test_offload_numerics import streaming_budget
@@ -29,21 +30,7 @@ VOCAB = 4000
 def wide_vocab_llama() -> nn.Module:
     """A Llama whose embedding and head are the largest blocks (as in real models): the blocks
     whose updates need the most room, at a budget that streams everything."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=128,
-        intermediate_size=344,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    cfg._attn_implementation = "eager"
-    return LlamaForCausalLM(cfg)
+    return models.llama(layers=3, width=128, vocab=VOCAB, intermediate=344)
 
 
 def batches() -> list[torch.Tensor]:
