@@ -312,6 +312,8 @@ class Runtime:
                     if free * len(nvme_spec.paths) < size * 1.02 and step_bytes:
                         size = minimal
                 self._step_atomic = step_bytes > 0 and size >= minimal + step_bytes
+                engine = _native.IOEngine(self.io_backend, self.queue_depth, 1 << 20)
+                nvme_store = NvmeTierStore(nvme_spec, size, engine)  # checks the paths first
                 if step_bytes and not self._step_atomic:
                     log.warning(
                         "tierrt: the nvme tier (%s) has no room to keep the previous step's optimizer "
@@ -320,8 +322,6 @@ class Runtime:
                         format_size(size),
                         format_size(step_bytes),
                     )
-                engine = _native.IOEngine(self.io_backend, self.queue_depth, 1 << 20)
-                nvme_store = NvmeTierStore(nvme_spec, size, engine)
             host_tiers: dict[str, HostTier] = {}
             for spec in self.tier_specs:
                 if isinstance(spec, (DramTier, CxlTier)):
@@ -439,7 +439,7 @@ class Runtime:
                 except TierCapacityError as error:
                     if error.details.get("tensor"):
                         raise TierCapacityError(
-                            f"{first} Splitting layers does not help: {error}",
+                            f"{str(first).rstrip('. ')}. Splitting layers does not help: {error}",
                             **{**first.details, **error.details},
                         ) from None
             if result is None:
