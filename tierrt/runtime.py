@@ -897,7 +897,20 @@ class Runtime:
     def save(self, path: str | os.PathLike) -> str:
         """Write the model's current values (parameters in their original dtype, persistent buffers)
         to a safetensors file, one tensor in memory at a time. Atomic (temporary file, fsync, rename).
-        Loadable with ``safetensors.torch.load_file`` or back into tierrt with ``weights=``."""
+        Loadable with ``safetensors.torch.load_file`` or back into tierrt with ``weights=``.
+
+        Tied parameters (one tensor under several names, e.g. an embedding shared with the LM head)
+        are stored once, under their first name, as safetensors requires; ``transformers``'
+        ``from_pretrained`` and tierrt's ``weights=`` re-tie them. A plain
+        ``model.load_state_dict(load_file(path))`` of a tied model needs ``strict=False`` (the
+        missing keys are the tied aliases), or ``safetensors.torch.load_model(model, path)``.
+
+        Example::
+
+            with tierrt.offload(model, tiers=tiers, optimizer=opt) as rt:
+                train(model, opt)
+                rt.save("checkpoint.safetensors")
+        """
         from .weights import write_safetensors
 
         if not self.active:
