@@ -16,10 +16,12 @@ def tiers(model, nvme_dir, compute_dtype=None):
     return [tierrt.dram(streaming_budget(model, compute_dtype=compute_dtype)), tierrt.nvme(nvme_dir)]
 
 
-def test_bf16_compute_with_fp32_master_weights(nvme_dir):
+@pytest.mark.parametrize("native", [None, False], ids=["native_kernel", "torch_stepped"])
+def test_bf16_compute_with_fp32_master_weights(native, nvme_dir):
     """compute_dtype=bf16 equals, bit for bit, the recipe it implements: a bf16 copy of the model's
     parameters computes, its bf16 gradients are accumulated in fp32, AdamW updates fp32 master weights and the
-    bf16 copy is refreshed from them."""
+    bf16 copy is refreshed from them. Also when torch's AdamW is stepped block by block (the optimizer
+    tierrt steps without its kernels, e.g. one created inside the context)."""
     reference = models.llama()
     ours = copy.deepcopy(reference)
     data = models.token_batches(3)
@@ -45,7 +47,11 @@ def test_bf16_compute_with_fp32_master_weights(nvme_dir):
 
     opt = torch.optim.AdamW(ours.parameters(), lr=1e-3, weight_decay=0.01)
     with tierrt.offload(
-        ours, tiers=tiers(ours, nvme_dir, torch.bfloat16), optimizer=opt, compute_dtype=torch.bfloat16
+        ours,
+        tiers=tiers(ours, nvme_dir, torch.bfloat16),
+        optimizer=opt,
+        compute_dtype=torch.bfloat16,
+        native_optimizer=native,
     ) as rt:
         assert all(p.dtype == torch.bfloat16 for p in ours.parameters())  # the model computes in bf16
         losses = []
@@ -55,7 +61,7 @@ def test_bf16_compute_with_fp32_master_weights(nvme_dir):
             opt.step()
             opt.zero_grad()
             losses.append(loss.detach().clone())
-        assert rt.blockwise.updater.native
+        assert rt.blockwise.updater.native == (native is None)
     for a, b in zip(ref_losses, losses):
         assert torch.equal(a, b)
     for (name, _), m, p in zip(reference.named_parameters(), master, ours.parameters()):

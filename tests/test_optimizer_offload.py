@@ -270,3 +270,31 @@ def test_full_nvme_during_backward_with_updates_overlapping_it(nvme_dir):
         rt.synchronize()
         opt.zero_grad()
         assert_holds_reference(ours, opt, reference, ref_opt)
+
+
+@pytest.mark.parametrize("native", [None, False], ids=["native_kernel", "torch_stepped"])
+@pytest.mark.parametrize("deferred", [True, False], ids=["deferred", "synchronous"])
+def test_parameters_outside_the_model_step_once(native, deferred, nvme_dir):
+    """An optimizer that also holds a parameter outside the offloaded model (a learned temperature,
+    a second module) steps it exactly once per step, as torch does, next to the offloaded ones."""
+    reference = models.mlp()
+    ours = copy.deepcopy(reference)
+    ref_extra = torch.nn.Parameter(torch.ones(3))
+    our_extra = torch.nn.Parameter(torch.ones(3))
+    data = models.mlp_batches(3)
+
+    def loop(model, extra, opt):
+        for batch in data:
+            (models.mlp_loss(model, batch) * extra.sum()).backward()
+            opt.step()
+            opt.zero_grad()
+
+    ref_opt = torch.optim.AdamW([*reference.parameters(), ref_extra], lr=1e-2)
+    loop(reference, ref_extra, ref_opt)
+    opt = torch.optim.AdamW([*ours.parameters(), our_extra], lr=1e-2)
+    tiers = [tierrt.dram(streaming_budget(ours)), tierrt.nvme(nvme_dir)]
+    with tierrt.offload(ours, tiers=tiers, optimizer=opt, native_optimizer=native, deferred_step=deferred):
+        loop(ours, our_extra, opt)
+    assert torch.equal(ref_extra, our_extra)
+    for (name, a), b in zip(reference.named_parameters(), ours.parameters()):
+        assert torch.equal(a, b), name

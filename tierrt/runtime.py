@@ -94,7 +94,16 @@ def offload(
         tiers: tier specs fastest first, e.g. ``[tierrt.gpu(0), tierrt.dram("64GiB"),
             tierrt.nvme("/mnt/nvme0/x")]``; ``None`` picks :func:`default_tiers`.
         optimizer: a torch optimizer built over ``model.parameters()``; its ``step()`` and
-            ``zero_grad()`` then work on the offloaded parameters (required to train).
+            ``zero_grad()`` then work on the offloaded parameters, Adam/AdamW/SGD on tierrt's
+            kernels with their state in the tiers. An optimizer not passed here (e.g. created inside
+            the context, as a transformers ``Trainer`` wrapped by ``offload()`` does) is *adopted*
+            at its first ``step()`` (see :mod:`tierrt.adopt`): it steps the offloaded parameters with
+            torch's own arithmetic, block by block, but its state stays in process memory outside
+            the budgets, and its ``zero_grad()`` calls before that first step do not clear
+            gradients already in the tiers (``model.zero_grad()`` does). Passing it here is better:
+            ``opt = AdamW(model.parameters()); Trainer(..., optimizers=(opt, None))`` and
+            ``offload(model, ..., optimizer=opt)``. An optimizer that cannot be adopted (a second
+            one, ``native_optimizer=True``, a model entered in eval mode) raises from ``step()``.
         blocks: how to group parameters into blocks: a list of modules or a predicate
             ``(name, module) -> bool``; default: each layer of the model's layer list, plus one
             block per other module that owns parameters.
@@ -384,6 +393,9 @@ class Runtime:
         from .amp import AmpPatch
 
         AmpPatch.install(self)
+        from .adopt import OptimizerAdoption
+
+        OptimizerAdoption.install(self)
         self.active = True
         self._step_started = time.perf_counter()
         self._step_mark = self.counters.copy()
@@ -653,6 +665,59 @@ class Runtime:
         self.store = None
 
     # ---- steps -----------------------------------------------------------------------------------
+    def adopt_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Take over ``optimizer``, which was not passed to :func:`offload` and is stepping this
+        model's parameters (called from ``optimizer.step()`` by :mod:`tierrt.adopt`), as
+        ``offload(optimizer=...)`` would have, from the step in progress on. Its updates are torch's
+        own, applied block by block; its state stays in the optimizer (process memory), since the
+        tiers were planned without it. Raises HookError / ConfigError when it cannot be adopted."""
+        name = type(optimizer).__name__
+        advice = (
+            "pass the optimizer to tierrt.offload(model, ..., optimizer=opt) (with a transformers "
+            "Trainer: build opt first, Trainer(..., optimizers=(opt, None)))"
+        )
+        if self.optimizer is not None:
+            raise HookError(
+                f"{name} steps parameters offloaded by a tierrt.offload() that steps them with another "
+                f"optimizer ({type(self.optimizer).__name__}); tierrt steps an offloaded model with one "
+                "optimizer: put every parameter group into the optimizer passed to offload()"
+            )
+        if self.grads is None:
+            raise HookError(
+                f"{name} was not passed to tierrt.offload(), and the model was in eval mode with no "
+                "optimizer when the context was entered, so its gradients have no place in the tiers and "
+                f"{name} would step nothing. Call model.train() before entering, or {advice}"
+            )
+        if self.native_optimizer:
+            raise ConfigError(
+                f"offload(native_optimizer=True) but {name} was created inside the context: only an "
+                f"optimizer known when the model is placed runs on tierrt's kernels; {advice}"
+            )
+        assert self.partition is not None and self.store is not None
+        blockwise = BlockwiseOptimizer(
+            optimizer,
+            self.partition.block_of_param,
+            native=False,
+            deferred=self.deferred_step,
+            on_step_end=self._on_step_end,
+        )
+        blockwise.names = {key: names[0] for key, names in self._aliases.items()}
+        blockwise.attach(self.pipeline, self.store, self.grads)
+        assert blockwise.updates is not None
+        blockwise.updates.speculator.allowed = self.overlap_backward
+        if not getattr(self, "_step_atomic", False):
+            blockwise.updates.transactional = False
+        blockwise.install()
+        blockwise.take_over_step_in_progress()
+        self.optimizer, self.blockwise = optimizer, blockwise
+        log.warning(
+            "tierrt: adopted %s, which was not passed to tierrt.offload(): it now steps the offloaded "
+            "parameters block by block (torch's arithmetic), but its state lives in process memory "
+            "outside the tiers' budgets and no update overlaps backward; %s to keep its state in the tiers",
+            name,
+            advice,
+        )
+
     def _on_forward_start(self) -> None:
         if self.blockwise is None:
             self._step_boundary()
@@ -769,6 +834,9 @@ class Runtime:
         from .amp import AmpPatch
 
         AmpPatch.remove(self)
+        from .adopt import OptimizerAdoption
+
+        OptimizerAdoption.remove(self)
         try:
             if self.blockwise is not None and self._restores_values():
                 self.blockwise.export_state()  # the optimizer keeps working on the restored model

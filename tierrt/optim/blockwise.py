@@ -71,6 +71,7 @@ class BlockwiseOptimizer:
         self.grads: GradientStore | None = None
         self.updates: OptimizerPipeline | None = None
         self._saved_attrs: dict[str, Any] = {}
+        self._in_progress_hook: Any = None  # see take_over_step_in_progress()
         # id(param) -> (block, slot) of every offloaded parameter with a gradient buffer (it required
         # grad on entry); known once the blocks exist (bind)
         self._slots: dict[int, tuple[BlockState, int]] = {}
@@ -200,7 +201,45 @@ class BlockwiseOptimizer:
         ):
             setattr(opt, name, types.MethodType(fn, opt))
 
+    def take_over_step_in_progress(self) -> None:
+        """Adopted from inside a ``step()`` call of the optimizer (by torch's global step pre-hook,
+        see :mod:`tierrt.adopt`): that call goes on into torch's own step, which skips the offloaded
+        parameters (they have no ``.grad``) and steps the others, then runs the post-hooks. The
+        offloaded blocks' updates are recorded by a step pre-hook of the optimizer's own, registered
+        now and so run last, after the user's pre-hooks, as :meth:`step` would. A ``closure`` is
+        evaluated there, once: torch's step then gets its loss back without computing it again."""
+        done = False
+
+        def record_step_in_progress(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
+            nonlocal done
+            if done:
+                return None  # later steps are this object's step(), which records by itself
+            done = True
+            self.check_trainable()
+            result = None
+            closure = args[1] if len(args) > 1 else kwargs.get("closure")
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+
+                def evaluated() -> Any:
+                    return loss
+
+                if len(args) > 1:
+                    result = ((args[0], evaluated, *args[2:]), kwargs)
+                else:
+                    result = (args, {**kwargs, "closure": evaluated})
+            self._record()
+            if self.on_step_end is not None:
+                self.on_step_end()
+            return result
+
+        self._in_progress_hook = self.optimizer.register_step_pre_hook(record_step_in_progress)
+
     def remove(self) -> None:
+        if self._in_progress_hook is not None:
+            self._in_progress_hook.remove()
+            self._in_progress_hook = None
         if self.updates is not None:
             self.updates.close()
         opt = self.optimizer
@@ -243,7 +282,7 @@ class BlockwiseOptimizer:
             result = pre_hook(opt, args, kwargs)
             if result is not None:
                 args, kwargs = result
-        self.updates.record(self.managed_blocks, HyperSnapshot.take(opt))
+        self._record()
         if any(p.grad is not None for p in self.unmanaged):
             self._step_unmanaged()
         opt._opt_called = True  # type: ignore[attr-defined]  # what LR schedulers look for
@@ -256,6 +295,11 @@ class BlockwiseOptimizer:
         if self.on_step_end is not None:
             self.on_step_end()
         return loss
+
+    def _record(self) -> None:
+        """One pending update per offloaded block with gradients, with the hyperparameters of now."""
+        assert self.updates is not None
+        self.updates.record(self.managed_blocks, HyperSnapshot.take(self.optimizer))
 
     def _step_unmanaged(self) -> None:
         """Parameters of the optimizer outside the offloaded model step plainly."""

@@ -240,7 +240,18 @@ class TorchUpdater(Updater):
             touched.append(param)
         opt = self.optimizer
         current = [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
+        # Only this block's parameters step: others that hold a .grad now (parameters outside the
+        # offloaded model, stepped by step() itself) must not be stepped a second time here.
+        mine = {id(p) for p in touched}
+        hidden = [
+            (p, p.grad)
+            for group in opt.param_groups
+            for p in group["params"]
+            if p.grad is not None and id(p) not in mine
+        ]
         try:
+            for p, _ in hidden:
+                p.grad = None
             for group, values in zip(opt.param_groups, hyper.groups):
                 group.update(values)
             with torch.no_grad():
@@ -250,6 +261,13 @@ class TorchUpdater(Updater):
                 group.update(values)
             for param in touched:
                 param.grad = None
+            for p, grad in hidden:
+                p.grad = grad
+        if wkind == "master":  # the compute-dtype copy follows the updated master weights
+            out = _views(store, bs, "weight", buffers)
+            with torch.no_grad():
+                for slot_index in slots:
+                    out[slot_index].copy_(weights[slot_index])
         return {}
 
 

@@ -1,0 +1,81 @@
+"""Optimizers that :func:`tierrt.offload` was not given: adopted at their first ``step()``.
+
+Offloaded parameters have no ``.grad`` (their gradients live in the tiers), so a torch optimizer that
+tierrt does not know would step nothing and the model would silently not train. That is what
+happens when ``offload()`` wraps a loop that builds its own optimizer, e.g. a transformers
+``Trainer``'s ``train()``. While a runtime is active, a global optimizer step pre-hook
+(``torch.optim.optimizer.register_optimizer_step_pre_hook``) watches every ``step()``: an unknown
+optimizer whose parameters include offloaded ones is *adopted* by the runtime that owns them, as if
+it had been passed as ``offload(optimizer=...)``, and its very first step already updates the
+offloaded parameters. It is stepped by torch, block by block (its own state stays in the optimizer,
+in process memory, outside the tiers' budgets: the placement was made without it), which gives
+torch's results bit for bit. Cases tierrt cannot adopt raise :class:`~tierrt.errors.HookError` (or
+:class:`~tierrt.errors.ConfigError`) from ``step()``, naming the fix, instead of training nothing.
+
+Example::
+
+    with tierrt.offload(model, tiers=tiers) as rt:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)   # created inside: adopted at step()
+        for batch in loader:
+            model(**batch).loss.backward()
+            opt.step()
+            opt.zero_grad()
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+from .errors import HookError
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
+
+log = logging.getLogger("tierrt")
+
+__all__ = ["OptimizerAdoption"]
+
+
+class OptimizerAdoption:
+    """Installs the global step pre-hook that adopts unknown optimizers while a runtime is active."""
+
+    active: list[Runtime] = []
+    _handle: Any = None
+
+    @classmethod
+    def install(cls, runtime: Runtime) -> None:
+        cls.active.append(runtime)
+        if cls._handle is None:
+            cls._handle = register_optimizer_step_pre_hook(_adopt_unknown)
+
+    @classmethod
+    def remove(cls, runtime: Runtime) -> None:
+        if runtime in cls.active:
+            cls.active.remove(runtime)
+        if not cls.active and cls._handle is not None:
+            cls._handle.remove()
+            cls._handle = None
+
+
+def _adopt_unknown(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    """The global pre-hook: adopt ``optimizer`` if it steps offloaded parameters tierrt was not
+    given an optimizer for; raise when it cannot be adopted. Returns None (args unchanged)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    owners = [rt for rt in OptimizerAdoption.active if any(rt.owns(p) for p in params)]
+    if not owners:
+        return None
+    if len(owners) > 1:
+        raise HookError(
+            f"{type(optimizer).__name__} holds parameters of {len(owners)} different offloaded models; "
+            "tierrt steps each offloaded model with one optimizer of its own. Offload the models "
+            "together as one module, or give each model its own optimizer"
+        )
+    (runtime,) = owners
+    if runtime.optimizer is optimizer:
+        return None  # given to offload() or adopted already: its step() is tierrt's
+    runtime.adopt_optimizer(optimizer)
+    return None
