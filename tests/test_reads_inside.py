@@ -159,3 +159,67 @@ def test_update_survives_an_error_while_it_is_applied(reader, nvme_dir, tmp_path
     (error,) = errors
     assert "still pending" in str(error) and error.tier == "dram"
     assert_same_run(reference, ref_opt, ref_losses, ours, opt, losses)
+
+
+def test_value_and_grad_read_what_plain_torch_holds(nvme_dir):
+    """``rt.grad(p)`` (after two accumulated backwards and a clip_grad_norm_, which scales lazily)
+    and ``rt.value(p)`` (after a deferred step) equal plain torch's ``p.grad`` and ``p`` bit for
+    bit; reading changes nothing in the run."""
+    reference = wide_vocab_llama()
+    ours = copy.deepcopy(reference)
+
+    def loop(model, opt, on_grads, on_values):
+        losses = []
+        for step, ids in enumerate(batches()):
+            for half in ids.chunk(2):
+                loss = model(half, labels=half).loss / 2
+                loss.backward()
+                losses.append(loss.detach().clone())
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+            if step == READ_AT:
+                on_grads()
+            opt.step()
+            if step == READ_AT:
+                on_values()
+            opt.zero_grad()
+        return losses
+
+    ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-3, weight_decay=0.01)
+    expected: dict = {}
+    ref_losses = loop(
+        reference,
+        ref_opt,
+        lambda: expected.update({f"grad {n}": p.grad.clone() for n, p in reference.named_parameters()}),
+        lambda: expected.update({f"value {n}": p.detach().clone() for n, p in reference.named_parameters()}),
+    )
+    seen: dict = {}
+    opt = torch.optim.AdamW(ours.parameters(), lr=1e-3, weight_decay=0.01)
+    with tierrt.offload(ours, tiers=tight_tiers(ours, nvme_dir), optimizer=opt) as rt:
+
+        def grads():
+            named = dict(rt.named_grads())
+            for name, p in ours.named_parameters():
+                seen[f"grad {name}"] = rt.grad(p)
+                assert torch.equal(named[name], seen[f"grad {name}"]), name
+                assert p.grad is None  # the gradient lives in the tiers
+            assert set(named) == {n for n, _ in ours.named_parameters()}
+
+        def values():
+            for name, _ in ours.named_parameters():
+                seen[f"value {name}"] = rt.value(name)
+
+        losses = loop(ours, opt, grads, values)
+        assert rt.grad("lm_head.weight") is None  # after zero_grad()
+        with pytest.raises(tierrt.HookError, match="no parameter named"):
+            rt.value("lm_head.weights")
+        with pytest.raises(tierrt.HookError, match="not a parameter"):
+            rt.grad(torch.zeros(3))
+    with pytest.raises(tierrt.HookError, match="inside the with-block"):
+        rt.value("lm_head.weight")
+    assert set(seen) == set(expected)
+    for key, value in expected.items():
+        assert seen[key].dtype == value.dtype and torch.equal(value, seen[key]), key
+    for a, b in zip(ref_losses, losses, strict=True):
+        assert torch.equal(a, b)
+    for (name, a), b in zip(reference.named_parameters(), ours.parameters(), strict=True):
+        assert torch.equal(a, b), name

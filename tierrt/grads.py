@@ -214,6 +214,23 @@ class GradientStore:
         finally:
             ks.pins -= 1
 
+    def read(self, bs: BlockState, slot_index: int) -> torch.Tensor | None:
+        """A fresh CPU copy of one parameter's accumulated gradient (factors recorded by
+        :meth:`scale` applied, as ``p.grad`` would show them), None when it has none."""
+        # zero_grad() after step() waits for the block's pending update: its verdict counts now
+        cleared = self.updates.zero_after.get(bs.index) if self.updates is not None else None
+        if cleared or slot_index not in self.present.get(bs.index, ()):
+            return None
+        if cleared is False:  # zero_grad(set_to_none=False)
+            ks = bs.kinds["grad"]
+            dtype = ks.layout.dtypes[ks.layout.slots.index(slot_index)]
+            return torch.zeros(bs.spec.slots[slot_index].shape, dtype=dtype)
+        with self._slot_grad(bs, slot_index) as grad:
+            value = grad.to(device="cpu", copy=True)
+        for factor in self.muls.get((bs.index, slot_index), []):
+            value.mul_(factor)
+        return value
+
     def scale(self, bs: BlockState, slot_index: int, factor: float) -> None:
         """``grad.mul_(factor)`` for one parameter, recorded as a factor (applied at the update)."""
         self.muls.setdefault((bs.index, slot_index), []).append(factor)

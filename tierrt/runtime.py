@@ -26,7 +26,7 @@ import shutil
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import psutil
@@ -915,6 +915,77 @@ class Runtime:
         """Wait until every transfer in flight has finished (raising the first failure)."""
         if self.pipeline is not None:
             self.pipeline.drain()
+
+    # ---- reading values inside the context -----------------------------------------------------------
+    def value(self, param: torch.Tensor | str, device: torch.device | str | None = None) -> torch.Tensor:
+        """A fresh copy of an offloaded parameter's current value, in its original dtype (the fp32
+        master value under ``compute_dtype``), on ``device`` (default: the CPU).
+
+        Inside the context a parameter's ``.data`` is only real while its block is resident; read
+        it through this method for logging, an EMA of the weights, or a check. ``param`` is the
+        parameter or its name in the model. A pending update of its block is applied first.
+
+        Example::
+
+            with tierrt.offload(model, tiers=tiers, optimizer=opt) as rt:
+                ...
+                w = rt.value("lm_head.weight")        # or rt.value(model.lm_head.weight)
+        """
+        bs, slot_index = self._resolve(param)
+        slot = bs.spec.slots[slot_index]
+        dtype = self._originals[id(slot.param)][1]
+        return self._materialize(bs, slot, torch.device(device or "cpu"), dtype)
+
+    def grad(
+        self, param: torch.Tensor | str, device: torch.device | str | None = None
+    ) -> torch.Tensor | None:
+        """A fresh copy of an offloaded parameter's accumulated gradient (what ``param.grad`` holds
+        in a plain run), or None when it has none (no backward since the last ``zero_grad()``, or
+        frozen). Inside the context ``param.grad`` itself stays None: gradients live in the tiers.
+
+        Example::
+
+            loss.backward()
+            g = rt.grad(model.lm_head.weight)
+            print(g.norm())
+        """
+        bs, slot_index = self._resolve(param)
+        if self.grads is None or "grad" not in bs.kinds:
+            return None
+        value = self.grads.read(bs, slot_index)
+        if value is None or device is None:
+            return value
+        return value.to(device)
+
+    def named_grads(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(name, gradient copy)`` for every offloaded parameter that holds a gradient now, one
+        at a time (each copy is made when its turn comes), like iterating ``named_parameters()``
+        for ``p.grad`` in a plain run."""
+        if self.grads is None:
+            return
+        for name, param in self.model.named_parameters():
+            if id(param) in self._slot_index:
+                value = self.grad(param)
+                if value is not None:
+                    yield name, value
+
+    def _resolve(self, param: torch.Tensor | str) -> tuple[BlockState, int]:
+        if not self.active:
+            raise HookError("value()/grad() read the tiers: call them inside the with-block")
+        if isinstance(param, str):
+            found = self._param_by_name().get(param)
+            if found is None:
+                raise HookError(f"the offloaded model has no parameter named {param!r}")
+            param = found
+        if id(param) not in self._slot_index:
+            raise HookError(
+                f"a tensor of shape {list(param.shape)} is not a parameter this tierrt.offload() "
+                "holds; pass one of model.parameters() or its name"
+            )
+        return self._slot_index[id(param)]
+
+    def _param_by_name(self) -> dict[str, nn.Parameter]:
+        return dict(self.model.named_parameters(remove_duplicate=False))
 
     # ---- gradients (clip_grad_norm_ and friends) ---------------------------------------------------
     def owns(self, param: torch.Tensor) -> bool:
