@@ -57,6 +57,9 @@ def unfrozen_error(names: list[str]) -> HookError:
     )
 
 
+_NO_FORWARD = object()
+
+
 @dataclass(frozen=True)
 class SavedWeightRef:
     """What autograd keeps instead of a tensor that views a block's weights."""
@@ -98,6 +101,10 @@ class HookSet:
         self._root_held: list[BlockState] = []
         self._warned: set[int] = set()
         self._internal = 0  # > 0 while tierrt's own hooks run
+        # Hooked modules' instance-level forward wrappers (see _wrap_forward), and how many calls
+        # through module(...) are running per module (id) while their forward runs
+        self._wrapped: list[tuple[nn.Module, Any, Callable[..., Any]]] = []
+        self._in_call: dict[int, int] = {}
         # (name, param) of parameters without a gradient buffer (frozen on entry) while training
         self.untrained: list[tuple[str, nn.Parameter]] = []
 
@@ -106,10 +113,10 @@ class HookSet:
         blocks = self.pipeline.blocks
         for module, needed in self.hook_targets:
             needed_blocks = [blocks[i] for i in needed]
-            self._handles.append(module.register_forward_pre_hook(self._make_pre(needed_blocks)))
-            self._handles.append(
-                module.register_forward_hook(self._make_post(needed_blocks), always_call=True)
-            )
+            pre, post = self._make_pre(needed_blocks), self._make_post(needed_blocks)
+            self._handles.append(module.register_forward_pre_hook(pre))
+            self._handles.append(module.register_forward_hook(post, always_call=True))
+            self._wrap_forward(module, pre, post)
         self._handles.append(self.model.register_forward_pre_hook(self._root_pre))
         self._handles.append(self.model.register_forward_hook(self._root_post, always_call=True))
         for bs in blocks:
@@ -132,12 +139,46 @@ class HookSet:
             if bs.attached:
                 self._on_attach(bs)
 
+    def _wrap_forward(self, module: nn.Module, pre: Callable[..., None], post: Callable[..., None]) -> None:
+        """Cover calls of ``module.forward(...)`` that bypass ``module(...)`` and so its hooks
+        (``for layer in self.layers: h = layer.forward(h)``, a recompute of ``layer.forward``): an
+        instance-level ``forward`` runs the same pre- and post-hook around such a call. A call
+        through ``module(...)`` passes straight through (its hooks ran already)."""
+        saved = module.__dict__.get("forward", _NO_FORWARD)  # an instance-level forward (accelerate)
+        inner = module.forward
+        hooks = self
+        key = id(module)
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            if not hooks._wrapped or hooks._in_call.get(key, 0) > 0:
+                return inner(*args, **kwargs)
+            try:
+                pre(module, args)
+                output = inner(*args, **kwargs)
+            except BaseException:
+                post(module, args, None)
+                raise
+            post(module, args, output)
+            return output
+
+        module.forward = forward  # type: ignore[method-assign]
+        self._wrapped.append((module, saved, forward))
+
     def remove(self) -> None:
         if self._use_check is not None:
             self._root_post(self.model, (), None)
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        for module, saved, forward in self._wrapped:
+            if module.__dict__.get("forward") is not forward:
+                continue  # wrapped again since (it passes through to the original from now on)
+            if saved is _NO_FORWARD:
+                del module.__dict__["forward"]
+            else:
+                module.forward = saved  # type: ignore[method-assign]
+        self._wrapped.clear()
+        self._in_call.clear()
         if self._saved_hooks is not None:
             try:
                 self._saved_hooks.__exit__(None, None, None)
@@ -223,6 +264,7 @@ class HookSet:
         pipeline = self.pipeline
 
         def pre_hook(module: nn.Module, args: Any) -> None:
+            self._in_call[id(module)] = self._in_call.get(id(module), 0) + 1
             in_backward = torch._C._current_graph_task_id() >= 0
             phase = "bwd" if in_backward else "fwd"
             if in_backward:
@@ -240,6 +282,7 @@ class HookSet:
         pipeline = self.pipeline
 
         def post_hook(module: nn.Module, args: Any, output: Any) -> None:
+            self._in_call[id(module)] = self._in_call.get(id(module), 1) - 1
             for bs in needed:
                 pipeline.release(bs)
             if torch.is_grad_enabled() and torch._C._current_graph_task_id() < 0:
