@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 
 import models
@@ -308,6 +309,10 @@ def test_direct_forward_calls_stream(nvme_dir, caplog):
         with tierrt.offload(ours, tiers=[tierrt.dram(budget), tierrt.nvme(nvme_dir)], optimizer=opt) as rt:
             losses = train(ours, opt, data, models.lm_loss)
             assert "forward" in ours.layers[0].__dict__
+            # what transformers and Trainer inspect: the wrapper has the original's signature
+            assert inspect.signature(ours.layers[0].forward) == inspect.signature(reference.layers[0].forward)
+            twin = copy.deepcopy(ours.layers[0])  # a copy does not run the original module
+            assert twin.forward.__self__ is twin
             assert rt.report().total.bytes_by_link["nvme->dram"] > 0
     assert "used outside a call" not in caplog.text
     assert all("forward" not in layer.__dict__ for layer in ours.modules())

@@ -20,7 +20,9 @@ pile up on the compute device.
 
 from __future__ import annotations
 
+import functools
 import logging
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -58,6 +60,43 @@ def unfrozen_error(names: list[str]) -> HookError:
 
 
 _NO_FORWARD = object()
+
+
+class _DirectForward:
+    """A hooked module's instance-level ``forward`` while tierrt is active (see
+    :meth:`HookSet._wrap_forward`)."""
+
+    def __init__(self, module: nn.Module, inner: Callable[..., Any], hooks: weakref.ref[HookSet]) -> None:
+        self.module = module
+        self.inner = inner
+        self.hooks = hooks
+        functools.update_wrapper(self, inner)  # name, doc, and __wrapped__: inspect.signature() is inner's
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        hooks = self.hooks()
+        key = id(self.module)
+        direct = hooks._direct.get(key) if hooks is not None else None
+        if direct is None or hooks._in_call.get(key, 0) > 0:  # type: ignore[union-attr]
+            return self.inner(*args, **kwargs)
+        before, after = direct
+        try:
+            before(self.module, args)
+            output = self.inner(*args, **kwargs)
+        except BaseException:
+            after(self.module, args, None)
+            raise
+        after(self.module, args, output)
+        return output
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        """``copy.deepcopy(model)`` inside the context: the copy gets its class's own forward (not
+        a wrapper that would run the original module)."""
+        import types
+
+        copied = memo.get(id(self.module))
+        if copied is None:
+            return self
+        return types.MethodType(type(copied).forward, copied)
 
 
 @dataclass(frozen=True)
@@ -105,6 +144,7 @@ class HookSet:
         # through module(...) are running per module (id) while their forward runs
         self._wrapped: list[tuple[nn.Module, Any, Callable[..., Any]]] = []
         self._in_call: dict[int, int] = {}
+        self._direct: dict[int, tuple[Callable[..., None], Callable[..., None]]] = {}  # id -> pre, post
         # (name, param) of parameters without a gradient buffer (frozen on entry) while training
         self.untrained: list[tuple[str, nn.Parameter]] = []
 
@@ -143,24 +183,13 @@ class HookSet:
         """Cover calls of ``module.forward(...)`` that bypass ``module(...)`` and so its hooks
         (``for layer in self.layers: h = layer.forward(h)``, a recompute of ``layer.forward``): an
         instance-level ``forward`` runs the same pre- and post-hook around such a call. A call
-        through ``module(...)`` passes straight through (its hooks ran already)."""
+        through ``module(...)`` passes straight through (its hooks ran already), and so does every
+        call once the hooks are removed: the wrapper holds the hook set only weakly, so a wrapper
+        that outlives the context (wrapped again by another library) pins no tier memory."""
         saved = module.__dict__.get("forward", _NO_FORWARD)  # an instance-level forward (accelerate)
         inner = module.forward
-        hooks = self
-        key = id(module)
-
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            if not hooks._wrapped or hooks._in_call.get(key, 0) > 0:
-                return inner(*args, **kwargs)
-            try:
-                pre(module, args)
-                output = inner(*args, **kwargs)
-            except BaseException:
-                post(module, args, None)
-                raise
-            post(module, args, output)
-            return output
-
+        self._direct[id(module)] = (pre, post)
+        forward = _DirectForward(module, inner, weakref.ref(self))
         module.forward = forward  # type: ignore[method-assign]
         self._wrapped.append((module, saved, forward))
 
@@ -178,6 +207,7 @@ class HookSet:
             else:
                 module.forward = saved  # type: ignore[method-assign]
         self._wrapped.clear()
+        self._direct.clear()
         self._in_call.clear()
         if self._saved_hooks is not None:
             try:
