@@ -123,7 +123,7 @@ def test_unwritable_path(tmp_path):
 def test_path_is_a_file(tmp_path):
     target = tmp_path / "file"
     target.write_text("x")
-    with pytest.raises(tierrt.TierPathError):
+    with pytest.raises(tierrt.TierPathError, match="is a file, not a directory"):
         with tierrt.offload(models.mlp(width=512), tiers=[tierrt.dram("4MiB"), tierrt.nvme(str(target))]):
             pass
 

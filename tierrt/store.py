@@ -232,6 +232,11 @@ def check_nvme_paths(paths: Iterable[str], size: int) -> None:
     paths = list(paths)
     share = -(-size // len(paths))
     for path in paths:
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise TierPathError(
+                f"nvme tier: {path} is a file, not a directory: give a directory for the swap files",
+                path=path,
+            )
         try:
             os.makedirs(path, exist_ok=True)
         except OSError as exc:
