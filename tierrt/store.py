@@ -534,14 +534,24 @@ class TensorStore:
             self.nvme.allocator.free(new_extent)
 
     def h2d_steps(self, ks: KindState) -> list[Callable[[], Any]]:
-        """Steps copying the DRAM copy to the GPU copy (both allocated)."""
+        """Steps copying the DRAM copy to the GPU copy (both allocated).
+
+        Called on the thread that computes, right after the GPU copy was allocated. That memory may
+        have been freed by an evicted block a moment ago while kernels reading it are still queued
+        on the compute stream (the caching allocator reuses it at once for the same stream). The
+        copy runs on a side stream, so it first waits for an event recorded on the compute stream
+        now: it cannot overwrite memory that queued kernels still read."""
         assert self.gpu is not None and ks.host is not None and ks.gpu is not None
         host, dev = ks.host, ks.gpu
         stream = self.h2d_stream()
+        compute_done = torch.cuda.Event()
+        compute_done.record(torch.cuda.current_stream(self.gpu.device))
 
         def copy() -> Any:
             with torch.cuda.stream(stream):
+                stream.wait_event(compute_done)
                 dev.copy_(host.flat, non_blocking=True)
+                dev.record_stream(stream)  # the allocator sees the side stream's use too
                 event = torch.cuda.Event()
                 event.record(stream)
             return _EventWait(event)
