@@ -368,6 +368,7 @@ class Runtime:
         with _OWNERS_LOCK:
             for p in params:
                 _OWNERS[id(p)] = weakref.ref(self)
+        self._move_buffers(model, compute_device)
         trains = any("grad" in bs.kinds for bs in store.blocks)
         self.grads = GradientStore(self.pipeline, store) if trains else None
         self.hooks = HookSet(model, self.pipeline, self.grads, partition.hook_targets)
@@ -838,6 +839,7 @@ class Runtime:
 
         OptimizerAdoption.remove(self)
         try:
+            self._restore_buffers()
             if self.blockwise is not None and self._restores_values():
                 self.blockwise.export_state()  # the optimizer keeps working on the restored model
             self._restore_all()
@@ -856,6 +858,25 @@ class Runtime:
         self.closed = True
         if errors:
             raise errors[0]
+
+    def _move_buffers(self, model: nn.Module, compute_device: torch.device) -> None:
+        """Buffers (BatchNorm statistics, rotary frequencies, masks) are not tiered: they move with
+        their module to the compute device, as ``model.to(device)`` would, and back on leaving."""
+        self._buffer_devices: list[tuple[nn.Module, str, torch.device]] = []
+        if compute_device.type == "cpu":
+            return
+        for module in model.modules():
+            for name, buf in module._buffers.items():
+                if buf is not None and buf.device != compute_device:
+                    self._buffer_devices.append((module, name, buf.device))
+                    module._buffers[name] = buf.to(compute_device)
+
+    def _restore_buffers(self) -> None:
+        for module, name, device in getattr(self, "_buffer_devices", []):
+            buf = module._buffers.get(name)
+            if buf is not None:
+                module._buffers[name] = buf.to(device)
+        self._buffer_devices = []
 
     def _restores_values(self) -> bool:
         """Whether leaving gives parameters real values (not for meta models unless restore=True)."""
