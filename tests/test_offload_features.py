@@ -320,3 +320,27 @@ def test_direct_forward_calls_stream(nvme_dir, caplog):
         assert torch.equal(a, b)
     for (name, a), b in zip(reference.named_parameters(), ours.parameters()):
         assert torch.equal(a, b), name
+
+
+def test_default_tiers(tmp_path, monkeypatch):
+    """``offload(model)`` without tiers: DRAM at half the available memory (this small model then
+    lives in DRAM, so no swap file is made) and NVMe under the user's cache directory; trains bit
+    for bit and leaves nothing behind."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    tiers = tierrt.default_tiers()
+    assert [t.name for t in tiers] == ["dram", "nvme"]  # no GPU here
+    torch.manual_seed(0)
+    reference = models.mlp()
+    ours = copy.deepcopy(reference)
+    data = models.mlp_batches(3)
+    ref_losses = train(reference, torch.optim.SGD(reference.parameters(), lr=0.1), data, models.mlp_loss)
+    opt = torch.optim.SGD(ours.parameters(), lr=0.1)
+    swap = tmp_path / "cache" / "tierrt" / "swap"
+    with tierrt.offload(ours, optimizer=opt) as rt:
+        assert all(ks.home == "dram" for bs in rt.blocks for ks in bs.kinds.values())
+        losses = train(ours, opt, data, models.mlp_loss)
+    assert not swap.exists() or not any(swap.iterdir())
+    for a, b in zip(ref_losses, losses):
+        assert torch.equal(a, b)
+    for (name, a), b in zip(reference.named_parameters(), ours.parameters()):
+        assert torch.equal(a, b), name
