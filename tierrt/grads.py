@@ -79,12 +79,10 @@ class GradientStore:
         elif ks.host is None:
             pipeline.room_for(ks, "dram", True, {bs.index})
         view = self.store.slot_view(bs, ks, slot, "dram")
-        if grad.device.type != "cpu":
-            grad = grad.to("cpu")
         if slot.index in present:
-            view.add_(grad)
+            view.add_(grad.to("cpu") if grad.device.type != "cpu" else grad)
         else:
-            view.copy_(grad)
+            view.copy_(grad)  # from a GPU: one synchronous DMA straight into the pinned arena
         present.add(slot.index)
         ks.valid = {"dram"}
         self.pending_blocks.add(bs.index)
