@@ -346,7 +346,9 @@ def _step_figures(
     step = report.step
     links = dict(step.bytes_by_link)
     busy = dict(step.busy_by_link)
-    h2d = [k for k in links if k.startswith("dram->gpu")]
+    # Transfers that end on the GPU: "dram->gpu0" and, staged, "nvme->dram->gpu0" (whose busy time
+    # includes the NVMe read, so the figure is the effective rate into the GPU)
+    h2d = [k for k in links if k.split("->")[-1].startswith("gpu")]
     h2d_bytes = sum(links[k] for k in h2d)
     h2d_gbps = h2d_bytes / sum(busy[k] for k in h2d) / 1e9 if h2d and sum(busy[k] for k in h2d) else 0.0
     nvme_read = links.get("nvme->dram", 0)
@@ -356,7 +358,7 @@ def _step_figures(
     print(report)
     print(
         f"step {mean:.2f}s; bound max(compute {compute or 0:.2f}s, NVMe read {io:.2f}s) = {bound:.2f}s "
-        f"-> {mean / bound if bound else float('nan'):.2f}x; H2D achieved {h2d_gbps:.1f} GB/s; stall "
+        f"-> {mean / bound if bound else float('nan'):.2f}x; into the GPU {h2d_gbps:.1f} GB/s; stall "
         f"{100 * report.stall_fraction:.1f}%; optimizer {step.optimizer_seconds:.2f}s of which "
         f"{step.optimizer_overlap_seconds:.2f}s overlapped backward"
     )
