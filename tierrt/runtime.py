@@ -375,13 +375,7 @@ class Runtime:
         self.hooks.on_forward_start = self._on_forward_start
         self.hooks.install()
         if blockwise is not None:
-            assert self.grads is not None
-            blockwise.attach(self.pipeline, store, self.grads)
-            assert blockwise.updates is not None
-            blockwise.updates.speculator.allowed = self.overlap_backward
-            if not getattr(self, "_step_atomic", False):
-                blockwise.updates.transactional = False
-            blockwise.install()
+            self._connect(blockwise)
             if imported:
                 blockwise.release_imported(imported)  # the tiers hold that state now
                 _trim_heap()
@@ -703,12 +697,7 @@ class Runtime:
             on_step_end=self._on_step_end,
         )
         blockwise.names = {key: names[0] for key, names in self._aliases.items()}
-        blockwise.attach(self.pipeline, self.store, self.grads)
-        assert blockwise.updates is not None
-        blockwise.updates.speculator.allowed = self.overlap_backward
-        if not getattr(self, "_step_atomic", False):
-            blockwise.updates.transactional = False
-        blockwise.install()
+        self._connect(blockwise)
         blockwise.take_over_step_in_progress()
         self.optimizer, self.blockwise = optimizer, blockwise
         log.warning(
@@ -718,6 +707,16 @@ class Runtime:
             name,
             advice,
         )
+
+    def _connect(self, blockwise: BlockwiseOptimizer) -> None:
+        """Attach ``blockwise`` to the placed model's pipeline and patch its optimizer's methods."""
+        assert self.grads is not None and self.store is not None
+        blockwise.attach(self.pipeline, self.store, self.grads)
+        assert blockwise.updates is not None
+        blockwise.updates.speculator.allowed = self.overlap_backward
+        if not getattr(self, "_step_atomic", False):
+            blockwise.updates.transactional = False
+        blockwise.install()
 
     def _on_forward_start(self) -> None:
         if self.blockwise is None:
@@ -994,19 +993,16 @@ class Runtime:
         if not self.active:
             raise HookError("value()/grad() read the tiers: call them inside the with-block")
         if isinstance(param, str):
-            found = self._param_by_name().get(param)
-            if found is None:
+            found = next((key for key, names in self._aliases.items() if param in names), None)
+            if found is None or found not in self._slot_index:
                 raise HookError(f"the offloaded model has no parameter named {param!r}")
-            param = found
+            return self._slot_index[found]
         if id(param) not in self._slot_index:
             raise HookError(
                 f"a tensor of shape {list(param.shape)} is not a parameter this tierrt.offload() "
                 "holds; pass one of model.parameters() or its name"
             )
         return self._slot_index[id(param)]
-
-    def _param_by_name(self) -> dict[str, nn.Parameter]:
-        return dict(self.model.named_parameters(remove_duplicate=False))
 
     # ---- gradients (clip_grad_norm_ and friends) ---------------------------------------------------
     def owns(self, param: torch.Tensor) -> bool:
