@@ -170,6 +170,15 @@ class OptimizerPipeline:
                 return False
         return True
 
+    def inputs_ready(self, bs: BlockState) -> bool:
+        """Every input of ``bs``'s update is current in DRAM, no transfer in flight: applying it
+        now does no I/O."""
+        for kind in self.input_kinds(bs):
+            ks = bs.kinds[kind]
+            if ks.host is None or "dram" not in ks.valid or ks.inflight is not None:
+                return False
+        return True
+
     def apply(self, index: int) -> None:
         """Apply block ``index``'s pending update now (if it has one).
 
@@ -249,8 +258,8 @@ class OptimizerPipeline:
             ks = bs.kinds[kind]
             if ks.host is None or ks.home == "dram" or ks.pins > 1:
                 continue
-            if kind == "weight" and (bs.refcount > 0 or bs.pinned):
-                continue  # compute is using these weights
+            if kind == "weight" and pipeline.compute == "dram" and (bs.refcount > 0 or bs.pinned):
+                continue  # compute is using these weights (with a GPU it uses its own copy)
             if ks.inflight is not None:
                 pipeline.wait(bs, kind)
             if ks.host is None:
@@ -261,7 +270,7 @@ class OptimizerPipeline:
 
     def _after_update(self, bs: BlockState, wkind: str, kinds: list[str]) -> None:
         pipeline = self.pipeline
-        if pipeline.compute != "dram" or wkind == "master":
+        if bs.attached and (pipeline.compute != "dram" or wkind == "master"):
             pipeline.detach(bs)  # the compute copy is stale now
         changed = [wkind] + [k for k in self.updater.state_kinds if k in bs.kinds]
         if wkind == "master":

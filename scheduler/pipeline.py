@@ -87,6 +87,8 @@ class Pipeline:
         self.flusher = TransferWorker("flush", spans)
         self._inflight: dict[int, tuple[BlockState, str]] = {}
         self._clock = 0
+        self._step_first: Event | None = None  # the first block acquired in the current step
+        self._new_step = True
         self.closed = False
         # Called after a block's parameters are attached / before they are detached (the saved-tensor
         # hooks keep an index of which storage belongs to which block).
@@ -226,11 +228,15 @@ class Pipeline:
             self.updates.apply(bs.index)
         event: Event = (phase, bs.index)
         self.trace.observe(event)
+        if self._new_step:
+            self._step_first, self._new_step = event, False
         self._clock += 1
         bs.last_use = self._clock
         bs.refcount += 1
         ks = bs.kinds["weight"]
-        if not bs.pinned:
+        # A pinned block is counted only when its copy on the compute tier was dropped (with a
+        # GPU, an optimizer update changed its weights in DRAM) and is not back yet.
+        if not bs.pinned or self.compute not in ks.valid:
             if self.compute in ks.valid:  # resident (a write home may still be going on: reads are fine)
                 self.counters.prefetch_hits += 1
             elif ks.inflight is not None and self._is_fetch(ks):
@@ -316,20 +322,39 @@ class Pipeline:
         self._submit(bs, "weight", steps, link, on_reap, self.fetcher)
         return True
 
+    def step_boundary(self) -> None:
+        """An optimizer step ended: start bringing in the blocks the next step begins with, as
+        the last one began (their updates first), while the loop loads its next batch."""
+        first, self._new_step = self._step_first, True
+        if first is None or self.depth == 0:
+            return
+        window = [first[1]] + [b for _, b in self.trace.predict(first, self.depth - 1)]
+        self._prefetch(window, set(window))
+
     def _prefetch_after(self, event: Event) -> None:
         if self.depth == 0:
             return
-        upcoming = self.trace.predict(event, self.depth)
-        window = [b for _, b in upcoming]
-        protect = set(window) | {event[1]}
+        window = [b for _, b in self.trace.predict(event, self.depth)]
+        self._prefetch(window, set(window) | {event[1]})
+
+    def _prefetch(self, window: list[int], protect: set[int]) -> None:
+        """Start the fetches (and reads of update inputs) of ``window``'s blocks, in order, as long
+        as there is room without evicting ``protect``."""
+        applied_ahead = False
         for block_index in window:
             bs = self.blocks[block_index]
             if self.updates is not None and self.updates.has_pending(block_index):
                 if not self.updates.prefetch_block(bs, protect):
                     break
-                continue
-            if bs.pinned:
-                continue
+                if self.compute == "dram" or applied_ahead or not self.updates.inputs_ready(bs):
+                    continue
+                # With a GPU, apply one upcoming block's update now, on the CPU, while the GPU runs
+                # the kernels queued before it, so its copy to the GPU can start ahead of its use.
+                applied_ahead = True
+                try:
+                    self.updates.apply(block_index)
+                except TierCapacityError:
+                    break  # the update stays pending (nothing changed); its use applies it
             if not self._start_weight_fetch(bs, demand=False, protect=protect):
                 break
 
@@ -410,8 +435,8 @@ class Pipeline:
             for kind, ks in bs.kinds.items():
                 if not self._holds(ks, tier) or ks.home == tier or ks.inflight is not None:
                     continue
-                if kind == "weight" and (bs.refcount > 0 or bs.pinned):
-                    continue
+                if kind == "weight" and (bs.refcount > 0 or (bs.pinned and tier == self.compute)):
+                    continue  # a pinned block's DRAM staging copy (GPU compute) may go
                 if ks.pins > 0:
                     continue
                 clean = bool(ks.valid - {tier})

@@ -42,7 +42,7 @@ from .optim.blockwise import BlockwiseOptimizer
 from .placement import Placement, plan_placement
 from .report import Counters, Report, write_chrome_trace
 from .sizes import format_size
-from .store import BlockState, HostTier, KindState, NvmeTierStore, TensorStore
+from .store import BlockState, HostTier, KindState, NvmeTierStore, TensorStore, gpu_device
 from .tiers import CxlTier, DramTier, GpuTier, NvmeTier, TierSpec, validate_tiers
 
 log = logging.getLogger("tierrt")
@@ -262,9 +262,7 @@ class Runtime:
                         "as one module"
                     )
         compute_spec = next((t for t in self.tier_specs if isinstance(t, GpuTier)), None)
-        if compute_spec is not None and not torch.cuda.is_available():
-            raise ConfigError(f"tiers include {compute_spec.name} but torch sees no CUDA device")
-        compute_device = torch.device("cuda", compute_spec.index) if compute_spec else torch.device("cpu")
+        compute_device = gpu_device(compute_spec) if compute_spec else torch.device("cpu")
         for name, p in model.named_parameters():
             if p.device.type not in ("cpu", "meta") and p.device != compute_device:
                 raise ConfigError(
@@ -344,7 +342,7 @@ class Runtime:
 
                 gpu_budget = budgets[compute]
                 assert gpu_budget is not None
-                gpu_store = GpuTierStore(compute_spec, gpu_budget)
+                gpu_store = GpuTierStore(compute_spec, gpu_budget, compute_device)
                 host_tiers["dram"].register_cuda()
             store = TensorStore(host_tiers, nvme_store, gpu_store)
         except BaseException:
@@ -725,6 +723,8 @@ class Runtime:
     def _on_step_end(self) -> None:
         self._trained = True
         self._step_boundary()
+        if self.pipeline is not None:
+            self.pipeline.step_boundary()
 
     def _step_boundary(self) -> None:
         now = time.perf_counter()

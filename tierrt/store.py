@@ -270,13 +270,29 @@ def check_nvme_paths(paths: Iterable[str], size: int) -> None:
             )
 
 
-class GpuTierStore:
-    """Device memory of the compute GPU, under a budget tierrt keeps to for the blocks it holds."""
+def gpu_device(spec: GpuTier) -> torch.device:
+    """The torch device that GPU tier ``spec`` computes on.
 
-    def __init__(self, spec: GpuTier, budget: int) -> None:
+    Raises ConfigError when torch sees no CUDA device, or not the one asked for."""
+    if not torch.cuda.is_available():
+        raise ConfigError(f"tiers include {spec.name} but torch sees no CUDA device")
+    count = torch.cuda.device_count()
+    if spec.index >= count:
+        raise ConfigError(f"tiers include {spec.name} but torch sees {count} CUDA device(s)")
+    return torch.device("cuda", spec.index)
+
+
+class GpuTierStore:
+    """Device memory of the compute GPU, under a budget tierrt keeps to for the blocks it holds.
+
+    ``device`` is the CUDA device of ``spec``. The scheduler's own tests also run this tier in host
+    memory (a CPU device) to check its GPU-path logic on machines without a GPU; copies are then
+    plain synchronous copies."""
+
+    def __init__(self, spec: GpuTier, budget: int, device: torch.device) -> None:
         self.spec = spec
         self.name = spec.name
-        self.device = torch.device("cuda", spec.index)
+        self.device = device
         self.budget = budget
         self.used = 0
         self.peak = 0
@@ -543,6 +559,8 @@ class TensorStore:
         now: it cannot overwrite memory that queued kernels still read."""
         assert self.gpu is not None and ks.host is not None and ks.gpu is not None
         host, dev = ks.host, ks.gpu
+        if dev.device.type != "cuda":
+            return [lambda: dev.copy_(host.flat)]  # a compute tier in host memory (see GpuTierStore)
         stream = self.h2d_stream()
         compute_done = torch.cuda.Event()
         compute_done.record(torch.cuda.current_stream(self.gpu.device))
