@@ -5,7 +5,9 @@ Baseline: torch's own pinned tensors (``torch.empty(..., pin_memory=True)``), me
 Goal: an arena registered with CUDA moves data as fast as torch's pinned memory (ratio >= 0.95) and
 near the PCIe peak of the link; pageable memory is shown for contrast.
 
-Run on a machine with a CUDA GPU, from the repository root after ``pip install -e .``::
+Run on a machine with a CUDA GPU, from the repository root after
+``pip install --no-build-isolation -e .`` (it builds the native extension and installs
+``tierrt.scheduler``; the script says so and exits 2 when that was not done)::
 
     python benchmarks/gpu_check.py            # ~1 minute
     python benchmarks/gpu_check.py --quick    # ~20 s
@@ -406,8 +408,14 @@ def offload_1b(ctx: Context) -> dict[str, Any]:
     del plain, opt
     torch.cuda.empty_cache()
     weights = sum(p.numel() * 4 for p in model.parameters())
+    # DRAM: a third of the weights, but at least what staging the largest blocks between NVMe and
+    # the GPU needs (the embedding and head, 3 of them in flight plus 2 gradient buffers).
+    layer = sum(p.numel() for p in model.model.layers[0].parameters())
+    largest = 4 * max(cfg.vocab_size * cfg.hidden_size, layer)
+    dram = max(weights // 3, 6 * largest)
+    print(f"weights {fmt_size(weights)}; gpu budget {fmt_size(weights // 2)}, dram {fmt_size(dram)}")
     opt = torch.optim.SGD(model.parameters(), lr=1e-4)
-    tiers = [tierrt.gpu(ctx.device, budget=weights // 2), tierrt.dram(weights // 3), tierrt.nvme(swap)]
+    tiers = [tierrt.gpu(ctx.device, budget=weights // 2), tierrt.dram(dram), tierrt.nvme(swap)]
     with tierrt.offload(model, tiers=tiers, optimizer=opt, init=True) as rt:
         print(rt.describe())
         seconds = _time_steps(ctx, model, opt, ids, 3, keep=True)
@@ -463,6 +471,13 @@ def copy_to_device(ctx: Context, meta_model: Any, dev: Any) -> Any:
     with ctx.torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02)
+        # to_empty leaves every buffer uninitialised too: the rotary frequencies are real on the meta
+        # model (init_empty_weights keeps buffers), so copy them over.
+        real = dict(meta_model.named_buffers())
+        for name, buf in model.named_buffers():
+            source = real.get(name)
+            if source is not None and source.device.type != "meta":
+                buf.copy_(source)
     return model
 
 
@@ -511,6 +526,12 @@ def main(argv: list[str] | None = None) -> int:
         cuda = torch.version.cuda
         print(f"gpu_check: no CUDA GPU here (torch {torch.__version__}, CUDA {cuda}): nothing to do")
         return 3 if args.require_gpu else 0
+    try:
+        import tierrt._native  # noqa: F401 - built by pip install
+        import tierrt.scheduler  # noqa: F401 - mapped from scheduler/ by the installed package
+    except ImportError as err:
+        print(f"gpu_check: tierrt is not installed ({err}); first run: pip install --no-build-isolation -e .")
+        return 2
     ctx.torch = torch
     ctx.device = args.device
     torch.cuda.set_device(args.device)
