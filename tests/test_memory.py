@@ -11,6 +11,11 @@ import os
 import subprocess
 import sys
 
+import models
+import torch
+
+import tierrt
+
 HERE = os.path.dirname(__file__)
 MARGIN = 48 << 20  # tierrt's own memory outside its arenas (threads, Python objects) and allocator slack
 
@@ -48,3 +53,25 @@ def test_peak_rss_is_budget_plus_activations(nvme_dir, capsys):
             f"tierrt's own memory outside its arena {overhead / 2**20:.1f}MiB"
         )
     assert above <= budget + activations + MARGIN, (ours, plain)
+
+
+def test_leaving_frees_the_tiers_while_the_runtime_is_kept(nvme_dir):
+    """``with tierrt.offload(...) as rt:`` keeps ``rt`` bound after the block (for its report): the
+    DRAM arena (reserved and populated on entry) must go back to the system on leaving anyway."""
+    import psutil
+
+    model = models.mlp(width=256)
+    opt = torch.optim.AdamW(model.parameters())
+    budget = 256 << 20
+    process = psutil.Process()
+    with tierrt.offload(model, tiers=[tierrt.dram(budget), tierrt.nvme(nvme_dir)], optimizer=opt) as rt:
+        for batch in models.mlp_batches(2, width=256):
+            models.mlp_loss(model, batch).backward()
+            opt.step()
+            opt.zero_grad()
+        inside = process.memory_info().rss
+    after = process.memory_info().rss
+    assert inside - after > 0.8 * budget, (inside, after)
+    report = rt.report()  # still answers, with the figures of the moment it closed
+    assert report.tiers["dram"]["peak_in_use"] > 0
+    assert "host arenas 0B" in str(report)

@@ -1127,7 +1127,8 @@ class Runtime:
 
     def _overhead(self) -> dict[str, int]:
         """The process's memory and what of it the arenas account for."""
-        arenas = sum(t.budget for t in self.store.host_tiers.values()) if self.store is not None else 0
+        tiers = self.store.host_tiers.values() if self.store is not None else ()
+        arenas = sum(t.budget for t in tiers if t.arena is not None)  # a closed runtime holds none
         return {"process RSS": psutil.Process().memory_info().rss, "host arenas": arenas}
 
     def trace(self, path: str | os.PathLike) -> str:

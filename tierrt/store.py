@@ -151,6 +151,8 @@ class HostTier:
         return HostBuffer(self, self.arena.alloc(nbytes))
 
     def stats(self) -> dict[str, Any]:
+        if self.arena is None:
+            return dict(self._final_stats)
         return dict(self.arena.stats())
 
     def free_bytes(self) -> int:
@@ -175,9 +177,15 @@ class HostTier:
         self.registered_cuda = True
 
     def close(self) -> None:
+        """Unregister the arena and let it go: its memory returns to the system once no tensor
+        views it any more. ``stats()`` keeps answering with the figures of this moment."""
+        if self.arena is None:
+            return
         if self.registered_cuda:
             torch.cuda.cudart().cudaHostUnregister(self.arena.address)
             self.registered_cuda = False
+        self._final_stats = self.stats()
+        self.arena = None
 
 
 class NvmeTierStore:
@@ -608,6 +616,14 @@ class TensorStore:
         ks.host = None
 
     def close(self) -> None:
+        """Free every tier: the blocks' GPU and DRAM copies, the arenas, the swap files. The model
+        was given back before; a runtime kept for its report then holds no tier memory."""
+        for bs in self.blocks:
+            for ks in bs.kinds.values():
+                if ks.gpu is not None and self.gpu is not None:
+                    self.gpu.release(ks.nbytes)
+                ks.gpu = None
+                ks.host = None
         for tier in self.host_tiers.values():
             tier.close()
         if self.nvme is not None:
