@@ -363,7 +363,8 @@ class OptimizerPipeline:
                 pass
         for bs, kind in self.step_kinds:
             ks = bs.kinds[kind]
-            if kind == "weight" and bs.attached and bs.refcount == 0:
+            if kind == "weight" and bs.attached:
+                # Even a block in use: its copy is about to go, and the error ends that use.
                 pipeline.detach(bs)
             if ks.gpu is not None and pipeline.store.gpu is not None:  # a copy of the new values
                 pipeline.store.gpu.release(ks.nbytes)
