@@ -35,25 +35,30 @@ def reset_hwm() -> None:
 
 def main() -> None:
     mode, nvme_dir, budget = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    width = int(sys.argv[4]) if len(sys.argv) > 4 else 512
     torch.set_num_threads(1)
     import models
 
     import tierrt
 
     base = rss()  # torch and transformers imported, model not built
-    model = models.llama(layers=8, width=512)
+    model = models.llama(layers=8, width=width)
     model_bytes = models.model_bytes(model)
     data = models.token_batches(3)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
 
+    autocast = mode.endswith("-autocast")  # fp32 weights, bf16 compute under torch.autocast
+
     def loop() -> None:
         for ids in data:
-            models.lm_loss(model, ids).backward()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss = models.lm_loss(model, ids)
+            loss.backward()
             opt.step()
             opt.zero_grad()
 
     out = {"model_bytes": model_bytes, "budget": budget, "base": base, "built": rss()}
-    if mode == "plain":
+    if mode.startswith("plain"):
         reset_hwm()
         loop()
         out.update(peak=hwm())

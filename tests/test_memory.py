@@ -20,9 +20,10 @@ HERE = os.path.dirname(__file__)
 MARGIN = 48 << 20  # tierrt's own memory outside its arenas (threads, Python objects) and allocator slack
 
 
-def run_probe(mode: str, nvme_dir: str, budget: int) -> dict:
+def run_probe(mode: str, nvme_dir: str, budget: int, width: int = 512, env: dict | None = None) -> dict:
     result = subprocess.run(
-        [sys.executable, os.path.join(HERE, "rss_probe.py"), mode, nvme_dir, str(budget)],
+        [sys.executable, os.path.join(HERE, "rss_probe.py"), mode, nvme_dir, str(budget), str(width)],
+        env={**os.environ, **(env or {})},
         capture_output=True,
         text=True,
         timeout=600,
@@ -53,6 +54,31 @@ def test_peak_rss_is_budget_plus_activations(nvme_dir, capsys):
             f"tierrt's own memory outside its arena {overhead / 2**20:.1f}MiB"
         )
     assert above <= budget + activations + MARGIN, (ours, plain)
+
+
+def test_autocast_keeps_no_cast_weights(nvme_dir, capsys):
+    """torch.autocast over fp32 offloaded weights: its cast cache and the casts autograd saves for
+    backward would hold a bf16 copy of every weight (half the model) outside the budget. The peak
+    under autocast stays at the fp32 run's (bf16 activations are smaller than fp32 ones)."""
+    budget = 48 << 20
+    # A fixed mmap threshold: glibc then maps every large buffer on its own and unmaps it when freed,
+    # so the peak RSS follows live memory rather than what the heap kept of transient casts.
+    env = {"MALLOC_MMAP_THRESHOLD_": str(128 << 10)}
+    fp32 = run_probe("tierrt", nvme_dir, budget, width=768, env=env)
+    autocast = run_probe("tierrt-autocast", nvme_dir, budget, width=768, env=env)
+    model = fp32["model_bytes"]
+    assert model / 2 > 4 * (16 << 20)  # the casts would be far above the tolerance below
+
+    def above(run: dict) -> int:
+        return run["peak"] - (run["built"] - model)
+
+    with capsys.disabled():
+        print(
+            f"\n[autocast memory] model {model / 2**20:.0f}MiB, budget {budget / 2**20:.0f}MiB; peak "
+            f"above the process without the model: fp32 {above(fp32) / 2**20:.1f}MiB, autocast "
+            f"{above(autocast) / 2**20:.1f}MiB"
+        )
+    assert above(autocast) <= above(fp32) + (16 << 20), (fp32, autocast)
 
 
 def test_leaving_frees_the_tiers_while_the_runtime_is_kept(nvme_dir):

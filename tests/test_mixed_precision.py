@@ -85,11 +85,18 @@ def _autocast_run(model, opt, scaler, data):
     return losses
 
 
-@pytest.mark.parametrize("init_scale", [2.0**10, 2.0**127])
-def test_autocast_with_grad_scaler(init_scale, nvme_dir):
+@pytest.mark.parametrize(
+    ("build", "init_scale"),
+    [(models.gpt2, 2.0**10), (models.gpt2, 2.0**127), (models.llama, 2.0**10)],
+    ids=["gpt2", "gpt2_overflow", "llama"],
+)
+def test_autocast_with_grad_scaler(build, init_scale, nvme_dir):
     """GradScaler's unscale_/step/update on offloaded gradients: equal to plain torch, including the
-    skipped step and the lowered scale when the scaled gradients overflow (init_scale 2**127)."""
-    reference = models.gpt2()
+    skipped step and the lowered scale when the scaled gradients overflow (init_scale 2**127).
+
+    The weights' autocast casts that backward needs are cast again there (not kept): GPT-2's Conv1D
+    saves the cast itself, Llama's linear layers a transposed view of it."""
+    reference = build()
     ours = copy.deepcopy(reference)
     data = models.token_batches(3)
     ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-3)
@@ -101,3 +108,21 @@ def test_autocast_with_grad_scaler(init_scale, nvme_dir):
         assert torch.equal(a, b) or (a.isnan().all() and b.isnan().all()), (i, a, b)
     for a, b in zip(reference.parameters(), ours.parameters()):
         assert torch.equal(a, b)
+
+
+def test_autocast_over_frozen_fp32_weights_warns(nvme_dir, caplog):
+    """The casts of frozen fp32 weights cannot be recognised (no autograd history) and stay saved
+    until backward: one warning names a weight and the remedy (compute_dtype)."""
+    model = models.llama()
+    for name, p in model.named_parameters():
+        p.requires_grad_("layers.1." in name)  # a frozen base with one trainable layer
+    ids = models.token_batches(1)[0]
+    with tierrt.offload(model, tiers=tiers(model, nvme_dir)):
+        with caplog.at_level("WARNING", logger="tierrt"):
+            for _ in range(2):
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    loss = models.lm_loss(model, ids)
+                loss.backward()
+    warnings = [r.getMessage() for r in caplog.records if "autocast" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert "compute_dtype=torch.bfloat16" in warnings[0] and "frozen fp32" in warnings[0]

@@ -111,6 +111,20 @@ class SavedWeightRef:
     storage_offset: int
 
 
+@dataclass(frozen=True)
+class SavedCastRef:
+    """What autograd keeps instead of ``torch.autocast``'s cast of an offloaded weight (or a view of
+    that cast): the weight is cast again when backward needs it, bit for bit the same."""
+
+    block: int
+    slot: int
+    version: int
+    dtype: torch.dtype
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    storage_offset: int
+
+
 class HookSet:
     """Installs and removes every hook of one offloaded model."""
 
@@ -134,11 +148,13 @@ class HookSet:
         self.on_forward_start: Callable[[], None] | None = None
         # Parameters used outside any call of a module holding them (see _OutOfModuleUses).
         self._block_of: dict[int, tuple[BlockState, str]] = {}  # id(param) -> (block, name)
+        self._slot_of: dict[int, tuple[BlockState, Any]] = {}  # id(param) -> (block, ParamSlot)
         self._checked_forwards = 2  # forwards still watched for such uses
         self._use_check: _OutOfModuleUses | None = None
         self._root_blocks: list[BlockState] = []  # learned: acquired for the whole model forward
         self._root_held: list[BlockState] = []
         self._warned: set[int] = set()
+        self._autocast_warned = False
         self._internal = 0  # > 0 while tierrt's own hooks run
         # Hooked modules' instance-level forward wrappers (see _wrap_forward), and how many calls
         # through module(...) are running per module (id) while their forward runs
@@ -162,6 +178,7 @@ class HookSet:
         for bs in blocks:
             for slot in bs.spec.slots:
                 self._block_of[id(slot.param)] = (bs, slot.name)
+                self._slot_of[id(slot.param)] = (bs, slot)
         if self.grads is not None:
             for bs in blocks:
                 for slot in bs.spec.slots:
@@ -315,10 +332,46 @@ class HookSet:
             self._in_call[id(module)] = self._in_call.get(id(module), 1) - 1
             for bs in needed:
                 pipeline.release(bs)
+            if torch.is_autocast_enabled(pipeline.device.type):
+                self._drop_autocast_casts(needed)
             if torch.is_grad_enabled() and torch._C._current_graph_task_id() < 0:
                 self._acquire_when_backward_reaches(output, needed)
 
         return post_hook
+
+    def _drop_autocast_casts(self, needed: list[BlockState]) -> None:
+        """Under ``torch.autocast``, fp32 weights are cast to the lower precision once per autocast
+        region and the casts are cached until the region ends: a copy of every weight of the model,
+        beyond every budget. The cache is cleared as each module finishes, so casts live only while
+        their block is in use (a later use casts again). What backward needs of a trainable weight's
+        cast is kept as a reference and cast again (:class:`SavedCastRef`).
+
+        The cast of a frozen fp32 weight has no autograd history to recognise it by, so autograd
+        keeps it until backward: a warning says so once (``compute_dtype`` avoids the casts)."""
+        if not torch.is_autocast_cache_enabled():
+            return
+        torch.clear_autocast_cache()
+        if self._autocast_warned or not torch.is_grad_enabled():
+            return
+        frozen = [
+            slot.name
+            for bs in needed
+            for slot in bs.spec.slots
+            if slot.dtype == torch.float32 and not slot.param.requires_grad
+        ]
+        if frozen:
+            self._autocast_warned = True
+            lower = str(torch.get_autocast_dtype(self.pipeline.device.type)).removeprefix("torch.")
+            log.warning(
+                "torch.autocast to %s over frozen fp32 offloaded weights (%s, ...): autograd keeps their "
+                "%s casts from forward to backward, outside tierrt's budgets. Pass "
+                "compute_dtype=torch.%s to tierrt.offload() to keep %s weights in the tiers and cast nothing",
+                lower,
+                frozen[0],
+                lower,
+                lower,
+                lower,
+            )
 
     def _acquire_when_backward_reaches(self, output: Any, needed: list[BlockState]) -> None:
         """Make ``needed`` resident as soon as backward reaches this module's output, before any
@@ -361,7 +414,7 @@ class HookSet:
             return tensor
         bs = self._owners.get(ptr)
         if bs is None:
-            return tensor
+            return self._pack_cast(tensor)
         return SavedWeightRef(
             bs.index,
             bs.kinds["weight"].version,
@@ -371,8 +424,39 @@ class HookSet:
             tensor.storage_offset(),
         )
 
+    def _pack_cast(self, tensor: torch.Tensor) -> Any:
+        """A cast of an offloaded weight that autocast made (``ToCopyBackward0`` straight from the
+        weight's ``AccumulateGrad``), or a view of one (a transpose for ``linear``): keep a reference
+        instead of the copy. Any other tensor is kept as it is."""
+        fn = tensor.grad_fn
+        if fn is None:
+            return tensor
+        if type(fn).__name__ != "ToCopyBackward0":
+            if not tensor._is_view() or not fn.next_functions:
+                return tensor
+            fn = fn.next_functions[0][0]  # the view's source
+            if fn is None or type(fn).__name__ != "ToCopyBackward0":
+                return tensor
+        source = fn.next_functions[0][0] if fn.next_functions else None
+        param = getattr(source, "variable", None)
+        entry = self._slot_of.get(id(param)) if param is not None else None
+        if entry is None:
+            return tensor
+        bs, slot = entry
+        if tensor.untyped_storage().nbytes() != slot.numel * tensor.element_size():
+            return tensor  # not a plain contiguous cast of the whole weight
+        return SavedCastRef(
+            bs.index,
+            slot.index,
+            bs.kinds["weight"].version,
+            tensor.dtype,
+            tuple(tensor.size()),
+            tuple(tensor.stride()),
+            tensor.storage_offset(),
+        )
+
     def _unpack(self, packed: Any) -> torch.Tensor:
-        if not isinstance(packed, SavedWeightRef):
+        if not isinstance(packed, SavedWeightRef | SavedCastRef):
             return packed
         bs = self.pipeline.blocks[packed.block]
         ks = bs.kinds["weight"]
@@ -382,6 +466,10 @@ class HookSet:
                 "optimizer step between them?); the backward pass needs the values the forward used"
             )
         self._backward_acquire(bs)
+        if isinstance(packed, SavedCastRef):
+            weight = bs.spec.slots[packed.slot].param.detach()
+            cast = weight.to(packed.dtype, memory_format=torch.contiguous_format)
+            return cast.as_strided(packed.size, packed.stride, packed.storage_offset)
         flat = ks.host.flat if self.pipeline.compute == "dram" else ks.gpu  # type: ignore[union-attr]
         return flat.view(packed.dtype).as_strided(packed.size, packed.stride, packed.storage_offset)
 
