@@ -57,6 +57,17 @@ def test_tiers_in_wrong_order(nvme_dir):
     assert_untouched(model, before)
 
 
+@pytest.mark.skipif(torch.cuda.device_count() > 3, reason="needs a GPU index torch does not see")
+def test_gpu_tier_torch_does_not_see(nvme_dir):
+    model = models.mlp()
+    before = snapshot(model)
+    expected = "sees no CUDA device" if not torch.cuda.is_available() else "CUDA device"
+    with pytest.raises(tierrt.ConfigError, match=expected):
+        with tierrt.offload(model, tiers=[tierrt.gpu(3), tierrt.dram("64MiB"), tierrt.nvme(nvme_dir)]):
+            pass
+    assert_untouched(model, before)
+
+
 def test_tiers_not_specs():
     with pytest.raises(tierrt.ConfigError, match="not a tier spec"):
         tierrt.offload(models.mlp(), tiers=["dram"])
