@@ -39,6 +39,7 @@ from .errors import ConfigError, HookError, TierCapacityError
 from .grads import GradientStore
 from .hooks import HookSet
 from .optim.blockwise import BlockwiseOptimizer
+from .optim.wrappers import unwrap_optimizer
 from .placement import Placement, plan_placement
 from .report import Counters, Report, write_chrome_trace
 from .sizes import format_size
@@ -104,6 +105,9 @@ def offload(
             ``opt = AdamW(model.parameters()); Trainer(..., optimizers=(opt, None))`` and
             ``offload(model, ..., optimizer=opt)``. An optimizer that cannot be adopted (a second
             one, ``native_optimizer=True``, a model entered in eval mode) raises from ``step()``.
+            A wrapper that delegates to a torch optimizer (accelerate's ``AcceleratedOptimizer``
+            from ``accelerator.prepare``) may be passed too: tierrt steps the optimizer inside it,
+            and the wrapper's own policy (no step while accumulating, a GradScaler) is kept.
         blocks: how to group parameters into blocks: a list of modules or a predicate
             ``(name, module) -> bool``; default: each layer of the model's layer list, plus one
             block per other module that owns parameters.
@@ -191,7 +195,9 @@ class Runtime:
             raise ConfigError(f"offload(prefetch=): expected an int >= 0, got {prefetch!r}")
         self.model = model
         self.tier_specs = validate_tiers(default_tiers() if tiers is None else tiers)
-        self.optimizer = optimizer
+        # The torch optimizer that steps (under a wrapper such as accelerate's AcceleratedOptimizer,
+        # which the user keeps calling: its step() and zero_grad() reach this one's)
+        self.optimizer = None if optimizer is None else unwrap_optimizer(optimizer)
         self.block_selector = blocks
         self.prefetch = prefetch
         self.compute_dtype = compute_dtype
