@@ -434,6 +434,13 @@ class HookSet:
             grad = param.grad
             if grad is None:
                 return
+            if grad.layout != torch.strided:
+                raise HookError(
+                    f"parameter {slot.name} received a {grad.layout} gradient (a sparse embedding, "
+                    "F.embedding(..., sparse=True)); tierrt keeps dense gradients only: compute it "
+                    "with sparse=False",
+                    parameter=slot.name,
+                )
             param.grad = None
             grads.accumulate(bs, slot, grad)
             count = self._grad_counts.get(bs.index, 0) + 1

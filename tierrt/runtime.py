@@ -278,6 +278,8 @@ class Runtime:
                     f"the compute device {compute_device}"
                 )
         self._check_sources(model, compute_device)
+        if self._training(params):
+            _check_dense_gradients(model)
         compute = compute_spec.name if compute_spec else "dram"
 
         budgets = self._budgets(compute_spec)
@@ -1147,6 +1149,24 @@ class Runtime:
     def describe(self) -> str:
         """The placement in words."""
         return "" if self.placement is None else self.placement.describe()
+
+
+def _check_dense_gradients(model: nn.Module) -> None:
+    """Refuse a trained module that produces sparse gradients (``nn.Embedding(sparse=True)``,
+    ``nn.EmbeddingBag(sparse=True)``): the tiers hold dense gradient buffers only."""
+    for name, module in model.named_modules():
+        if getattr(module, "sparse", False) is not True:
+            continue
+        trained = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+        if trained:
+            label = name or "the model"
+            raise ConfigError(
+                f"module {label} ({type(module).__name__}) has sparse=True: its gradients are sparse "
+                "tensors, and tierrt keeps dense gradient buffers in its tiers. Build it with "
+                "sparse=False (and a dense optimizer such as Adam instead of SparseAdam), freeze it "
+                f"({label}.requires_grad_(False)) before entering, or offload a submodule without it",
+                module=label,
+            )
 
 
 def _swap_tensor(param: nn.Parameter, value: torch.Tensor) -> None:
