@@ -400,6 +400,10 @@ class Runtime:
 
         OptimizerAdoption.install(self)
         self.active = True
+        from .copying import DeepcopyPatch
+
+        self._deepcopy_patch = DeepcopyPatch(self)
+        self._deepcopy_patch.install()  # after active: it asks owns()
         self._step_started = time.perf_counter()
         self._step_mark = self.counters.copy()
 
@@ -747,7 +751,6 @@ class Runtime:
         model = self.model
         grads = self.grads
         original = model.__dict__.get("zero_grad")
-        self._patched_zero_grad = (original,)
 
         def zero_grad(module_self: nn.Module, set_to_none: bool = True) -> None:
             if grads is not None:
@@ -757,6 +760,7 @@ class Runtime:
         import types
 
         model.zero_grad = types.MethodType(zero_grad, model)  # type: ignore[method-assign]
+        self._patched_zero_grad = (original, model.__dict__["zero_grad"])
         runtime = weakref.ref(self)
 
         def state_dict_post_hook(
@@ -776,7 +780,7 @@ class Runtime:
     def _unpatch_model(self) -> None:
         model = self.model
         if self._patched_zero_grad is not None:
-            (original,) = self._patched_zero_grad
+            original, _ = self._patched_zero_grad
             if original is None:
                 model.__dict__.pop("zero_grad", None)
             else:
@@ -804,6 +808,37 @@ class Runtime:
                 state_dict[key] = None
         for key, bs, slot in entries:
             state_dict[key] = self._materialize(bs, slot, device=torch.device("cpu"))
+
+    # ---- copy.deepcopy inside the context (see tierrt.copying) ----------------------------------------
+    def plain_parameter(self, param: nn.Parameter) -> nn.Parameter:
+        """What ``copy.deepcopy(param)`` gives without tierrt: a new parameter holding its current
+        value, in its original dtype, on the device it came from (the CPU for a meta one)."""
+        from .copying import plain_parameter
+
+        device = self._originals[id(param)][0]
+        return plain_parameter(param, self.value(param, "cpu" if device.type == "meta" else device))
+
+    def buffer_home(self, module: nn.Module, name: str) -> torch.device | None:
+        """The device a buffer came from when entering moved it to the compute device, else None."""
+        for owner, buf_name, device in getattr(self, "_buffer_devices", []):
+            if owner is module and buf_name == name:
+                return device
+        return None
+
+    def hook_ids(self) -> set[int]:
+        """The ids of every hook tierrt registered on the model's modules and parameters."""
+        ids = {handle.id for handle in self._state_dict_handles}
+        return ids | (self.hooks.handle_ids() if self.hooks is not None else set())
+
+    def instance_original(self, module: nn.Module, name: str, current: Any) -> Any:
+        """``module``'s instance attribute ``name`` ("forward", "zero_grad") as it is without
+        tierrt (None: it has none), given its value now."""
+        if name == "forward" and self.hooks is not None:
+            return self.hooks.original_forward(module, current)
+        if name == "zero_grad" and self._patched_zero_grad is not None and module is self.model:
+            original, patched = self._patched_zero_grad
+            return original if current is patched else current
+        return current
 
     def _materialize(
         self, bs: BlockState, slot: Any, device: torch.device, dtype: torch.dtype | None = None
@@ -836,6 +871,7 @@ class Runtime:
         if self.blockwise is not None:
             self.blockwise.remove()
         self._unpatch_model()
+        self._deepcopy_patch.remove()
         from .clip import ClipPatch
 
         ClipPatch.remove(self)
