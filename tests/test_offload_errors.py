@@ -203,3 +203,69 @@ def test_exception_in_block_restores_model(nvme_dir):
             raise KeyError("user error")
     assert_untouched_values(model, before)
     assert os.listdir(nvme_dir) == []  # swap files removed
+
+
+class _SparseEmbeddingNet(nn.Module):
+    """An embedding (or embedding bag) with sparse gradients in front of two Linear layers."""
+
+    def __init__(self, bag: bool = False, sparse: bool = True) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        cls = nn.EmbeddingBag if bag else nn.Embedding
+        self.emb = cls(500, 32, sparse=sparse)
+        self.layers = nn.ModuleList([nn.Linear(32, 32) for _ in range(2)])
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids)
+        h = h if h.dim() == 2 else h.mean(1)
+        for layer in self.layers:
+            h = layer(h)
+        return h
+
+
+@pytest.mark.parametrize("bag", [False, True])
+def test_sparse_gradient_module_is_refused_at_entry(bag, nvme_dir):
+    """nn.Embedding(sparse=True) / nn.EmbeddingBag(sparse=True) being trained: a ConfigError naming
+    the module before anything moves (backward used to fail with a raw RuntimeError)."""
+    model = _SparseEmbeddingNet(bag=bag)
+    before = snapshot(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tiers = [tierrt.dram("4MiB"), tierrt.nvme(nvme_dir)]
+    with pytest.raises(tierrt.ConfigError, match=r"module emb \(Embedding(Bag)?\) has sparse=True"):
+        tierrt.offload(model, tiers=tiers, optimizer=opt).__enter__()
+    assert_untouched(model, before)
+    with pytest.raises(tierrt.ConfigError, match="sparse=True"):  # training mode, no optimizer
+        tierrt.offload(model, tiers=tiers).__enter__()
+    assert_untouched(model, before)
+
+
+def test_sparse_embedding_frozen_or_in_eval_is_accepted(nvme_dir):
+    """Sparse gradients never arise from a frozen embedding, or in eval mode without an optimizer."""
+    model = _SparseEmbeddingNet()
+    ids = torch.randint(0, 500, (4, 3), generator=torch.Generator().manual_seed(1))
+    expected = model(ids)
+    model.eval()
+    with tierrt.offload(model, tiers=[tierrt.dram("4MiB"), tierrt.nvme(nvme_dir)]):
+        assert torch.equal(model(ids), expected)
+    model.train()
+    model.emb.requires_grad_(False)
+    opt = torch.optim.SGD(model.layers.parameters(), lr=0.1)
+    with tierrt.offload(model, tiers=[tierrt.dram("4MiB"), tierrt.nvme(nvme_dir)], optimizer=opt):
+        model(ids).sum().backward()
+        opt.step()
+
+
+def test_sparse_gradient_arriving_inside_the_context_is_a_hook_error(nvme_dir):
+    """An embedding switched to sparse gradients after entering: backward raises a HookError
+    naming the parameter, and the model is given back whole."""
+    model = _SparseEmbeddingNet(sparse=False)
+    before = snapshot(model)
+    ids = torch.randint(0, 500, (4, 3), generator=torch.Generator().manual_seed(1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(tierrt.HookError, match="emb.weight received a torch.sparse_coo gradient"):
+        with tierrt.offload(model, tiers=[tierrt.dram("4MiB"), tierrt.nvme(nvme_dir)], optimizer=opt):
+            model.emb.sparse = True
+            model(ids).sum().backward()
+    model.emb.sparse = False
+    for (name, _, value), (_, p) in zip(before, model.named_parameters()):
+        assert torch.equal(value, p), f"{name} changed"

@@ -76,6 +76,11 @@ def _adopt_unknown(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> 
         )
     (runtime,) = owners
     if runtime.optimizer is optimizer:
+        blockwise = runtime.blockwise
+        if blockwise is not None and not blockwise.in_own_step:
+            # torch's own step(), reached through a bound method taken before tierrt's replaced it
+            # (e.g. the one accelerate's GradScaler path swaps in): record the offloaded updates in it
+            blockwise.record_in_torch_step()
         return None  # given to offload() or adopted already: its step() is tierrt's
     runtime.adopt_optimizer(optimizer)
     return None

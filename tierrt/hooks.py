@@ -210,6 +210,19 @@ class HookSet:
         module.forward = forward  # type: ignore[method-assign]
         self._wrapped.append((module, saved, forward))
 
+    def handle_ids(self) -> set[int]:
+        """The ids of tierrt's hooks (keys in the modules' and parameters' hook dicts)."""
+        return {handle.id for handle in self._handles}
+
+    def original_forward(self, module: nn.Module, current: Any) -> Any:
+        """``module``'s instance-level ``forward`` as it is without tierrt: the one tierrt wrapped,
+        or None when it had none (its class's). ``current`` is returned when tierrt did not put it
+        there."""
+        for wrapped, saved, forward in self._wrapped:
+            if wrapped is module and current is forward:
+                return None if saved is _NO_FORWARD else saved
+        return current
+
     def remove(self) -> None:
         if self._use_check is not None:
             self._root_post(self.model, (), None)
@@ -522,6 +535,13 @@ class HookSet:
             grad = param.grad
             if grad is None:
                 return
+            if grad.layout != torch.strided:
+                raise HookError(
+                    f"parameter {slot.name} received a {grad.layout} gradient (a sparse embedding, "
+                    "F.embedding(..., sparse=True)); tierrt keeps dense gradients only: compute it "
+                    "with sparse=False",
+                    parameter=slot.name,
+                )
             param.grad = None
             grads.accumulate(bs, slot, grad)
             count = self._grad_counts.get(bs.index, 0) + 1

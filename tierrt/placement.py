@@ -167,6 +167,7 @@ def plan_placement(
     total_weights = sum(weights)
     if spare >= total_weights:
         pinned = set(range(len(layouts)))
+        spare -= total_weights
     elif spare > 0:
         count = _count_fitting(sorted(weights), spare)
         for i in _spread(len(layouts), count):

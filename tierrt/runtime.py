@@ -39,6 +39,7 @@ from .errors import ConfigError, HookError, TierCapacityError
 from .grads import GradientStore
 from .hooks import HookSet
 from .optim.blockwise import BlockwiseOptimizer
+from .optim.wrappers import unwrap_optimizer
 from .placement import Placement, plan_placement
 from .report import Counters, Report, write_chrome_trace
 from .sizes import format_size
@@ -104,6 +105,9 @@ def offload(
             ``opt = AdamW(model.parameters()); Trainer(..., optimizers=(opt, None))`` and
             ``offload(model, ..., optimizer=opt)``. An optimizer that cannot be adopted (a second
             one, ``native_optimizer=True``, a model entered in eval mode) raises from ``step()``.
+            A wrapper that delegates to a torch optimizer (accelerate's ``AcceleratedOptimizer``
+            from ``accelerator.prepare``) may be passed too: tierrt steps the optimizer inside it,
+            and the wrapper's own policy (no step while accumulating, a GradScaler) is kept.
         blocks: how to group parameters into blocks: a list of modules or a predicate
             ``(name, module) -> bool``; default: each layer of the model's layer list, plus one
             block per other module that owns parameters.
@@ -191,7 +195,9 @@ class Runtime:
             raise ConfigError(f"offload(prefetch=): expected an int >= 0, got {prefetch!r}")
         self.model = model
         self.tier_specs = validate_tiers(default_tiers() if tiers is None else tiers)
-        self.optimizer = optimizer
+        # The torch optimizer that steps (under a wrapper such as accelerate's AcceleratedOptimizer,
+        # which the user keeps calling: its step() and zero_grad() reach this one's)
+        self.optimizer = None if optimizer is None else unwrap_optimizer(optimizer)
         self.block_selector = blocks
         self.prefetch = prefetch
         self.compute_dtype = compute_dtype
@@ -270,6 +276,8 @@ class Runtime:
                     f"the compute device {compute_device}"
                 )
         self._check_sources(model, compute_device)
+        if self._training(params):
+            _check_dense_gradients(model)
         compute = compute_spec.name if compute_spec else "dram"
 
         budgets = self._budgets(compute_spec)
@@ -390,6 +398,10 @@ class Runtime:
 
         OptimizerAdoption.install(self)
         self.active = True
+        from .copying import DeepcopyPatch
+
+        self._deepcopy_patch = DeepcopyPatch(self)
+        self._deepcopy_patch.install()  # after active: it asks owns()
         self._step_started = time.perf_counter()
         self._step_mark = self.counters.copy()
 
@@ -739,7 +751,6 @@ class Runtime:
         model = self.model
         grads = self.grads
         original = model.__dict__.get("zero_grad")
-        self._patched_zero_grad = (original,)
 
         def zero_grad(module_self: nn.Module, set_to_none: bool = True) -> None:
             if grads is not None:
@@ -749,6 +760,7 @@ class Runtime:
         import types
 
         model.zero_grad = types.MethodType(zero_grad, model)  # type: ignore[method-assign]
+        self._patched_zero_grad = (original, model.__dict__["zero_grad"])
         runtime = weakref.ref(self)
 
         def state_dict_post_hook(
@@ -768,7 +780,7 @@ class Runtime:
     def _unpatch_model(self) -> None:
         model = self.model
         if self._patched_zero_grad is not None:
-            (original,) = self._patched_zero_grad
+            original, _ = self._patched_zero_grad
             if original is None:
                 model.__dict__.pop("zero_grad", None)
             else:
@@ -796,6 +808,37 @@ class Runtime:
                 state_dict[key] = None
         for key, bs, slot in entries:
             state_dict[key] = self._materialize(bs, slot, device=torch.device("cpu"))
+
+    # ---- copy.deepcopy inside the context (see tierrt.copying) ----------------------------------------
+    def plain_parameter(self, param: nn.Parameter) -> nn.Parameter:
+        """What ``copy.deepcopy(param)`` gives without tierrt: a new parameter holding its current
+        value, in its original dtype, on the device it came from (the CPU for a meta one)."""
+        from .copying import plain_parameter
+
+        device = self._originals[id(param)][0]
+        return plain_parameter(param, self.value(param, "cpu" if device.type == "meta" else device))
+
+    def buffer_home(self, module: nn.Module, name: str) -> torch.device | None:
+        """The device a buffer came from when entering moved it to the compute device, else None."""
+        for owner, buf_name, device in getattr(self, "_buffer_devices", []):
+            if owner is module and buf_name == name:
+                return device
+        return None
+
+    def hook_ids(self) -> set[int]:
+        """The ids of every hook tierrt registered on the model's modules and parameters."""
+        ids = {handle.id for handle in self._state_dict_handles}
+        return ids | (self.hooks.handle_ids() if self.hooks is not None else set())
+
+    def instance_original(self, module: nn.Module, name: str, current: Any) -> Any:
+        """``module``'s instance attribute ``name`` ("forward", "zero_grad") as it is without
+        tierrt (None: it has none), given its value now."""
+        if name == "forward" and self.hooks is not None:
+            return self.hooks.original_forward(module, current)
+        if name == "zero_grad" and self._patched_zero_grad is not None and module is self.model:
+            original, patched = self._patched_zero_grad
+            return original if current is patched else current
+        return current
 
     def _materialize(
         self, bs: BlockState, slot: Any, device: torch.device, dtype: torch.dtype | None = None
@@ -828,6 +871,7 @@ class Runtime:
         if self.blockwise is not None:
             self.blockwise.remove()
         self._unpatch_model()
+        self._deepcopy_patch.remove()
         from .clip import ClipPatch
 
         ClipPatch.remove(self)
@@ -1142,6 +1186,24 @@ class Runtime:
     def describe(self) -> str:
         """The placement in words."""
         return "" if self.placement is None else self.placement.describe()
+
+
+def _check_dense_gradients(model: nn.Module) -> None:
+    """Refuse a trained module that produces sparse gradients (``nn.Embedding(sparse=True)``,
+    ``nn.EmbeddingBag(sparse=True)``): the tiers hold dense gradient buffers only."""
+    for name, module in model.named_modules():
+        if getattr(module, "sparse", False) is not True:
+            continue
+        trained = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+        if trained:
+            label = name or "the model"
+            raise ConfigError(
+                f"module {label} ({type(module).__name__}) has sparse=True: its gradients are sparse "
+                "tensors, and tierrt keeps dense gradient buffers in its tiers. Build it with "
+                "sparse=False (and a dense optimizer such as Adam instead of SparseAdam), freeze it "
+                f"({label}.requires_grad_(False)) before entering, or offload a submodule without it",
+                module=label,
+            )
 
 
 def _swap_tensor(param: nn.Parameter, value: torch.Tensor) -> None:

@@ -71,7 +71,11 @@ class BlockwiseOptimizer:
         self.grads: GradientStore | None = None
         self.updates: OptimizerPipeline | None = None
         self._saved_attrs: dict[str, Any] = {}
-        self._in_progress_hook: Any = None  # see take_over_step_in_progress()
+        # step pre-hooks recording a step that torch's own step() runs (record_in_torch_step)
+        self._torch_step_hooks: list[Any] = []
+        self._in_own_step = False
+        self._installed = False
+        self._previous: dict[str, Any] = {}  # the optimizer's own attributes that install() replaced
         # id(param) -> (block, slot) of every offloaded parameter with a gradient buffer (it required
         # grad on entry); known once the blocks exist (bind)
         self._slots: dict[int, tuple[BlockState, int]] = {}
@@ -168,12 +172,19 @@ class BlockwiseOptimizer:
 
     # ---- installation ----------------------------------------------------------------------------
     def install(self) -> None:
+        """Replace the optimizer's methods by tierrt's (on that object only, until :meth:`remove`).
+        A bound method taken meanwhile (e.g. by a wrapper made inside the context) behaves as the
+        method it replaced once the context is left."""
         opt = self.optimizer
         for name in _PATCHED:
             self._saved_attrs[name] = opt.__dict__.get(name, _MISSING)
+        self._previous = dict(self._saved_attrs)
+        self._installed = True
         owner = self
 
         def step(self: torch.optim.Optimizer, closure: Callable[[], Any] | None = None) -> Any:
+            if not owner._installed:
+                return owner._replaced("step")(closure)
             return owner.step(closure)
 
         # LR schedulers wrap optimizer.step to check it runs before scheduler.step(); this step sets
@@ -181,16 +192,27 @@ class BlockwiseOptimizer:
         step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
 
         def zero_grad(self: torch.optim.Optimizer, set_to_none: bool = True) -> None:
+            if not owner._installed:
+                return owner._replaced("zero_grad")(set_to_none)
             owner.zero_grad(set_to_none)
+            return None
 
         def state_dict(self: torch.optim.Optimizer) -> dict[str, Any]:
+            if not owner._installed:
+                return owner._replaced("state_dict")()
             return owner.state_dict()
 
         def load_state_dict(self: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:
+            if not owner._installed:
+                return owner._replaced("load_state_dict")(state_dict)
             owner.load_state_dict(state_dict)
+            return None
 
         def add_param_group(self: torch.optim.Optimizer, param_group: dict[str, Any]) -> None:
+            if not owner._installed:
+                return owner._replaced("add_param_group")(param_group)
             owner.add_param_group(param_group)
+            return None
 
         for name, fn in (
             ("step", step),
@@ -201,20 +223,45 @@ class BlockwiseOptimizer:
         ):
             setattr(opt, name, types.MethodType(fn, opt))
 
+    def _replaced(self, name: str) -> Callable[..., Any]:
+        """The optimizer's method ``name`` as it was before :meth:`install`."""
+        previous = self._previous.get(name, _MISSING)
+        if previous is _MISSING:
+            return types.MethodType(getattr(type(self.optimizer), name), self.optimizer)
+        return previous
+
     def take_over_step_in_progress(self) -> None:
         """Adopted from inside a ``step()`` call of the optimizer (by torch's global step pre-hook,
         see :mod:`tierrt.adopt`): that call goes on into torch's own step, which skips the offloaded
         parameters (they have no ``.grad``) and steps the others, then runs the post-hooks. The
-        offloaded blocks' updates are recorded by a step pre-hook of the optimizer's own, registered
-        now and so run last, after the user's pre-hooks, as :meth:`step` would. A ``closure`` is
-        evaluated there, once: torch's step then gets its loss back without computing it again."""
-        done = False
+        offloaded blocks' updates are recorded in it by :meth:`record_in_torch_step`."""
+        self.record_in_torch_step()
+
+    @property
+    def in_own_step(self) -> bool:
+        """Whether tierrt's ``step()`` (installed on the optimizer) is running."""
+        return self._in_own_step
+
+    def record_in_torch_step(self) -> None:
+        """Torch's own ``step()`` of the optimizer is starting, not tierrt's: the optimizer was just
+        adopted, or its step was reached through a bound method taken before tierrt replaced it (a
+        GradScaler wrapper such as accelerate's swaps ``optimizer.step`` for one made at
+        ``prepare()``). Torch's step skips the offloaded parameters (they have no ``.grad``) and
+        steps the others; the offloaded blocks' updates are recorded by a step pre-hook of the
+        optimizer's own, registered now and so run last, after the user's pre-hooks, as
+        :meth:`step` would. A ``closure`` is evaluated there, once: torch's step then gets its loss
+        back without computing it again. Called from torch's global step pre-hook, before the
+        optimizer's own pre-hooks run."""
+        for handle in self._torch_step_hooks:  # earlier ones (torch iterates them only later)
+            handle.remove()
+        self._torch_step_hooks.clear()
+        fired = False
 
         def record_step_in_progress(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
-            nonlocal done
-            if done:
-                return None  # later steps are this object's step(), which records by itself
-            done = True
+            nonlocal fired
+            if fired:
+                return None
+            fired = True
             self.check_trainable()
             result = None
             closure = args[1] if len(args) > 1 else kwargs.get("closure")
@@ -234,14 +281,15 @@ class BlockwiseOptimizer:
                 self.on_step_end()
             return result
 
-        self._in_progress_hook = self.optimizer.register_step_pre_hook(record_step_in_progress)
+        self._torch_step_hooks.append(self.optimizer.register_step_pre_hook(record_step_in_progress))
 
     def remove(self) -> None:
-        if self._in_progress_hook is not None:
-            self._in_progress_hook.remove()
-            self._in_progress_hook = None
+        for handle in self._torch_step_hooks:
+            handle.remove()
+        self._torch_step_hooks.clear()
         if self.updates is not None:
             self.updates.close()
+        self._installed = False
         opt = self.optimizer
         for name, value in self._saved_attrs.items():
             if value is _MISSING:
@@ -267,6 +315,13 @@ class BlockwiseOptimizer:
 
     # ---- step ------------------------------------------------------------------------------------
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        self._in_own_step = True
+        try:
+            return self._step(closure)
+        finally:
+            self._in_own_step = False
+
+    def _step(self, closure: Callable[[], Any] | None) -> Any:
         assert self.updates is not None and self.pipeline is not None
         self.check_trainable()
         opt = self.optimizer

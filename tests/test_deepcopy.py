@@ -1,0 +1,141 @@
+"""``copy.deepcopy`` of the offloaded model, or of a module in it, inside the context.
+
+It raised ``TypeError: cannot pickle 'HostArena'`` (tierrt's hooks lead to the runtime), which broke
+``torch.optim.swa_utils.AveragedModel(model)`` and frozen reference or teacher copies. A copy made in
+the middle of a run is now what plain torch's deepcopy gives at that point, bit for bit: a plain
+model with no tierrt hooks, holding the current values (pending updates applied, evicted blocks
+read from their tiers) on the original device; and the original keeps training exactly as plain.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import models
+import pytest
+import torch
+from test_offload_numerics import streaming_budget
+from test_optimizer_offload import make_opt
+from torch import nn
+
+import tierrt
+
+STEPS = 4
+COPY_AT = 2  # the copy is made after this many steps
+
+
+def run(model: nn.Module, opt: torch.optim.Optimizer, data, copy_fn) -> tuple[list[torch.Tensor], object]:
+    """Train ``STEPS`` steps, copying with ``copy_fn(model)`` after ``COPY_AT`` of them."""
+    losses, copied = [], None
+    for step, ids in enumerate(data):
+        if step == COPY_AT:
+            copied = copy_fn(model)
+        loss = models.lm_loss(model, ids)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.detach().clone())
+    return losses, copied
+
+
+def assert_plain(module: nn.Module) -> None:
+    """No tierrt hook, wrapper or patch on any module or parameter of ``module``."""
+    for name, sub in module.named_modules():
+        for attr in (
+            "_forward_pre_hooks",
+            "_forward_hooks",
+            "_state_dict_hooks",
+            "_forward_hooks_always_called",
+        ):
+            assert not getattr(sub, attr), f"{name or 'the copy'} has {attr}"
+        assert not {"forward", "zero_grad", "__deepcopy__"} & set(vars(sub)), f"{name} has instance patches"
+    for name, p in module.named_parameters():
+        assert not getattr(p, "_post_accumulate_grad_hooks", None), f"{name} has a grad hook"
+
+
+def assert_same_module(a: nn.Module, b: nn.Module) -> None:
+    sa, sb = a.state_dict(keep_vars=True), b.state_dict(keep_vars=True)
+    assert list(sa) == list(sb)
+    for key in sa:
+        x, y = sa[key], sb[key]
+        assert type(x) is type(y) and x.dtype == y.dtype and x.device == y.device, key
+        assert x.requires_grad == y.requires_grad, key
+        assert torch.equal(x, y), f"{key} differs"
+
+
+def compare(build, opt_kind: str, nvme_dir: str, copy_fn, **offload_kw) -> tuple:
+    reference = build()
+    ours = copy.deepcopy(reference)
+    data = models.token_batches(STEPS)
+    ref_losses, ref_copy = run(reference, make_opt(opt_kind, reference.parameters()), data, copy_fn)
+    opt = make_opt(opt_kind, ours.parameters())
+    tiers = [tierrt.dram(streaming_budget(ours)), tierrt.nvme(nvme_dir)]
+    with tierrt.offload(ours, tiers=tiers, optimizer=opt, **offload_kw) as rt:
+        losses, our_copy = run(ours, opt, data, copy_fn)
+        assert rt.report().total.bytes_by_link["nvme->dram"] > 0
+    for step, (a, b) in enumerate(zip(ref_losses, losses, strict=True)):
+        assert torch.equal(a, b), f"loss of step {step} differs"
+    for (name, a), b in zip(reference.named_parameters(), ours.parameters(), strict=True):
+        assert torch.equal(a, b), f"{name} differs after training"
+    return ref_copy, our_copy
+
+
+@pytest.mark.parametrize(
+    ("opt_kind", "deferred"), [("adamw", True), ("adamw", False), ("sgd_nesterov", True), ("rmsprop", True)]
+)
+def test_deepcopy_mid_run_is_plain_torchs_copy(opt_kind, deferred, nvme_dir):
+    """The copy equals plain torch's deepcopy at that point and is a plain model; it is independent
+    (training it leaves the original alone) and computes what plain torch's copy computes."""
+    ref_copy, our_copy = compare(models.llama, opt_kind, nvme_dir, copy.deepcopy, deferred_step=deferred)
+    assert_same_module(ref_copy, our_copy)
+    assert_plain(our_copy)
+    ids = models.token_batches(1, seed=7)[0]
+    for m in (ref_copy, our_copy):
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        models.lm_loss(m, ids).backward()
+        opt.step()
+    assert_same_module(ref_copy, our_copy)
+    with torch.no_grad():
+        assert torch.equal(ref_copy(ids).logits, our_copy(ids).logits)
+
+
+def test_deepcopy_of_a_tied_model_keeps_the_tie(nvme_dir):
+    ref_copy, our_copy = compare(models.tied, "adamw", nvme_dir, copy.deepcopy)
+    assert our_copy.head.weight is our_copy.embed.weight
+    assert_same_module(ref_copy, our_copy)
+    assert_plain(our_copy)
+
+
+def test_deepcopy_of_submodules_and_containers(nvme_dir):
+    """A layer, the model's body, and the model inside a list: each copy is plain torch's."""
+
+    def copies(model):
+        return copy.deepcopy([model.model.layers[1], model.model, {"whole": model}])
+
+    ref_copies, our_copies = compare(models.llama, "adamw", nvme_dir, copies)
+    for a, b in zip(ref_copies[:2], our_copies[:2]):
+        assert_same_module(a, b)
+        assert_plain(b)
+    assert_same_module(ref_copies[2]["whole"], our_copies[2]["whole"])
+    assert our_copies[2]["whole"].model is our_copies[1]  # one memo: shared submodules stay shared
+
+
+def test_averaged_model_made_inside_the_context(nvme_dir):
+    """torch's AveragedModel(model) deep-copies the model: made inside the context it starts from
+    plain torch's copy."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    def averaged(model):
+        return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9))
+
+    ref_ema, our_ema = compare(models.llama, "adamw", nvme_dir, averaged)
+    assert_same_module(ref_ema.module, our_ema.module)
+    assert_plain(our_ema.module)
+
+
+def test_after_leaving_deepcopy_is_torchs_own(nvme_dir):
+    model = models.mlp()
+    with tierrt.offload(model, tiers=[tierrt.dram("4MiB"), tierrt.nvme(nvme_dir)]):
+        assert "__deepcopy__" in vars(model)
+    assert not any("__deepcopy__" in vars(m) for m in model.modules())
+    assert_same_module(model, copy.deepcopy(model))
