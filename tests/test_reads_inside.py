@@ -138,17 +138,18 @@ def test_update_survives_an_error_while_it_is_applied(reader, nvme_dir, tmp_path
     ref_opt, ref_losses, _ = run(reference, "model_state_dict", tmp_path)
     opt = torch.optim.AdamW(ours.parameters(), lr=1e-3, weight_decay=0.01)
     errors: list[TierCapacityError] = []
-    room_for = Pipeline.room_for
+    ensure_host = Pipeline.ensure_host
 
-    def full_dram(self, ks, tier, demand, protect):
-        if demand and ks.layout.kind == "exp_avg_sq":
-            self._raise_no_room(tier, ks)
-        return room_for(self, ks, tier, demand, protect)
+    def full_dram(self, bs, kind, *, demand=True, protect=()):
+        # No room for an update's second moments: fails even when a prefetch already read them
+        if demand and kind == "exp_avg_sq":
+            self._raise_no_room("dram", bs.kinds[kind])
+        return ensure_host(self, bs, kind, demand=demand, protect=protect)
 
     def read_failing(model, opt):
         assert rt.pipeline.updates.order, "the test needs updates still pending"
         with monkeypatch.context() as patch:
-            patch.setattr(Pipeline, "room_for", full_dram)
+            patch.setattr(Pipeline, "ensure_host", full_dram)
             with pytest.raises(TierCapacityError) as info:
                 read(reader, model, opt, rt, tmp_path)
         errors.append(info.value)
