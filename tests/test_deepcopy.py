@@ -139,3 +139,39 @@ def test_after_leaving_deepcopy_is_torchs_own(nvme_dir):
         assert "__deepcopy__" in vars(model)
     assert not any("__deepcopy__" in vars(m) for m in model.modules())
     assert_same_module(model, copy.deepcopy(model))
+
+
+@pytest.mark.parametrize("kind", ["ema", "swa_buffers"])
+def test_averaged_model_updated_every_step(kind, nvme_dir):
+    """``ema.update_parameters(model)`` after every step inside the context averages the real
+    values (it read the placeholders: NaN), bit for bit what it averages without tierrt."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    def make(model):
+        if kind == "ema":
+            return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9))
+        return AveragedModel(model, use_buffers=True)  # SWA's running mean, buffers averaged too
+
+    def loop(model, opt, averaged):
+        losses = []
+        for ids in models.token_batches(STEPS):
+            loss = models.lm_loss(model, ids)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            averaged.update_parameters(model)
+            losses.append(loss.detach().clone())
+        return losses
+
+    reference = models.llama()
+    ours = copy.deepcopy(reference)
+    ref_avg, our_avg = make(reference), make(ours)  # made before entering
+    ref_losses = loop(reference, make_opt("adamw", reference.parameters()), ref_avg)
+    opt = make_opt("adamw", ours.parameters())
+    with tierrt.offload(
+        ours, tiers=[tierrt.dram(streaming_budget(ours)), tierrt.nvme(nvme_dir)], optimizer=opt
+    ):
+        losses = loop(ours, opt, our_avg)
+    assert all(torch.equal(a, b) for a, b in zip(ref_losses, losses, strict=True))
+    assert int(our_avg.n_averaged) == STEPS
+    assert_same_module(ref_avg.module, our_avg.module)

@@ -394,6 +394,9 @@ class Runtime:
         from .amp import AmpPatch
 
         AmpPatch.install(self)
+        from .averaging import AveragingPatch
+
+        AveragingPatch.install(self)
         from .adopt import OptimizerAdoption
 
         OptimizerAdoption.install(self)
@@ -818,6 +821,11 @@ class Runtime:
         device = self._originals[id(param)][0]
         return plain_parameter(param, self.value(param, "cpu" if device.type == "meta" else device))
 
+    def original_device(self, param: nn.Parameter) -> torch.device:
+        """The device an offloaded parameter came from (the CPU for one built on the meta device)."""
+        device = self._originals[id(param)][0]
+        return torch.device("cpu") if device.type == "meta" else device
+
     def buffer_home(self, module: nn.Module, name: str) -> torch.device | None:
         """The device a buffer came from when entering moved it to the compute device, else None."""
         for owner, buf_name, device in getattr(self, "_buffer_devices", []):
@@ -878,6 +886,9 @@ class Runtime:
         from .amp import AmpPatch
 
         AmpPatch.remove(self)
+        from .averaging import AveragingPatch
+
+        AveragingPatch.remove(self)
         from .adopt import OptimizerAdoption
 
         OptimizerAdoption.remove(self)
