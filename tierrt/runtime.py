@@ -26,7 +26,7 @@ import shutil
 import threading
 import time
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import psutil
@@ -743,7 +743,7 @@ class Runtime:
 
         def zero_grad(module_self: nn.Module, set_to_none: bool = True) -> None:
             if grads is not None:
-                grads.zero(set_to_none)
+                grads.zero(set_to_none)  # also gradients assigned by hand to offloaded parameters
             type(module_self).zero_grad(module_self, set_to_none)
 
         import types
@@ -961,7 +961,8 @@ class Runtime:
     ) -> torch.Tensor | None:
         """A fresh copy of an offloaded parameter's accumulated gradient (what ``param.grad`` holds
         in a plain run), or None when it has none (no backward since the last ``zero_grad()``, or
-        frozen). Inside the context ``param.grad`` itself stays None: gradients live in the tiers.
+        frozen). Inside the context ``param.grad`` itself stays None: gradients live in the tiers
+        (a gradient assigned by hand, ``param.grad = g``, is taken there when read).
 
         Example::
 
@@ -972,6 +973,7 @@ class Runtime:
         bs, slot_index = self._resolve(param)
         if self.grads is None or "grad" not in bs.kinds:
             return None
+        self._take_assigned(bs, slot_index)
         value = self.grads.read(bs, slot_index)
         if value is None or device is None:
             return value
@@ -1012,11 +1014,23 @@ class Runtime:
     def _slot(self, param: torch.Tensor) -> tuple[BlockState, int]:
         return self._slot_index[id(param)]
 
+    def take_assigned_grads(self, params: Iterable[torch.Tensor]) -> None:
+        """Take gradients assigned by hand (``p.grad = g``) to those of ``params`` this runtime
+        offloads into the tiers (before something reads the gradients)."""
+        for p in params:
+            if p.grad is not None and self.owns(p):
+                self._take_assigned(*self._slot(p))
+
+    def _take_assigned(self, bs: BlockState, slot_index: int) -> None:
+        if self.grads is not None and bs.trains(slot_index):
+            self.grads.take(bs, bs.spec.slots[slot_index])
+
     def grad_info(self, param: torch.Tensor) -> tuple[torch.device, torch.dtype] | None:
         """(device, dtype) of ``param``'s offloaded gradient as clipping sees it, None without one."""
         if self.grads is None:
             return None
         bs, slot_index = self._slot(param)
+        self._take_assigned(bs, slot_index)
         if slot_index not in self.grads.present.get(bs.index, ()):
             return None
         ks = bs.kinds["grad"]
