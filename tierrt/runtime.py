@@ -823,6 +823,11 @@ class Runtime:
             self.pipeline.drain()
         except BaseException as exc:  # noqa: BLE001
             errors.append(exc)
+        try:
+            if self.grads is not None:  # p.grad = g by hand: given back with the others below
+                self.grads.take_assigned(drop=not self._restores_values())
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
         if self.hooks is not None:
             self.hooks.remove()
         if self.blockwise is not None:
@@ -842,6 +847,11 @@ class Runtime:
             if self.blockwise is not None and self._restores_values():
                 self.blockwise.export_state()  # the optimizer keeps working on the restored model
             self._restore_all()
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+        try:
+            if self._restores_values():
+                self._restore_grads()
         except BaseException as exc:  # noqa: BLE001
             errors.append(exc)
         with _OWNERS_LOCK:
@@ -914,6 +924,30 @@ class Runtime:
         slot.param.data = self._materialize(
             bs, slot, device=torch.device("cpu") if device.type == "meta" else device, dtype=dtype
         )
+
+    def _restore_grads(self) -> None:
+        """Gradients still in the tiers (accumulated and not cleared by ``zero_grad()``, stepped or
+        not) go back to ``p.grad`` on the restored parameters, in their dtype and on their device,
+        as a run without tierrt would hold them; an ``optimizer.step()`` after the with-block then
+        applies them. Parameters without one keep ``p.grad`` None. Runs after every value is back."""
+        if self.grads is None:
+            return
+        count = nbytes = 0
+        for bs in self.store.blocks:  # type: ignore[union-attr]
+            for slot in bs.spec.slots:
+                param = slot.param
+                if not bs.trains(slot.index) or param.is_meta:
+                    continue
+                value = self.grads.read(bs, slot.index)
+                if value is not None:
+                    param.grad = value.to(device=param.device, dtype=param.dtype)
+                    count, nbytes = count + 1, nbytes + param.grad.nbytes
+        if count:
+            log.info(
+                "tierrt: gradients not cleared by zero_grad() are given back in p.grad: %d parameters, %s",
+                count,
+                format_size(nbytes),
+            )
 
     def _move_optimizer_state(self) -> None:
         """Optimizer state made during blockwise steps lives on the CPU; follow the parameters."""
