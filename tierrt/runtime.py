@@ -99,8 +99,7 @@ def offload(
             the context, as a transformers ``Trainer`` wrapped by ``offload()`` does) is *adopted*
             at its first ``step()`` (see :mod:`tierrt.adopt`): it steps the offloaded parameters with
             torch's own arithmetic, block by block, but its state stays in process memory outside
-            the budgets, and its ``zero_grad()`` calls before that first step do not clear
-            gradients already in the tiers (``model.zero_grad()`` does). Passing it here is better:
+            the budgets. Passing it here is better:
             ``opt = AdamW(model.parameters()); Trainer(..., optimizers=(opt, None))`` and
             ``offload(model, ..., optimizer=opt)``. An optimizer that cannot be adopted (a second
             one, ``native_optimizer=True``, a model entered in eval mode) raises from ``step()``.
@@ -1047,6 +1046,12 @@ class Runtime:
 
     def _slot(self, param: torch.Tensor) -> tuple[BlockState, int]:
         return self._slot_index[id(param)]
+
+    def zero_grads(self, set_to_none: bool = True) -> None:
+        """``zero_grad()`` for every offloaded parameter (the gradients in the tiers, and any
+        assigned by hand): what an optimizer's or the model's ``zero_grad`` does inside the context."""
+        if self.grads is not None:
+            self.grads.zero(set_to_none)
 
     def take_assigned_grads(self, params: Iterable[torch.Tensor]) -> None:
         """Take gradients assigned by hand (``p.grad = g``) to those of ``params`` this runtime
