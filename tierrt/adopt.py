@@ -12,6 +12,12 @@ in process memory, outside the tiers' budgets: the placement was made without it
 torch's results bit for bit. Cases tierrt cannot adopt raise :class:`~tierrt.errors.HookError` (or
 :class:`~tierrt.errors.ConfigError`) from ``step()``, naming the fix, instead of training nothing.
 
+``zero_grad()`` of such an optimizer, also before its first ``step()`` (a ``Trainer`` clears the
+gradients before the first backward), clears the offloaded parameters' gradients in the tiers as it
+clears ``p.grad`` of the others: while a runtime is active ``torch.optim.Optimizer.zero_grad`` is
+wrapped to do so for an optimizer that holds offloaded parameters (an optimizer class that
+overrides ``zero_grad`` without calling ``Optimizer.zero_grad`` is not covered until adopted).
+
 Example::
 
     with tierrt.offload(model, tiers=tiers) as rt:
@@ -24,6 +30,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -40,8 +47,12 @@ log = logging.getLogger("tierrt")
 __all__ = ["OptimizerAdoption"]
 
 
+_ORIGINAL_ZERO_GRAD = torch.optim.Optimizer.zero_grad
+
+
 class OptimizerAdoption:
-    """Installs the global step pre-hook that adopts unknown optimizers while a runtime is active."""
+    """Installs the global step pre-hook that adopts unknown optimizers, and the wrapped
+    ``Optimizer.zero_grad``, while a runtime is active."""
 
     active: list[Runtime] = []
     _handle: Any = None
@@ -51,14 +62,32 @@ class OptimizerAdoption:
         cls.active.append(runtime)
         if cls._handle is None:
             cls._handle = register_optimizer_step_pre_hook(_adopt_unknown)
+        if torch.optim.Optimizer.zero_grad is _ORIGINAL_ZERO_GRAD:
+            torch.optim.Optimizer.zero_grad = _zero_grad  # type: ignore[method-assign]
 
     @classmethod
     def remove(cls, runtime: Runtime) -> None:
         if runtime in cls.active:
             cls.active.remove(runtime)
-        if not cls.active and cls._handle is not None:
+        if cls.active:
+            return
+        if cls._handle is not None:
             cls._handle.remove()
             cls._handle = None
+        if torch.optim.Optimizer.zero_grad is _zero_grad:
+            torch.optim.Optimizer.zero_grad = _ORIGINAL_ZERO_GRAD  # type: ignore[method-assign]
+
+
+@functools.wraps(_ORIGINAL_ZERO_GRAD)
+def _zero_grad(self: torch.optim.Optimizer, set_to_none: bool = True) -> None:
+    """``Optimizer.zero_grad`` while a runtime is active: an optimizer whose ``zero_grad`` tierrt
+    has not taken over (one not adopted yet) also clears the gradients in the tiers of the
+    offloaded parameters it holds."""
+    params = [p for group in self.param_groups for p in group["params"]]
+    for runtime in list(OptimizerAdoption.active):
+        if runtime.optimizer is not self and any(runtime.owns(p) for p in params):
+            runtime.zero_grads(set_to_none)
+    _ORIGINAL_ZERO_GRAD(self, set_to_none)
 
 
 def _adopt_unknown(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:

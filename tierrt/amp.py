@@ -49,8 +49,10 @@ def _unscale_grads_(
     found_inf: torch.Tensor,
     allow_fp16: bool,
 ) -> dict[torch.device, torch.Tensor]:
-    result: dict[torch.device, Any] = _ORIGINAL(self, optimizer, inv_scale, found_inf, allow_fp16)
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    for runtime in AmpPatch.active:  # p.grad = g by hand: into the tiers, unscaled there once
+        runtime.take_assigned_grads(params)
+    result: dict[torch.device, Any] = _ORIGINAL(self, optimizer, inv_scale, found_inf, allow_fp16)
     for runtime in AmpPatch.active:
         mine = [p for p in params if runtime.owns(p) and runtime.grad_info(p) is not None]
         if not mine:

@@ -8,6 +8,12 @@ freed; the optimizer step reads it back.
 
 ``present`` tracks which parameters have a gradient, as ``p.grad is not None`` would: a parameter
 that took part in no backward since the last ``zero_grad()`` is skipped by the optimizer, as in torch.
+
+A gradient assigned by hand (``p.grad = g``, e.g. from ``torch.autograd.grad``, which fires no
+accumulation hook) *replaces* the stored one, as in torch: it is taken into the store
+(:meth:`GradientStore.take`) before anything reads or adds to the gradients (a backward reaching
+the parameter, ``step()``, ``zero_grad()``, clipping, ``rt.grad()``, leaving the context), and
+``p.grad`` goes back to None. Until then the user's tensor stays in ``p.grad``, holding its memory.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .blocks import ParamSlot
+from .errors import HookError
 
 if TYPE_CHECKING:
     from tierrt.scheduler.pipeline import Pipeline
@@ -62,9 +69,19 @@ class GradientStore:
 
     def accumulate(self, bs: BlockState, slot: ParamSlot, grad: torch.Tensor) -> None:
         """Add ``grad`` (a parameter's fresh gradient) into the block's gradient buffer."""
+        self._write(bs, slot, grad, replace=False)
+
+    def assign(self, bs: BlockState, slot: ParamSlot, grad: torch.Tensor) -> None:
+        """``param.grad = grad``: replace the parameter's stored gradient (if any) by ``grad``."""
+        self._write(bs, slot, grad, replace=True)
+
+    def _write(self, bs: BlockState, slot: ParamSlot, grad: torch.Tensor, replace: bool) -> None:
+        """Copy (first gradient, or ``replace``) or add ``grad`` into ``slot``'s share of the buffer."""
         if self.updates is not None and self.updates.has_pending(bs.index):
             self.updates.apply(bs.index)  # it reads the gradients we are about to overwrite
         self._changed(bs.index)
+        if replace:
+            self.muls.pop((bs.index, slot.index), None)  # factors of the value being replaced
         if any(key[0] == bs.index for key in self.muls):
             self.realize(bs)  # the stored value is grad * factors: make it so before adding
         ks = bs.kinds["grad"]
@@ -74,18 +91,59 @@ class GradientStore:
         present = self.present.setdefault(bs.index, set())
         for norm_type in self.tracked_norms:
             self.norms.pop((bs.index, slot.index, norm_type), None)
-        if present and "dram" not in ks.valid:
+        add = slot.index in present and not replace
+        kept = present - {slot.index} if replace else present  # stored values the buffer must keep
+        if kept and "dram" not in ks.valid:
             pipeline.ensure_host(bs, "grad", demand=True)  # earlier micro-batches, sent home
         elif ks.host is None:
             pipeline.room_for(ks, "dram", True, {bs.index})
         view = self.store.slot_view(bs, ks, slot, "dram")
-        if slot.index in present:
-            view.add_(grad.to("cpu") if grad.device.type != "cpu" else grad)
-        else:
-            view.copy_(grad)  # from a GPU: one synchronous DMA straight into the pinned arena
+        with torch.no_grad():
+            if add:
+                view.add_(grad.to("cpu") if grad.device.type != "cpu" else grad)
+            else:
+                view.copy_(grad)  # from a GPU: one synchronous DMA straight into the pinned arena
         present.add(slot.index)
         ks.valid = {"dram"}
         self.pending_blocks.add(bs.index)
+
+    # ---- gradients assigned by hand (p.grad = g) -------------------------------------------------
+    def take(self, bs: BlockState, slot: ParamSlot) -> None:
+        """Move a gradient assigned by hand to ``slot``'s parameter (``p.grad = g``) into the store,
+        replacing what it held, as the assignment does in torch; ``p.grad`` is None afterwards (the
+        stored copy is the gradient now). Nothing to do when ``p.grad`` is None. Raises
+        :class:`HookError` (leaving ``p.grad`` as it is) for a gradient the store cannot hold."""
+        grad = slot.param.grad
+        if grad is None:
+            return
+        if grad.layout != torch.strided or tuple(grad.shape) != tuple(slot.shape):
+            raise HookError(
+                f"the gradient assigned to {slot.name} ({grad.layout}, shape {list(grad.shape)}) cannot "
+                f"be stored by tierrt: offloaded gradients are dense tensors of the parameter's shape "
+                f"{list(slot.shape)}",
+                parameter=slot.name,
+            )
+        self.assign(bs, slot, grad.detach())
+        slot.param.grad = None
+
+    def take_assigned(self, drop: bool = False) -> None:
+        """:meth:`take` every gradient assigned by hand to an offloaded parameter (those blocks'
+        buffers are then sent home); with ``drop`` (``zero_grad(set_to_none=True)`` follows), only
+        forget them."""
+        for bs in self.pipeline.blocks:
+            if "grad" not in bs.kinds:
+                continue
+            taken = False
+            for slot in bs.spec.slots:
+                if slot.param.grad is None or not bs.trains(slot.index):
+                    continue
+                if drop:
+                    slot.param.grad = None
+                else:
+                    self.take(bs, slot)
+                    taken = True
+            if taken:
+                self._send_home(bs)
 
     def block_complete(self, bs: BlockState) -> None:
         """Every trainable parameter of ``bs`` received its gradient: start its update ahead of
@@ -120,7 +178,9 @@ class GradientStore:
 
         ``set_to_none=True`` forgets every gradient (no I/O). ``set_to_none=False`` keeps them as
         zeros, as torch does, so that a following step sees zero gradients. A block whose update is
-        still pending keeps its gradients until that update ran."""
+        still pending keeps its gradients until that update ran. Gradients assigned by hand
+        (``p.grad = g``) are cleared too."""
+        self.take_assigned(drop=set_to_none)
         for bs in self.pipeline.blocks:
             if "grad" not in bs.kinds or not self.present.get(bs.index):
                 continue

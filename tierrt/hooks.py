@@ -15,7 +15,8 @@ or when later blocks show backward has moved on, and in any case when the backwa
 
 Gradients: ``register_post_accumulate_grad_hook`` moves each parameter's gradient to its block's
 gradient buffer (adding to what earlier micro-batches left there) and frees it, so gradients never
-pile up on the compute device.
+pile up on the compute device. A gradient hook that runs before the accumulation first takes a
+gradient assigned by hand (``p.grad = g``) into the buffer, replacing what it held.
 """
 
 from __future__ import annotations
@@ -183,6 +184,7 @@ class HookSet:
             for bs in blocks:
                 for slot in bs.spec.slots:
                     if bs.trains(slot.index):
+                        self._handles.append(slot.param.register_hook(self._make_assigned_hook(bs, slot)))
                         self._handles.append(
                             slot.param.register_post_accumulate_grad_hook(self._make_grad_hook(bs, slot))
                         )
@@ -525,6 +527,19 @@ class HookSet:
             self.grads.end_backward()
 
     # ---- gradients -----------------------------------------------------------------------------
+    def _make_assigned_hook(self, bs: BlockState, slot: Any) -> Callable[[torch.Tensor], None]:
+        """A hook run before autograd accumulates into ``slot``'s parameter: a gradient assigned by
+        hand (``p.grad = g``) goes into the store first, so that accumulation adds to it there (in
+        torch, ``p.grad = g`` replaces the gradient and backward then adds to ``g``)."""
+        grads = self.grads
+        assert grads is not None
+
+        def assigned_hook(grad: torch.Tensor) -> None:
+            if slot.param.grad is not None:
+                grads.take(bs, slot)
+
+        return assigned_hook
+
     def _make_grad_hook(self, bs: BlockState, slot: Any) -> Callable[[torch.Tensor], None]:
         grads = self.grads
         assert grads is not None

@@ -26,7 +26,7 @@ import shutil
 import threading
 import time
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import psutil
@@ -100,8 +100,7 @@ def offload(
             the context, as a transformers ``Trainer`` wrapped by ``offload()`` does) is *adopted*
             at its first ``step()`` (see :mod:`tierrt.adopt`): it steps the offloaded parameters with
             torch's own arithmetic, block by block, but its state stays in process memory outside
-            the budgets, and its ``zero_grad()`` calls before that first step do not clear
-            gradients already in the tiers (``model.zero_grad()`` does). Passing it here is better:
+            the budgets. Passing it here is better:
             ``opt = AdamW(model.parameters()); Trainer(..., optimizers=(opt, None))`` and
             ``offload(model, ..., optimizer=opt)``. An optimizer that cannot be adopted (a second
             one, ``native_optimizer=True``, a model entered in eval mode) raises from ``step()``.
@@ -757,7 +756,7 @@ class Runtime:
 
         def zero_grad(module_self: nn.Module, set_to_none: bool = True) -> None:
             if grads is not None:
-                grads.zero(set_to_none)
+                grads.zero(set_to_none)  # also gradients assigned by hand to offloaded parameters
             type(module_self).zero_grad(module_self, set_to_none)
 
         import types
@@ -874,6 +873,11 @@ class Runtime:
             self.pipeline.drain()
         except BaseException as exc:  # noqa: BLE001
             errors.append(exc)
+        try:
+            if self.grads is not None:  # p.grad = g by hand: given back with the others below
+                self.grads.take_assigned(drop=not self._restores_values())
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
         if self.hooks is not None:
             self.hooks.remove()
         if self.blockwise is not None:
@@ -897,6 +901,11 @@ class Runtime:
             if self.blockwise is not None and self._restores_values():
                 self.blockwise.export_state()  # the optimizer keeps working on the restored model
             self._restore_all()
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+        try:
+            if self._restores_values():
+                self._restore_grads()
         except BaseException as exc:  # noqa: BLE001
             errors.append(exc)
         with _OWNERS_LOCK:
@@ -970,6 +979,30 @@ class Runtime:
             bs, slot, device=torch.device("cpu") if device.type == "meta" else device, dtype=dtype
         )
 
+    def _restore_grads(self) -> None:
+        """Gradients still in the tiers (accumulated and not cleared by ``zero_grad()``, stepped or
+        not) go back to ``p.grad`` on the restored parameters, in their dtype and on their device,
+        as a run without tierrt would hold them; an ``optimizer.step()`` after the with-block then
+        applies them. Parameters without one keep ``p.grad`` None. Runs after every value is back."""
+        if self.grads is None:
+            return
+        count = nbytes = 0
+        for bs in self.store.blocks:  # type: ignore[union-attr]
+            for slot in bs.spec.slots:
+                param = slot.param
+                if not bs.trains(slot.index) or param.is_meta:
+                    continue
+                value = self.grads.read(bs, slot.index)
+                if value is not None:
+                    param.grad = value.to(device=param.device, dtype=param.dtype)
+                    count, nbytes = count + 1, nbytes + param.grad.nbytes
+        if count:
+            log.info(
+                "tierrt: gradients not cleared by zero_grad() are given back in p.grad: %d parameters, %s",
+                count,
+                format_size(nbytes),
+            )
+
     def _move_optimizer_state(self) -> None:
         """Optimizer state made during blockwise steps lives on the CPU; follow the parameters."""
         assert self.optimizer is not None
@@ -1016,7 +1049,8 @@ class Runtime:
     ) -> torch.Tensor | None:
         """A fresh copy of an offloaded parameter's accumulated gradient (what ``param.grad`` holds
         in a plain run), or None when it has none (no backward since the last ``zero_grad()``, or
-        frozen). Inside the context ``param.grad`` itself stays None: gradients live in the tiers.
+        frozen). Inside the context ``param.grad`` itself stays None: gradients live in the tiers
+        (a gradient assigned by hand, ``param.grad = g``, is taken there when read).
 
         Example::
 
@@ -1027,6 +1061,7 @@ class Runtime:
         bs, slot_index = self._resolve(param)
         if self.grads is None or "grad" not in bs.kinds:
             return None
+        self._take_assigned(bs, slot_index)
         value = self.grads.read(bs, slot_index)
         if value is None or device is None:
             return value
@@ -1067,11 +1102,29 @@ class Runtime:
     def _slot(self, param: torch.Tensor) -> tuple[BlockState, int]:
         return self._slot_index[id(param)]
 
+    def zero_grads(self, set_to_none: bool = True) -> None:
+        """``zero_grad()`` for every offloaded parameter (the gradients in the tiers, and any
+        assigned by hand): what an optimizer's or the model's ``zero_grad`` does inside the context."""
+        if self.grads is not None:
+            self.grads.zero(set_to_none)
+
+    def take_assigned_grads(self, params: Iterable[torch.Tensor]) -> None:
+        """Take gradients assigned by hand (``p.grad = g``) to those of ``params`` this runtime
+        offloads into the tiers (before something reads the gradients)."""
+        for p in params:
+            if p.grad is not None and self.owns(p):
+                self._take_assigned(*self._slot(p))
+
+    def _take_assigned(self, bs: BlockState, slot_index: int) -> None:
+        if self.grads is not None and bs.trains(slot_index):
+            self.grads.take(bs, bs.spec.slots[slot_index])
+
     def grad_info(self, param: torch.Tensor) -> tuple[torch.device, torch.dtype] | None:
         """(device, dtype) of ``param``'s offloaded gradient as clipping sees it, None without one."""
         if self.grads is None:
             return None
         bs, slot_index = self._slot(param)
+        self._take_assigned(bs, slot_index)
         if slot_index not in self.grads.present.get(bs.index, ()):
             return None
         ks = bs.kinds["grad"]

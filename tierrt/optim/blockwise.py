@@ -300,6 +300,8 @@ class BlockwiseOptimizer:
 
     # ---- zero_grad -------------------------------------------------------------------------------
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch's ``zero_grad``: the stored gradients (and any assigned by hand to offloaded
+        parameters) are cleared in the tiers, the other parameters' ``.grad`` as torch does."""
         assert self.grads is not None
         self.grads.zero(set_to_none)
         for p in self.unmanaged:
@@ -352,8 +354,11 @@ class BlockwiseOptimizer:
         return loss
 
     def _record(self) -> None:
-        """One pending update per offloaded block with gradients, with the hyperparameters of now."""
-        assert self.updates is not None
+        """One pending update per offloaded block with gradients, with the hyperparameters of now.
+        Gradients assigned by hand (``p.grad = g``, e.g. from ``torch.autograd.grad``) are taken
+        into the tiers first, so the update uses them as torch's step would."""
+        assert self.updates is not None and self.grads is not None
+        self.grads.take_assigned()
         self.updates.record(self.managed_blocks, HyperSnapshot.take(self.optimizer))
 
     def _step_unmanaged(self) -> None:
