@@ -11,35 +11,16 @@ tierrt, and ``scaler.update()`` adjusts the scale.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch.amp.grad_scaler import GradScaler
 
-if TYPE_CHECKING:
-    from .runtime import Runtime
+from .patching import AttributePatch
 
 __all__ = ["AmpPatch"]
 
 _ORIGINAL = GradScaler._unscale_grads_
-
-
-class AmpPatch:
-    """Installs the tierrt-aware ``GradScaler._unscale_grads_`` while a runtime is active."""
-
-    active: list[Runtime] = []
-
-    @classmethod
-    def install(cls, runtime: Runtime) -> None:
-        cls.active.append(runtime)
-        GradScaler._unscale_grads_ = _unscale_grads_  # type: ignore[method-assign]
-
-    @classmethod
-    def remove(cls, runtime: Runtime) -> None:
-        if runtime in cls.active:
-            cls.active.remove(runtime)
-        if not cls.active:
-            GradScaler._unscale_grads_ = _ORIGINAL  # type: ignore[method-assign]
 
 
 def _unscale_grads_(
@@ -65,3 +46,6 @@ def _unscale_grads_(
         if nonfinite:
             flag.fill_(1.0)
     return result
+
+
+AmpPatch = AttributePatch(GradScaler, "_unscale_grads_", _unscale_grads_)

@@ -29,6 +29,8 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
+from .patching import AttributePatch
+
 if TYPE_CHECKING:
     from .runtime import Runtime
 
@@ -57,26 +59,11 @@ class _RealValues:
         return self.model.buffers(recurse)
 
 
-class AveragingPatch:
-    """Installs the tierrt-aware ``AveragedModel.update_parameters`` while a runtime is active."""
-
-    active: list[Runtime] = []
-
-    @classmethod
-    def install(cls, runtime: Runtime) -> None:
-        cls.active.append(runtime)
-        AveragedModel.update_parameters = _update_parameters  # type: ignore[method-assign]
-
-    @classmethod
-    def remove(cls, runtime: Runtime) -> None:
-        if runtime in cls.active:
-            cls.active.remove(runtime)
-        if not cls.active:
-            AveragedModel.update_parameters = _ORIGINAL  # type: ignore[method-assign]
-
-
 def _update_parameters(self: AveragedModel, model: nn.Module) -> Any:
     runtimes = [rt for rt in AveragingPatch.active if any(rt.owns(p) for p in model.parameters())]
     if not runtimes:
         return _ORIGINAL(self, model)
     return _ORIGINAL(self, _RealValues(model, runtimes))  # type: ignore[arg-type]
+
+
+AveragingPatch = AttributePatch(AveragedModel, "update_parameters", _update_parameters)
