@@ -38,6 +38,7 @@ from .blocks import BlockSelector, Partition, partition_model
 from .errors import ConfigError, HookError, TierCapacityError
 from .grads import GradientStore
 from .hooks import HookSet
+from .loading import LoadPatch, StateDictLoader
 from .optim.blockwise import BlockwiseOptimizer
 from .placement import Placement, plan_placement
 from .report import Counters, Report, write_chrome_trace
@@ -223,6 +224,7 @@ class Runtime:
         self._originals: dict[int, tuple[torch.device, torch.dtype]] = {}
         self._patched_zero_grad: Any = None
         self._state_dict_handles: list[Any] = []
+        self.loader: StateDictLoader | None = None
 
     # ---- context manager -------------------------------------------------------------------------
     def __enter__(self) -> Runtime:
@@ -388,6 +390,7 @@ class Runtime:
         from .amp import AmpPatch
 
         AmpPatch.install(self)
+        LoadPatch.install(self)
         from .adopt import OptimizerAdoption
 
         OptimizerAdoption.install(self)
@@ -764,6 +767,9 @@ class Runtime:
         for module in model.modules():
             if any(id(p) in self._slot_index for p in module._parameters.values() if p is not None):
                 self._state_dict_handles.append(module.register_state_dict_post_hook(state_dict_post_hook))
+        # load_state_dict() writes the offloaded parameters' values into the tiers (see tierrt.loading)
+        self.loader = StateDictLoader(self)
+        self.loader.install(model)
 
     def _unpatch_model(self) -> None:
         model = self.model
@@ -777,6 +783,9 @@ class Runtime:
         for handle in self._state_dict_handles:
             handle.remove()
         self._state_dict_handles.clear()
+        if self.loader is not None:
+            self.loader.remove()
+            self.loader = None
 
     def _state_dict_post_hook(
         self, module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any
@@ -834,6 +843,7 @@ class Runtime:
         from .amp import AmpPatch
 
         AmpPatch.remove(self)
+        LoadPatch.remove(self)
         from .adopt import OptimizerAdoption
 
         OptimizerAdoption.remove(self)
