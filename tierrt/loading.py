@@ -20,17 +20,27 @@ values copied into its weights. So torch must not copy into offloaded parameters
 
 A load that fails (a size mismatch, missing or unexpected keys with ``strict=True``) writes no
 offloaded parameter and puts the persistent buffers it loaded back (torch itself leaves what it had
-copied before raising). ``assign=True`` raises :class:`~tierrt.HookError` before loading anything:
+copied before raising); an error while writing (no room, an I/O error) leaves the blocks written
+before it loaded. ``assign=True`` raises :class:`~tierrt.HookError` before loading anything:
 it would replace the parameter objects tierrt holds. A load that does not go through
 ``nn.Module.load_state_dict`` (a direct ``_load_from_state_dict`` call) writes each module's values
 as it reaches them.
+
+``torch.optim.Optimizer.load_state_dict`` is wrapped too, for optimizers whose state torch keeps
+(stepped block by block; one not passed to ``offload()`` and not adopted yet, as a ``Trainer``
+resuming from a checkpoint loads it before its first step): torch casts the loaded state to each
+parameter's dtype and device, and an offloaded parameter shows those of its compute copy (bf16 under
+``compute_dtype``, the GPU), while its updates step the master weights in DRAM. During the load such
+a parameter shows the dtype and device its updates use, so the state gets them, rounded as torch
+rounds it for a plain model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -45,6 +55,7 @@ if TYPE_CHECKING:
 __all__ = ["LoadPatch", "StateDictLoader"]
 
 _ORIGINAL = nn.Module.load_state_dict
+_ORIGINAL_OPTIMIZER = torch.optim.Optimizer.load_state_dict
 
 _ASSIGN = (
     "load_state_dict(assign=True) inside tierrt.offload() would replace the offloaded parameters "
@@ -109,6 +120,30 @@ class StateDictLoader:
         """Whether ``module`` (or a module inside it) has parameters this loader's runtime offloads."""
         return any(id(p) in self._slot_index for p in module.parameters())
 
+    @contextlib.contextmanager
+    def as_stepped(self, params: list[torch.Tensor]) -> Iterator[None]:
+        """For the time of the ``with``: the offloaded parameters among ``params`` that train (have
+        a gradient buffer) are placeholders of the dtype their updates step them in (the master
+        weights' when the block has them) on the CPU, where those updates run."""
+        runtime = self._runtime()
+        if runtime is None or not runtime.active:
+            yield
+            return
+        placeholders = runtime.pipeline.placeholders
+        cpu = torch.device("cpu")
+        saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for p in params:
+            entry = self._slot_index.get(id(p))
+            if entry is None or id(p) in saved or not entry[0].trains(entry[1]):
+                continue
+            saved[id(p)] = (p, p.data)
+            p.data = placeholders.get(p.shape, _stepped_dtype(*entry), cpu)
+        try:
+            yield
+        finally:
+            for p, data in saved.values():
+                p.data = data
+
     # ---- one load --------------------------------------------------------------------------------
     def begin(self) -> None:
         """A wrapped ``load_state_dict`` starts: stage values until :meth:`end`."""
@@ -140,6 +175,7 @@ class StateDictLoader:
             value = _checked_value(param, state_dict[key])
             if value is None:
                 continue  # not a tensor, or another shape: torch reports it
+            value = _real(value)
             del state_dict[key]
             taken.append(key)
             if value.is_meta:
@@ -178,6 +214,24 @@ class StateDictLoader:
         pipeline.drain()  # a failed write is reported by this load, not by a later step
 
 
+def _stepped_dtype(bs: BlockState, slot_index: int) -> torch.dtype:
+    """The dtype an update steps the parameter in: its master weights' if the block has them."""
+    layout = bs.kinds["master" if "master" in bs.kinds else "weight"].layout
+    position = layout.position(slot_index)
+    assert position is not None
+    return layout.dtypes[position]
+
+
+def _real(value: torch.Tensor) -> torch.Tensor:
+    """``value``, or a copy of its current value when it is itself an offloaded parameter (e.g.
+    ``model.load_state_dict(dict(model.named_parameters()))``): its ``.data`` may be a placeholder,
+    or change before the staged values are written."""
+    for runtime in LoadPatch.active:
+        if runtime.owns(value):
+            return runtime.value(value)
+    return value
+
+
 def _checked_value(param: nn.Parameter, value: Any) -> torch.Tensor | None:
     """``value`` as torch would copy it into ``param``, or None when torch's own checks refuse it
     (not a tensor, another shape), so that torch reports it with its usual message."""
@@ -191,7 +245,8 @@ def _checked_value(param: nn.Parameter, value: Any) -> torch.Tensor | None:
 
 
 class LoadPatch:
-    """Wraps ``nn.Module.load_state_dict`` while a runtime is active (see the module docstring)."""
+    """Wraps ``nn.Module.load_state_dict`` and ``torch.optim.Optimizer.load_state_dict`` while a
+    runtime is active (see the module docstring)."""
 
     active: list[Runtime] = []
 
@@ -199,6 +254,7 @@ class LoadPatch:
     def install(cls, runtime: Runtime) -> None:
         cls.active.append(runtime)
         nn.Module.load_state_dict = load_state_dict  # type: ignore[method-assign]
+        torch.optim.Optimizer.load_state_dict = optimizer_load_state_dict  # type: ignore[method-assign]
 
     @classmethod
     def remove(cls, runtime: Runtime) -> None:
@@ -206,6 +262,7 @@ class LoadPatch:
             cls.active.remove(runtime)
         if not cls.active:
             nn.Module.load_state_dict = _ORIGINAL  # type: ignore[method-assign]
+            torch.optim.Optimizer.load_state_dict = _ORIGINAL_OPTIMIZER  # type: ignore[method-assign]
 
 
 @functools.wraps(_ORIGINAL)
@@ -224,17 +281,38 @@ def load_state_dict(
     buffers = _persistent_buffers(self)
     for loader in loaders:
         loader.begin()
-    loaded = False
     try:
         result = _ORIGINAL(self, state_dict, strict=strict, assign=assign)
-        loaded = True
     except BaseException:
         _put_back(buffers)
-        raise
-    finally:
         for loader in loaders:
-            loader.end(commit=loaded)
+            loader.end(commit=False)
+        raise
+    _commit(loaders)
     return result
+
+
+def _commit(loaders: list[StateDictLoader]) -> None:
+    """End the load for every loader (each writes its values), raising the first failure after."""
+    first: BaseException | None = None
+    for loader in loaders:
+        try:
+            loader.end(commit=True)
+        except BaseException as exc:  # noqa: BLE001 - the others still end their load
+            first = first or exc
+    if first is not None:
+        raise first
+
+
+@functools.wraps(_ORIGINAL_OPTIMIZER)
+def optimizer_load_state_dict(self: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:
+    params = [p for group in self.param_groups for p in group["params"]]
+    with contextlib.ExitStack() as stack:
+        for runtime in list(LoadPatch.active):
+            loader = runtime.loader
+            if loader is not None:
+                stack.enter_context(loader.as_stepped(params))
+        _ORIGINAL_OPTIMIZER(self, state_dict)
 
 
 Saved = list[tuple[nn.Module, str, torch.Tensor, torch.Tensor]]
