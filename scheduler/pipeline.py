@@ -598,20 +598,41 @@ class Pipeline:
         finally:
             ks.pins -= 1
 
-    def write_slot(self, bs: BlockState, kind: str, slot_index: int, value: torch.Tensor) -> None:
-        """Set one parameter's share of ``bs.kind`` (other parameters' shares keep their values)."""
+    def write_values(self, bs: BlockState, values: dict[int, torch.Tensor]) -> None:
+        """Set some parameters of ``bs`` (slot index -> a tensor of the parameter's shape, any dtype
+        or device) as ``param.copy_(value)`` does in plain torch: into the master weights when the
+        block has them, the compute-dtype weights then derived from those (as after an update), else
+        into the weights. Other parameters keep their values; the gradients and optimizer state are
+        untouched. A pending update of the block is applied first. Nothing changes when the block's
+        copies cannot be brought into DRAM (no room, an I/O error).
+
+        The new values are written home (the compute-dtype weights stay cached in DRAM) and every
+        other copy (on the GPU, an older one on NVMe) stops counting as current."""
         if self.updates is not None and self.updates.has_pending(bs.index):
             self.updates.apply(bs.index)
-        ks = bs.kinds[kind]
-        self.ensure_host(bs, kind)
-        ks.pins += 1
+        kinds = [kind for kind in ("master", "weight") if kind in bs.kinds]
+        for kind in kinds:
+            bs.kinds[kind].pins += 1
         try:
-            self.store.slot_view(bs, ks, bs.spec.slots[slot_index], "dram").copy_(value)
+            for kind in kinds:
+                self.ensure_host(bs, kind)
+            with torch.no_grad():
+                for slot_index, value in values.items():
+                    source = value
+                    for kind in kinds:
+                        ks = bs.kinds[kind]
+                        if ks.layout.position(slot_index) is None:
+                            continue
+                        view = self.store.slot_view(bs, ks, bs.spec.slots[slot_index], "dram")
+                        view.copy_(source)
+                        source = view  # the compute-dtype weights follow the master weights
         finally:
-            ks.pins -= 1
-        if kind == "weight" and bs.attached and self.compute != "dram" and bs.refcount == 0:
-            self.detach(bs)
-        self.mark_modified(bs, kind, "dram")
+            for kind in kinds:
+                bs.kinds[kind].pins -= 1
+        for kind in kinds:
+            self.mark_modified(bs, kind, "dram")
+        for kind in kinds:
+            self.flush(bs, kind, drop=kind != "weight")
 
     def mark_modified(self, bs: BlockState, kind: str, tier: str = "dram") -> None:
         """The copy on ``tier`` was changed in place: it is now the only current copy."""

@@ -48,4 +48,4 @@ def _unscale_grads_(
     return result
 
 
-AmpPatch = AttributePatch(GradScaler, "_unscale_grads_", _unscale_grads_)
+AmpPatch = AttributePatch((GradScaler, "_unscale_grads_", _unscale_grads_))

@@ -66,4 +66,4 @@ def _update_parameters(self: AveragedModel, model: nn.Module) -> Any:
     return _ORIGINAL(self, _RealValues(model, runtimes))  # type: ignore[arg-type]
 
 
-AveragingPatch = AttributePatch(AveragedModel, "update_parameters", _update_parameters)
+AveragingPatch = AttributePatch((AveragedModel, "update_parameters", _update_parameters))

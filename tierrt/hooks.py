@@ -478,7 +478,8 @@ class HookSet:
         if ks.version != packed.version:
             raise HookError(
                 f"the weights of block {bs.name} were modified between forward and backward (an "
-                "optimizer step between them?); the backward pass needs the values the forward used"
+                "optimizer step or a load_state_dict() between them?); the backward pass needs the "
+                "values the forward used"
             )
         self._backward_acquire(bs)
         if isinstance(packed, SavedCastRef):

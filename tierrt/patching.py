@@ -18,21 +18,20 @@ __all__ = ["AttributePatch"]
 
 
 class AttributePatch:
-    """``owner.name`` replaced by ``replacement`` while a runtime is active."""
+    """Each ``(owner, name, replacement)``: ``owner.name`` replaced while a runtime is active."""
 
-    def __init__(self, owner: Any, name: str, replacement: Any) -> None:
-        self.owner = owner
-        self.name = name
-        self.replacement = replacement
-        self.original = getattr(owner, name)
+    def __init__(self, *targets: tuple[Any, str, Any]) -> None:
+        self.targets = [(owner, name, replacement, getattr(owner, name)) for owner, name, replacement in targets]
         self.active: list[Runtime] = []
 
     def install(self, runtime: Runtime) -> None:
         self.active.append(runtime)
-        setattr(self.owner, self.name, self.replacement)
+        for owner, name, replacement, _ in self.targets:
+            setattr(owner, name, replacement)
 
     def remove(self, runtime: Runtime) -> None:
         if runtime in self.active:
             self.active.remove(runtime)
         if not self.active:
-            setattr(self.owner, self.name, self.original)
+            for owner, name, _, original in self.targets:
+                setattr(owner, name, original)

@@ -38,6 +38,7 @@ from .blocks import BlockSelector, Partition, partition_model
 from .errors import ConfigError, HookError, TierCapacityError
 from .grads import GradientStore
 from .hooks import HookSet
+from .loading import LoadPatch, StateDictLoader
 from .optim.blockwise import BlockwiseOptimizer
 from .optim.wrappers import unwrap_optimizer
 from .placement import Placement, plan_placement
@@ -228,6 +229,7 @@ class Runtime:
         self._originals: dict[int, tuple[torch.device, torch.dtype]] = {}
         self._patched_zero_grad: Any = None
         self._state_dict_handles: list[Any] = []
+        self.loader: StateDictLoader | None = None
 
     # ---- context manager -------------------------------------------------------------------------
     def __enter__(self) -> Runtime:
@@ -396,6 +398,7 @@ class Runtime:
         from .averaging import AveragingPatch
 
         AveragingPatch.install(self)
+        LoadPatch.install(self)
         from .adopt import OptimizerAdoption
 
         OptimizerAdoption.install(self)
@@ -778,6 +781,9 @@ class Runtime:
         for module in model.modules():
             if any(id(p) in self._slot_index for p in module._parameters.values() if p is not None):
                 self._state_dict_handles.append(module.register_state_dict_post_hook(state_dict_post_hook))
+        # load_state_dict() writes the offloaded parameters' values into the tiers (see tierrt.loading)
+        self.loader = StateDictLoader(self)
+        self.loader.install(model)
 
     def _unpatch_model(self) -> None:
         model = self.model
@@ -791,6 +797,9 @@ class Runtime:
         for handle in self._state_dict_handles:
             handle.remove()
         self._state_dict_handles.clear()
+        if self.loader is not None:
+            self.loader.remove()
+            self.loader = None
 
     def _state_dict_post_hook(
         self, module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any
@@ -893,6 +902,7 @@ class Runtime:
         from .averaging import AveragingPatch
 
         AveragingPatch.remove(self)
+        LoadPatch.remove(self)
         from .adopt import OptimizerAdoption
 
         OptimizerAdoption.remove(self)
