@@ -21,7 +21,8 @@ class AttributePatch:
     """Each ``(owner, name, replacement)``: ``owner.name`` replaced while a runtime is active."""
 
     def __init__(self, *targets: tuple[Any, str, Any]) -> None:
-        self.targets = [(owner, name, replacement, getattr(owner, name)) for owner, name, replacement in targets]
+        # (owner, name, replacement, original)
+        self.targets = [(owner, name, new, getattr(owner, name)) for owner, name, new in targets]
         self.active: list[Runtime] = []
 
     def install(self, runtime: Runtime) -> None:
