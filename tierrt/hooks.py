@@ -113,17 +113,12 @@ class SavedWeightRef:
 
 
 @dataclass(frozen=True)
-class SavedCastRef:
+class SavedCastRef(SavedWeightRef):
     """What autograd keeps instead of ``torch.autocast``'s cast of an offloaded weight (or a view of
-    that cast): the weight is cast again when backward needs it, bit for bit the same."""
+    that cast): the weight (parameter ``slot`` of the block) is cast to ``dtype`` again when
+    backward needs it, bit for bit the same."""
 
-    block: int
     slot: int
-    version: int
-    dtype: torch.dtype
-    size: tuple[int, ...]
-    stride: tuple[int, ...]
-    storage_offset: int
 
 
 class HookSet:
@@ -462,16 +457,16 @@ class HookSet:
             return tensor  # not a plain contiguous cast of the whole weight
         return SavedCastRef(
             bs.index,
-            slot.index,
             bs.kinds["weight"].version,
             tensor.dtype,
             tuple(tensor.size()),
             tuple(tensor.stride()),
             tensor.storage_offset(),
+            slot.index,
         )
 
     def _unpack(self, packed: Any) -> torch.Tensor:
-        if not isinstance(packed, SavedWeightRef | SavedCastRef):
+        if not isinstance(packed, SavedWeightRef):  # a SavedCastRef is one too
             return packed
         bs = self.pipeline.blocks[packed.block]
         ks = bs.kinds["weight"]
