@@ -121,6 +121,12 @@ class SavedCastRef(SavedWeightRef):
     slot: int
 
 
+def _ref_fields(bs: BlockState, tensor: torch.Tensor) -> tuple[Any, ...]:
+    """The fields of a :class:`SavedWeightRef` to ``tensor``, a view of (a cast of) ``bs``'s weights."""
+    layout = (tuple(tensor.size()), tuple(tensor.stride()), tensor.storage_offset())
+    return (bs.index, bs.kinds["weight"].version, tensor.dtype, *layout)
+
+
 class HookSet:
     """Installs and removes every hook of one offloaded model."""
 
@@ -425,14 +431,7 @@ class HookSet:
         bs = self._owners.get(ptr)
         if bs is None:
             return self._pack_cast(tensor)
-        return SavedWeightRef(
-            bs.index,
-            bs.kinds["weight"].version,
-            tensor.dtype,
-            tuple(tensor.size()),
-            tuple(tensor.stride()),
-            tensor.storage_offset(),
-        )
+        return SavedWeightRef(*_ref_fields(bs, tensor))
 
     def _pack_cast(self, tensor: torch.Tensor) -> Any:
         """A cast of an offloaded weight that autocast made (``ToCopyBackward0`` straight from the
@@ -455,15 +454,7 @@ class HookSet:
         bs, slot = entry
         if tensor.untyped_storage().nbytes() != slot.numel * tensor.element_size():
             return tensor  # not a plain contiguous cast of the whole weight
-        return SavedCastRef(
-            bs.index,
-            bs.kinds["weight"].version,
-            tensor.dtype,
-            tuple(tensor.size()),
-            tuple(tensor.stride()),
-            tensor.storage_offset(),
-            slot.index,
-        )
+        return SavedCastRef(*_ref_fields(bs, tensor), slot.index)
 
     def _unpack(self, packed: Any) -> torch.Tensor:
         if not isinstance(packed, SavedWeightRef):  # a SavedCastRef is one too
