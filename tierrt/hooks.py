@@ -430,7 +430,11 @@ class HookSet:
             return tensor
         bs = self._owners.get(ptr)
         if bs is None:
-            return self._pack_cast(tensor)
+            # Autocast casts down: only a half-precision tensor can be a cast of an fp32 weight.
+            # (torch.is_autocast_enabled() reads False inside the ops whose saved tensors these are.)
+            if tensor.dtype in (torch.bfloat16, torch.float16):
+                return self._pack_cast(tensor)
+            return tensor
         return SavedWeightRef(*_ref_fields(bs, tensor))
 
     def _pack_cast(self, tensor: torch.Tensor) -> Any:
@@ -452,6 +456,8 @@ class HookSet:
         if entry is None:
             return tensor
         bs, slot = entry
+        if tensor.device != param.device:
+            return tensor  # a copy to another device (the reference casts on the weight's own)
         if tensor.untyped_storage().nbytes() != slot.numel * tensor.element_size():
             return tensor  # not a plain contiguous cast of the whole weight
         return SavedCastRef(*_ref_fields(bs, tensor), slot.index)

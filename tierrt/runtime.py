@@ -826,8 +826,7 @@ class Runtime:
         value, in its original dtype, on the device it came from (the CPU for a meta one)."""
         from .copying import plain_parameter
 
-        device = self._originals[id(param)][0]
-        return plain_parameter(param, self.value(param, "cpu" if device.type == "meta" else device))
+        return plain_parameter(param, self.value(param, self.original_device(param)))
 
     def original_device(self, param: nn.Parameter) -> torch.device:
         """The device an offloaded parameter came from (the CPU for one built on the meta device)."""

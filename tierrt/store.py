@@ -156,10 +156,10 @@ class HostTier:
         return dict(self.arena.stats())
 
     def free_bytes(self) -> int:
-        return int(self.arena.stats()["free"])
+        return int(self.stats()["free"])
 
     def largest_free(self) -> int:
-        return int(self.arena.stats()["largest_free"])
+        return int(self.stats()["largest_free"])
 
     def register_cuda(self) -> None:
         """Pin the arena for fast, asynchronous host<->GPU copies (once)."""
