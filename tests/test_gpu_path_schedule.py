@@ -116,3 +116,31 @@ def test_gpu_path_bf16_master_weights_equals_dram_path(gpu_tier_in_host_memory, 
     )
     assert _equal(with_gpu[0], dram_only[0])
     assert _equal(with_gpu[1], dram_only[1])
+
+
+def test_load_state_dict_of_a_block_in_use_on_the_gpu_is_refused(gpu_tier_in_host_memory, nvme_dir):
+    """A block computing on its GPU copy cannot take loaded values under it: HookError, nothing
+    loaded; the same load between steps works."""
+    model = models.llama(layers=2)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    weights = models.model_bytes(model)
+    tiers = [tierrt.gpu(0, budget=weights * 2), tierrt.dram(weights * 4), tierrt.nvme(nvme_dir)]
+    layer = model.model.layers[0]
+    errors = []
+
+    def load_inside(module, args):
+        with pytest.raises(tierrt.HookError, match="in use on gpu0") as info:
+            layer.load_state_dict(
+                {k.removeprefix("model.layers.0."): v for k, v in saved.items() if "layers.0." in k}
+            )
+        errors.append(info.value)
+
+    with tierrt.offload(model, tiers=tiers) as rt:
+        handle = layer.self_attn.register_forward_pre_hook(load_inside)
+        models.lm_loss(model, models.token_batches(1)[0])
+        handle.remove()
+        model.load_state_dict(saved)
+        assert torch.equal(
+            rt.value("model.layers.0.mlp.up_proj.weight"), saved["model.layers.0.mlp.up_proj.weight"]
+        )
+    assert len(errors) == 1

@@ -187,6 +187,7 @@ class StateDictLoader:
                 )
                 continue
             bs, slot_index = self._slot_index[id(param)]
+            self._check_not_in_use(bs, key)
             self._staged[id(param)] = (bs, slot_index, value)
         if not self._open:  # not through nn.Module.load_state_dict: write as torch copies, now
             staged, self._staged = self._staged, {}
@@ -197,6 +198,17 @@ class StateDictLoader:
         for key in self._taken.pop(id(module), []):
             if key in missing_keys:
                 missing_keys.remove(key)
+
+    def _check_not_in_use(self, bs: BlockState, key: str) -> None:
+        """With a GPU, a block in use by a forward or backward computes on its GPU copy, which a
+        load could not replace under it: refuse, before torch loads anything."""
+        runtime = self._runtime()
+        if runtime is None or runtime.pipeline.compute == "dram" or bs.refcount == 0:
+            return
+        raise HookError(
+            f"load_state_dict() sets {key} while its block {bs.name} is in use on "
+            f"{runtime.pipeline.compute} (inside a forward or backward); load between steps"
+        )
 
     def _write(self, staged: dict[int, tuple[BlockState, int, torch.Tensor]]) -> None:
         """Write staged values into the tiers, after every pending optimizer update."""
