@@ -38,6 +38,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .errors import HookError
+from .patching import AttributePatch
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -62,20 +63,16 @@ class OptimizerAdoption:
         cls.active.append(runtime)
         if cls._handle is None:
             cls._handle = register_optimizer_step_pre_hook(_adopt_unknown)
-        if torch.optim.Optimizer.zero_grad is _ORIGINAL_ZERO_GRAD:
-            torch.optim.Optimizer.zero_grad = _zero_grad  # type: ignore[method-assign]
+        _ZERO_GRAD_PATCH.install(runtime)
 
     @classmethod
     def remove(cls, runtime: Runtime) -> None:
         if runtime in cls.active:
             cls.active.remove(runtime)
-        if cls.active:
-            return
-        if cls._handle is not None:
+        _ZERO_GRAD_PATCH.remove(runtime)
+        if not cls.active and cls._handle is not None:
             cls._handle.remove()
             cls._handle = None
-        if torch.optim.Optimizer.zero_grad is _zero_grad:
-            torch.optim.Optimizer.zero_grad = _ORIGINAL_ZERO_GRAD  # type: ignore[method-assign]
 
 
 @functools.wraps(_ORIGINAL_ZERO_GRAD)
@@ -88,6 +85,9 @@ def _zero_grad(self: torch.optim.Optimizer, set_to_none: bool = True) -> None:
         if runtime.optimizer is not self and any(runtime.owns(p) for p in params):
             runtime.zero_grads(set_to_none)
     _ORIGINAL_ZERO_GRAD(self, set_to_none)
+
+
+_ZERO_GRAD_PATCH = AttributePatch((torch.optim.Optimizer, "zero_grad", _zero_grad))
 
 
 def _adopt_unknown(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
