@@ -252,6 +252,23 @@ class Pipeline:
             self.attach(bs)
         self._prefetch_after(event)
 
+    def hold(self, bs: BlockState) -> None:
+        """Make ``bs`` resident and attached for a use outside the traced schedule (a parameter
+        read or written between steps): as :meth:`acquire` (pending update applied first, a
+        synchronous fetch if it is not resident), but nothing is traced, counted or prefetched and
+        the block keeps its place in the eviction order. Give it back with :meth:`release`."""
+        self.reap_all()
+        if self.updates is not None and self.updates.has_pending(bs.index):
+            self.updates.apply(bs.index)
+        bs.refcount += 1
+        try:
+            self._make_resident(bs)
+        except BaseException:
+            bs.refcount -= 1
+            raise
+        if not bs.attached:
+            self.attach(bs)
+
     def release(self, bs: BlockState) -> None:
         """Give ``bs`` back; it stays attached as a cache until its memory is needed."""
         if bs.refcount > 0:

@@ -107,6 +107,26 @@ class GradientStore:
         ks.valid = {"dram"}
         self.pending_blocks.add(bs.index)
 
+    def clear(self, bs: BlockState, slot_index: int) -> None:
+        """``param.grad = None`` for one parameter: forget its stored gradient (the others in the
+        block keep theirs). A pending update of the block, which reads it, is applied first."""
+        if self.updates is not None and self.updates.has_pending(bs.index):
+            self.updates.apply(bs.index)
+        present = self.present.get(bs.index)
+        if not present or slot_index not in present:
+            return
+        if present == {slot_index}:
+            self.zero_block(bs, set_to_none=True)
+            return
+        ks = bs.kinds["grad"]
+        if ks.inflight is not None:
+            self.pipeline.wait(bs, "grad")
+        self._changed(bs.index)
+        present.discard(slot_index)
+        self.muls.pop((bs.index, slot_index), None)
+        for norm_type in self.tracked_norms:
+            self.norms.pop((bs.index, slot_index, norm_type), None)
+
     # ---- gradients assigned by hand (p.grad = g) -------------------------------------------------
     def take(self, bs: BlockState, slot: ParamSlot) -> None:
         """Move a gradient assigned by hand to ``slot``'s parameter (``p.grad = g``) into the store,

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .access import ParameterAccess
 from .errors import HookError
 
 if TYPE_CHECKING:
@@ -148,11 +149,11 @@ class HookSet:
         self._callback_tasks: set[int] = set()
         self._grad_counts: dict[int, int] = {}
         self.on_forward_start: Callable[[], None] | None = None
-        # Parameters used outside any call of a module holding them (see _OutOfModuleUses).
+        # Parameters used outside any call of a module holding them (see tierrt.access).
         self._block_of: dict[int, tuple[BlockState, str]] = {}  # id(param) -> (block, name)
         self._slot_of: dict[int, tuple[BlockState, Any]] = {}  # id(param) -> (block, ParamSlot)
-        self._checked_forwards = 2  # forwards still watched for such uses
-        self._use_check: _OutOfModuleUses | None = None
+        self._access: ParameterAccess | None = None
+        self._root_running = False  # between the model's forward pre-hook and its post-hook
         self._root_blocks: list[BlockState] = []  # learned: acquired for the whole model forward
         self._root_held: list[BlockState] = []
         self._warned: set[int] = set()
@@ -191,6 +192,8 @@ class HookSet:
                         )
                     else:
                         self.untrained.append((slot.name, slot.param))
+        self._access = ParameterAccess(self)
+        self._access.push()
         self._saved_hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         self._saved_hooks.__enter__()
         self.pipeline.on_attach = self._on_attach
@@ -227,8 +230,11 @@ class HookSet:
         return current
 
     def remove(self) -> None:
-        if self._use_check is not None:
+        if self._root_held:
             self._root_post(self.model, (), None)
+        if self._access is not None:
+            self._access.pop()
+            self._access = None
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -264,24 +270,28 @@ class HookSet:
             self.on_forward_start()
         if self._root_held:  # a previous forward raised before its post-hook: start clean
             self._root_post(module, args, None)
+        self._root_running = True
         for bs in self._root_blocks:
             self.pipeline.acquire(bs, "fwd")
             self._root_held.append(bs)
-        if self._checked_forwards > 0 and self._use_check is None:
-            self._checked_forwards -= 1
-            self._use_check = _OutOfModuleUses(self)
-            self._use_check.__enter__()
 
     def _root_post(self, module: nn.Module, args: Any, output: Any) -> None:
-        if self._use_check is not None:
-            check, self._use_check = self._use_check, None
-            check.__exit__(None, None, None)
+        self._root_running = False
         while self._root_held:
             self.pipeline.release(self._root_held.pop())
 
+    def in_forward(self) -> bool:
+        """A forward of the model or of a hooked module is running, or a backward pass."""
+        return (
+            self._root_running
+            or any(count > 0 for count in self._in_call.values())
+            or torch._C._current_graph_task_id() >= 0
+        )
+
     def _used(self, func: Any, values: Any) -> None:
-        """A torch function is called on ``values`` during a watched forward: make the block of any
-        offloaded parameter among them resident if no running module holds it."""
+        """A torch function is called on ``values`` during a forward: make the block of any
+        offloaded parameter among them resident if no running module holds it (see
+        :class:`~tierrt.access.ParameterAccess`)."""
         if self._internal:
             return
         for value in values:
@@ -576,29 +586,3 @@ def _first_tensor_requiring_grad(value: Any, depth: int = 0) -> torch.Tensor | N
         if found is not None:
             return found
     return None
-
-
-# Tensor methods that only read metadata, valid on a placeholder: no reason to fetch for them.
-_METADATA = frozenset(
-    {"__get__", "__set__", "size", "dim", "numel", "nelement", "ndimension", "stride", "storage_offset",
-     "is_floating_point", "is_complex", "element_size", "is_contiguous", "__len__", "__hash__"}
-)  # fmt: skip
-
-
-class _OutOfModuleUses(torch.overrides.TorchFunctionMode):
-    """Watches the first forwards for parameters used while no running module holds their block
-    (``F.linear(x, self.embed.weight)`` in a parent's forward, a submodule's weight read directly):
-    such a block would be a placeholder or could be evicted under the op. It is fetched on the spot
-    and, from then on, kept resident for every whole forward (learned once, logged once)."""
-
-    def __init__(self, hooks: HookSet) -> None:
-        super().__init__()
-        self.hooks = hooks
-
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        if getattr(func, "__name__", "") not in _METADATA:
-            self.hooks._used(func, args)
-            if kwargs:
-                self.hooks._used(func, list(kwargs.values()))
-        return func(*args, **kwargs)

@@ -1038,8 +1038,8 @@ class Runtime:
         """A fresh copy of an offloaded parameter's current value, in its original dtype (the fp32
         master value under ``compute_dtype``), on ``device`` (default: the CPU).
 
-        Inside the context a parameter's ``.data`` is only real while its block is resident; read
-        it through this method for logging, an EMA of the weights, or a check. ``param`` is the
+        Using ``param`` itself works too (:mod:`tierrt.access` makes each torch call on it see the
+        current value); this method gives a detached CPU copy, by name as well. ``param`` is the
         parameter or its name in the model. A pending update of its block is applied first.
 
         Example::
@@ -1058,8 +1058,9 @@ class Runtime:
     ) -> torch.Tensor | None:
         """A fresh copy of an offloaded parameter's accumulated gradient (what ``param.grad`` holds
         in a plain run), or None when it has none (no backward since the last ``zero_grad()``, or
-        frozen). Inside the context ``param.grad`` itself stays None: gradients live in the tiers
-        (a gradient assigned by hand, ``param.grad = g``, is taken there when read).
+        frozen). Gradients live in the tiers; reading ``param.grad`` between steps gives a copy
+        of the same value (see :mod:`tierrt.access`), this method one on the CPU, by name as well
+        (a gradient assigned by hand, ``param.grad = g``, is taken into the tiers when read).
 
         Example::
 

@@ -1,0 +1,451 @@
+"""Offloaded parameters used where no hook made them real: the torch-function mode that keeps such
+uses exact.
+
+Inside the context an offloaded parameter's ``.data`` is real only while its block is attached;
+otherwise it is a placeholder (NaN, no memory), and a block can hold weights an optimizer update has
+not reached yet. :class:`ParameterAccess` sees every torch call on the thread that entered the
+context and makes each such use read (or write) the parameter's current value:
+
+- During a forward, a parameter used outside a call of the module that holds it (``F.linear(x,
+  self.embed.weight)`` in a parent's forward) has its block fetched on the spot and kept resident
+  for every whole forward from then on (:meth:`HookSet._used`).
+- Anywhere else (between steps: a weight norm logged, an EMA or an L2 penalty written by hand,
+  ``nn.init`` or ``p.mul_()`` under ``no_grad``), the parameter's block is held resident for that one
+  call, its pending optimizer update applied first, and released after. The call runs on the real
+  parameter, so autograd records it as in plain torch (a penalty's gradient reaches the tiers). A
+  call that changes a parameter in place (``p.mul_(0.5)``, ``nn.init.normal_(p)``, ``p[0] = 1``,
+  ``out=p``, ``p.data = x``) writes the new value home, into the master weights too.
+- The memory of a block that is not in use is handed out again once it is evicted, so nothing may
+  keep viewing it: an output that views a parameter (``p.view(-1)``, ``p[0]``, ``p.t()``) is returned
+  as a copy (reading it is exact; writing into it does not reach the parameter), and ``p.data`` and
+  ``p.detach()`` return a stand-in tied to the parameter: every later call on the stand-in reads or
+  writes the parameter's current value, as the alias would in plain torch.
+- Calls that only read metadata (``p.shape``, ``p.numel()``, ``p.requires_grad_()``) and calls made by
+  tierrt itself pass straight through. ``_foreach_`` calls over many blocks run block by block, so a
+  hand-written EMA over the whole model holds one block at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import weakref
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .errors import HookError
+
+if TYPE_CHECKING:
+    from .hooks import HookSet
+    from .store import BlockState
+
+log = logging.getLogger("tierrt")
+
+__all__ = ["ParameterAccess"]
+
+# Calls that only read metadata or set flags, valid on a placeholder: no reason to fetch for them.
+METADATA = frozenset(
+    {"__get__", "__set__", "size", "dim", "numel", "nelement", "ndimension", "stride", "storage_offset",
+     "is_floating_point", "is_complex", "element_size", "is_contiguous", "__len__", "__hash__",
+     "data_ptr", "untyped_storage", "storage", "_typed_storage", "is_pinned", "is_shared", "get_device",
+     "requires_grad_", "retain_grad", "register_hook", "register_post_accumulate_grad_hook", "_is_view",
+     "is_set_to", "__setstate__"}
+)  # fmt: skip
+
+_INPLACE_DUNDERS = frozenset(
+    {"__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__imod__", "__ipow__",
+     "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__", "__imatmul__", "__setitem__"}
+)  # fmt: skip
+
+# Calls whose output is the parameter itself under another name: a stand-in takes its place.
+_ALIASES = frozenset({"detach"})
+
+_PACKAGE = __name__.rpartition(".")[0] + "."
+_TORCH_OPTIMIZER = torch.optim.Optimizer.__module__  # its step() wrapper, zero_grad(), state_dict()
+
+
+def _attribute(func: Any) -> str | None:
+    """The attribute a property getter or setter call is about (``p.data`` -> "data")."""
+    return getattr(getattr(func, "__self__", None), "__name__", None)
+
+
+def _mutates_in_place(name: str) -> bool:
+    return name in _INPLACE_DUNDERS or (name.endswith("_") and not name.startswith("__"))
+
+
+def _called_by_tierrt() -> bool:
+    """Whether tierrt itself is on the stack (an optimizer update, a state_dict, a hook: its calls
+    handle placeholders themselves), or a torch optimizer's ``step()`` (tierrt steps the offloaded
+    parameters of every optimizer that holds them, passed, adopted or wrapped: torch's own step
+    must see them without gradients and step only the others)."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        if (module.startswith(_PACKAGE) and module != __name__) or module == _TORCH_OPTIMIZER:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, list | tuple):
+        for item in value:
+            if isinstance(item, torch.Tensor):
+                yield item
+
+
+class ParameterAccess(torch.overrides.TorchFunctionMode):
+    """Pushed while a runtime is active (see the module docstring)."""
+
+    def __init__(self, hooks: HookSet) -> None:
+        super().__init__()
+        self.hooks = hooks
+        self.pipeline = hooks.pipeline
+        self.enabled = True
+        # id(stand-in) -> (weak reference, block, slot index): ``p.data`` / ``p.detach()`` results
+        self._standins: dict[int, tuple[weakref.ref, BlockState, int]] = {}
+        # id(copy) -> (weak reference, block, slot index): gradients read through ``p.grad``
+        self._grad_copies: dict[int, tuple[weakref.ref, BlockState, int]] = {}
+        # (block, slot index) -> (weak reference, what the copy was read at): ``p.grad`` read twice
+        # gives the same tensor while the stored gradient has not changed, as in plain torch
+        self._grad_reads: dict[tuple[int, int], tuple[weakref.ref, tuple[Any, ...]]] = {}
+
+    # ---- dispatch ------------------------------------------------------------------------------------
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if not self.enabled or self.hooks._internal:
+            return func(*args, **kwargs)
+        name = getattr(func, "__name__", "")
+        if name in ("__get__", "__set__"):
+            attribute = _attribute(func) if args else None
+            if attribute == "data":
+                return self._data(name, func, args)
+            if attribute == "grad":
+                return self._grad(name, func, args)
+            return func(*args, **kwargs)
+        if name in METADATA:
+            return func(*args, **kwargs)
+        found = self._find(args, kwargs)
+        grads_changed: list[int] = []
+        if self._grad_copies:
+            grads_changed = [key for key in self._changed_ids(name, args, kwargs) if key in self._grad_copies]
+        if not found and not grads_changed:
+            return func(*args, **kwargs)
+        if self.hooks.in_forward():
+            if not any(key in self._standins for key in found):
+                self.hooks._used(func, [value for _, _, value in found.values()])
+                return func(*args, **kwargs)
+        elif _called_by_tierrt():
+            return func(*args, **kwargs)
+        if not found:
+            result = func(*args, **kwargs)
+        elif name.startswith("_foreach_") and len({bs.index for bs, _, _ in found.values()}) > 1:
+            result = self._per_block(func, name, args, kwargs)
+        else:
+            result = self._run(func, name, args, kwargs, found)
+        for key in grads_changed:
+            self._write_grad(key)
+        return result
+
+    @staticmethod
+    def _changed_ids(name: str, args: Any, kwargs: dict[str, Any]) -> set[int]:
+        """The ids of the tensors a call changes in place (its first argument, ``out=``)."""
+        changed = {id(tensor) for tensor in _tensors(kwargs.get("out"))} if "out" in kwargs else set()
+        if args and _mutates_in_place(name):
+            changed.update(id(tensor) for tensor in _tensors(args[0]))
+        return changed
+
+    def _find(self, args: Any, kwargs: dict[str, Any]) -> dict[int, tuple[BlockState, int, torch.Tensor]]:
+        """The offloaded parameters and stand-ins among a call's arguments: id -> (block, slot
+        index, the argument)."""
+        found: dict[int, tuple[BlockState, int, torch.Tensor]] = {}
+        slot_of = self.hooks._slot_of
+        standins = self._standins
+        for value in (*args, *kwargs.values()):
+            for tensor in _tensors(value):
+                key = id(tensor)
+                if isinstance(tensor, nn.Parameter):
+                    entry = slot_of.get(key)
+                    if entry is not None:
+                        found[key] = (entry[0], entry[1].index, tensor)
+                elif standins and key in standins:
+                    _, bs, slot_index = standins[key]
+                    found[key] = (bs, slot_index, tensor)
+        return found
+
+    # ---- one call on real parameters ----------------------------------------------------------------
+    def _run(
+        self,
+        func: Any,
+        name: str,
+        args: Any,
+        kwargs: dict[str, Any],
+        found: dict[int, tuple[BlockState, int, torch.Tensor]],
+    ) -> Any:
+        blocks = list({bs.index: bs for bs, _, _ in found.values()}.values())
+        held: list[BlockState] = []
+        try:
+            for bs in blocks:
+                self.pipeline.hold(bs)
+                held.append(bs)
+            real = {key: self._real(bs, slot_index) for key, (bs, slot_index, value) in found.items()
+                    if not isinstance(value, nn.Parameter)}  # fmt: skip
+            call_args = tuple(self._substitute(value, real) for value in args)
+            call_kwargs = {key: self._substitute(value, real) for key, value in kwargs.items()}
+            result = func(*call_args, **call_kwargs)
+            self._write_back(name, args, kwargs, found)
+            return self._detached(name, result, found, args, real, held)
+        finally:
+            for bs in held:
+                self.pipeline.release(bs)
+
+    def _real(self, bs: BlockState, slot_index: int) -> torch.Tensor:
+        """The parameter's ``.data`` while its block is held (a view of the block's memory)."""
+        return bs.spec.slots[slot_index].param.data
+
+    @staticmethod
+    def _substitute(value: Any, real: dict[int, torch.Tensor]) -> Any:
+        if not real:
+            return value
+        if isinstance(value, torch.Tensor):
+            return real.get(id(value), value)
+        if isinstance(value, list | tuple) and any(id(item) in real for item in value):
+            return type(value)(real.get(id(item), item) for item in value)
+        return value
+
+    def _write_back(
+        self,
+        name: str,
+        args: Any,
+        kwargs: dict[str, Any],
+        found: dict[int, tuple[BlockState, int, torch.Tensor]],
+    ) -> None:
+        """Write home the parameters the call changed in place."""
+        by_block: dict[int, tuple[BlockState, dict[int, torch.Tensor]]] = {}
+        for key in self._changed_ids(name, args, kwargs):
+            entry = found.get(key)
+            if entry is None:
+                continue
+            bs, slot_index, _ = entry
+            by_block.setdefault(bs.index, (bs, {}))[1][slot_index] = self._real(bs, slot_index)
+        for bs, values in by_block.values():
+            self.pipeline.write_values(bs, values)
+
+    def _detached(
+        self,
+        name: str,
+        result: Any,
+        found: dict[int, tuple[BlockState, int, torch.Tensor]],
+        args: Any,
+        real: dict[int, torch.Tensor],
+        held: list[BlockState],
+    ) -> Any:
+        """``result`` with nothing viewing a held block's memory: the argument itself where the call
+        returned it (in place), a stand-in for an alias of a whole parameter, a copy for a view."""
+        if isinstance(result, torch.Tensor):
+            return self._detach_one(name, result, found, args, real, held)
+        if isinstance(result, list | tuple) and any(isinstance(item, torch.Tensor) for item in result):
+            items = [self._detach_one(name, item, found, args, real, held) for item in result]
+            return type(result)(items) if not hasattr(result, "_fields") else type(result)(*items)
+        return result
+
+    def _detach_one(
+        self,
+        name: str,
+        result: Any,
+        found: dict[int, tuple[BlockState, int, torch.Tensor]],
+        args: Any,
+        real: dict[int, torch.Tensor],
+        held: list[BlockState],
+    ) -> Any:
+        if not isinstance(result, torch.Tensor) or id(result) in found:
+            return result  # the parameter itself (p.to(p.dtype), an in-place call)
+        for key, tensor in real.items():
+            if result is tensor:
+                return found[key][2]  # an in-place call on a stand-in returns the stand-in
+        try:
+            ptr = result.untyped_storage().data_ptr()
+        except (RuntimeError, NotImplementedError):
+            return result
+        if ptr not in {self.hooks._storage_ptr(bs) for bs in held}:
+            return result
+        if name in _ALIASES and args:
+            entry = found.get(id(args[0]))
+            if entry is not None and result.shape == args[0].shape:
+                return self._standin(entry[0], entry[1])
+        return result.clone()
+
+    def _per_block(self, func: Any, name: str, args: Any, kwargs: dict[str, Any]) -> Any:
+        """A ``_foreach_`` call over parameters of several blocks, run on consecutive runs of
+        positions that touch the same blocks (its lists are elementwise)."""
+        lists = [value for value in (*args, *kwargs.values()) if isinstance(value, list | tuple)]
+        count = len(lists[0])
+        if any(len(value) != count for value in lists):
+            raise HookError(f"{name}: argument lists of different lengths")
+        keys: list[tuple[int, ...]] = []
+        for position in range(count):
+            blocks = set()
+            for value in lists:
+                entry = self._find((value[position],), {})
+                blocks.update(bs.index for bs, _, _ in entry.values())
+            keys.append(tuple(sorted(blocks)))
+        results: list[Any] = []
+        start = 0
+        while start < count:
+            end = start + 1
+            while end < count and keys[end] == keys[start]:
+                end += 1
+
+            def part(value: Any, start: int = start, end: int = end) -> Any:
+                return value[start:end] if isinstance(value, list | tuple) and len(value) == count else value
+
+            part_args = tuple(part(value) for value in args)
+            part_kwargs = {key: part(value) for key, value in kwargs.items()}
+            found = self._find(part_args, part_kwargs)
+            out = (
+                self._run(func, name, part_args, part_kwargs, found)
+                if found
+                else func(*part_args, **part_kwargs)
+            )
+            if isinstance(out, list | tuple):
+                results.extend(out)
+            start = end
+        return results if results else None
+
+    # ---- p.grad ------------------------------------------------------------------------------------
+    def _grad(self, name: str, func: Any, args: Any) -> Any:
+        """``p.grad`` outside forward and backward reads the gradient stored in the tiers (a copy on
+        the parameter's device, whose in-place changes are written back); ``p.grad = None``
+        forgets it. A gradient assigned by hand (``p.grad = g``) is taken by tierrt's own hooks."""
+        param = args[0]
+        entry = self.hooks._slot_of.get(id(param)) if isinstance(param, nn.Parameter) else None
+        grads = self.hooks.grads
+        if entry is None or grads is None or not entry[0].trains(entry[1].index):
+            return func(*args)
+        if name == "__set__" and args[1] is not None:
+            return func(*args)
+        if self.hooks.in_forward() or _called_by_tierrt():
+            return func(*args)
+        bs, slot = entry
+        if name == "__set__":
+            func(*args)  # a gradient assigned by hand and not yet taken goes too
+            grads.clear(bs, slot.index)
+            return None
+        assigned = func(*args)
+        if assigned is not None:
+            return assigned
+        key = (bs.index, slot.index)
+        version = self._grad_version(bs)
+        cached = self._grad_reads.get(key)
+        if cached is not None and cached[1] == version:
+            copy = cached[0]()
+            if copy is not None:
+                return copy
+        value = grads.read(bs, slot.index)
+        if value is None:
+            return None
+        if value.device != param.device:
+            value = value.to(param.device)
+        self._register_grad(value, bs, slot.index)
+        self._grad_reads[key] = (weakref.ref(value), self._grad_version(bs))
+        return value
+
+    def _grad_version(self, bs: BlockState) -> tuple[Any, ...]:
+        grads = self.hooks.grads
+        assert grads is not None
+        updates = self.pipeline.updates
+        zeroed = updates.zero_after.get(bs.index) if updates is not None else None
+        return (grads.generation(bs.index), zeroed)
+
+    def _register_grad(self, copy: torch.Tensor, bs: BlockState, slot_index: int) -> None:
+        key = id(copy)
+        copies = self._grad_copies
+
+        def forget(_: Any, key: int = key) -> None:
+            copies.pop(key, None)
+
+        copies[key] = (weakref.ref(copy, forget), bs, slot_index)
+
+    def _write_grad(self, key: int) -> None:
+        """A call changed a gradient read through ``p.grad`` in place: store the new value."""
+        ref, bs, slot_index = self._grad_copies[key]
+        copy = ref()
+        grads = self.hooks.grads
+        if copy is None or grads is None or copy.shape != bs.spec.slots[slot_index].shape:
+            return
+        grads.assign(bs, bs.spec.slots[slot_index], copy.detach())
+        read = self._grad_reads.get((bs.index, slot_index))
+        if read is not None and read[0]() is copy:
+            self._grad_reads[(bs.index, slot_index)] = (read[0], self._grad_version(bs))
+
+    # ---- p.data ------------------------------------------------------------------------------------
+    def _data(self, name: str, func: Any, args: Any) -> Any:
+        """``p.data`` (a stand-in outside forward) and ``p.data = x`` (a write of x's values)."""
+        param = args[0]
+        if name == "__get__" and id(param) in self._grad_copies:  # p.grad.data: the same gradient
+            alias = func(*args)
+            _, bs, slot_index = self._grad_copies[id(param)]
+            self._register_grad(alias, bs, slot_index)
+            return alias
+        entry = self.hooks._slot_of.get(id(param)) if isinstance(param, nn.Parameter) else None
+        if entry is None or self.hooks.in_forward() or _called_by_tierrt():
+            return func(*args)
+        bs, slot = entry
+        if name == "__get__":
+            return self._standin(bs, slot.index)
+        value = args[1]
+        if not isinstance(value, torch.Tensor) or value.shape != param.shape or value.dtype != param.dtype:
+            raise HookError(
+                f"`{slot.name}.data = ...` with a tensor of another shape or dtype inside the offload "
+                "context: tierrt keeps the parameter's storage in its tiers. Assign a tensor of shape "
+                f"{tuple(param.shape)} and dtype {param.dtype} (its values are written home), or change "
+                "the model before tierrt.offload()"
+            )
+        held = False
+        try:
+            self.pipeline.hold(bs)
+            held = True
+            self.pipeline.write_values(bs, {slot.index: value})
+        finally:
+            if held:
+                self.pipeline.release(bs)
+        return None
+
+    def _standin(self, bs: BlockState, slot_index: int) -> torch.Tensor:
+        """A tensor of the parameter's shape, dtype and device and no memory of its own, tied to
+        the parameter: calls on it are calls on the parameter's current value."""
+        param = bs.spec.slots[slot_index].param
+        standin = self.pipeline.placeholders.get(param.shape, param.dtype, param.device)
+        key = id(standin)
+        standins = self._standins
+
+        def forget(_: Any, key: int = key) -> None:
+            standins.pop(key, None)
+
+        standins[key] = (weakref.ref(standin, forget), bs, slot_index)
+        return standin
+
+    # ---- lifetime ------------------------------------------------------------------------------------
+    def push(self) -> None:
+        self.__enter__()
+
+    def pop(self) -> None:
+        """Leave the mode stack. Modes the user's code pushed inside the context and left open
+        stay; this one then only passes calls through."""
+        self.enabled = False
+        self._standins.clear()
+        self._grad_copies.clear()
+        self._grad_reads.clear()
+        stack = torch.overrides._get_current_function_mode_stack()
+        if stack and stack[-1] is self:
+            self.__exit__(None, None, None)
+        else:
+            log.warning(
+                "tierrt's parameter-access mode is not the innermost torch function mode on exit (a mode "
+                "entered inside the offload context is still open); it stays on the stack, inert"
+            )
