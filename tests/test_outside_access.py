@@ -3,7 +3,8 @@
 A user's own loop reads and writes ``p`` and ``p.grad`` outside the model's forward: it logs weight
 and gradient norms, keeps an EMA of the weights by hand (``torch._foreach_lerp_``), adds an L2
 penalty over ``model.parameters()`` to the loss, clips gradients by value through ``p.grad.data``,
-scales one gradient, sets one to None, rescales a weight in place, assigns ``p.data = x``, keeps
+scales one gradient, sets one to None, rescales a weight in place (``p.mul_()``, ``p.data *= s``),
+assigns ``p.data = x`` (also a copy of another parameter's ``.data``), keeps
 ``w = p.detach()`` across steps. With tierrt each of these sees and changes the values plain torch
 has, at a DRAM budget below the model with everything homed on NVMe, and the run stays bit for bit
 that of plain torch (losses, logged values, final weights). Both optimizer paths are covered: torch's
@@ -54,6 +55,9 @@ def _values_loop(model: nn.Module, opt: torch.optim.Optimizer, data: list[torch.
             model.model.norm.weight.mul_(1.01)
             model.lm_head.weight.data.add_(1e-3)
             model.model.layers[1].self_attn.o_proj.weight[0] = 0.5
+            model.model.layers[0].mlp.gate_proj.weight.data *= 0.999
+            mlp = model.model.layers[3].mlp
+            mlp.up_proj.weight.data = mlp.gate_proj.weight.data.clone()
         logged.append((loss.detach().clone(), norms, first, flat, kept.sum().clone()))
     with torch.no_grad():
         model.model.layers[2].mlp.down_proj.weight.data = torch.full_like(
@@ -131,7 +135,7 @@ def test_reads_do_not_enter_the_trace(nvme_dir):
     assert sum(_counts(nvme_dir, read_between=True)) == sum(_counts(nvme_dir, read_between=False))
 
 
-def test_data_of_another_shape_is_refused(nvme_dir):
+def test_data_of_another_shape_or_storage_is_refused(nvme_dir):
     model = models.llama(layers=2, width=64, vocab=500, intermediate=172)
     weight = model.lm_head.weight
     with tierrt.offload(model, tiers=[tierrt.dram("64MiB"), tierrt.nvme(nvme_dir)]) as rt:
@@ -140,6 +144,8 @@ def test_data_of_another_shape_is_refused(nvme_dir):
             weight.data = torch.zeros(3, 3)
         with pytest.raises(HookError, match="another shape or dtype"):
             weight.data = torch.zeros(weight.shape, dtype=torch.float64)
+        with pytest.raises(HookError, match="share one storage"):  # tied in torch: not after entry
+            weight.data = model.model.embed_tokens.weight.data
         assert torch.equal(rt.value(weight), before)
     assert weight.shape == before.shape
 

@@ -6,9 +6,11 @@ otherwise it is a placeholder (NaN, no memory), and a block can hold weights an 
 not reached yet. :class:`ParameterAccess` sees every torch call on the thread that entered the
 context and makes each such use read (or write) the parameter's current value:
 
-- During a forward, a parameter used outside a call of the module that holds it (``F.linear(x,
-  self.embed.weight)`` in a parent's forward) has its block fetched on the spot and kept resident
-  for every whole forward from then on (:meth:`HookSet._used`).
+- During the first two forwards, a parameter used outside a call of the module that holds it
+  (``F.linear(x, self.embed.weight)`` in a parent's forward) has its block fetched on the spot and
+  kept resident for every whole forward from then on (:meth:`HookSet._used`). Later forwards of the
+  model are not watched: the mode leaves the stack while they run (:meth:`ParameterAccess.suspend`),
+  so they cost nothing.
 - Anywhere else (between steps: a weight norm logged, an EMA or an L2 penalty written by hand,
   ``nn.init`` or ``p.mul_()`` under ``no_grad``), the parameter's block is held resident for that one
   call, its pending optimizer update applied first, and released after. The call runs on the real
@@ -107,6 +109,7 @@ class ParameterAccess(torch.overrides.TorchFunctionMode):
         self.hooks = hooks
         self.pipeline = hooks.pipeline
         self.enabled = True
+        self._suspended = False
         # id(stand-in) -> (weak reference, block, slot index): ``p.data`` / ``p.detach()`` results
         self._standins: dict[int, tuple[weakref.ref, BlockState, int]] = {}
         # id(copy) -> (weak reference, block, slot index): gradients read through ``p.grad``
@@ -118,7 +121,8 @@ class ParameterAccess(torch.overrides.TorchFunctionMode):
     # ---- dispatch ------------------------------------------------------------------------------------
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        if not self.enabled or self.hooks._internal:
+        hooks = self.hooks
+        if hooks.quiet_forward or hooks._internal or not self.enabled:
             return func(*args, **kwargs)
         name = getattr(func, "__name__", "")
         if name in ("__get__", "__set__"):
@@ -162,20 +166,21 @@ class ParameterAccess(torch.overrides.TorchFunctionMode):
 
     def _find(self, args: Any, kwargs: dict[str, Any]) -> dict[int, tuple[BlockState, int, torch.Tensor]]:
         """The offloaded parameters and stand-ins among a call's arguments: id -> (block, slot
-        index, the argument)."""
+        index, the argument). Looked up by id: a live object's id is unique, and every offloaded
+        parameter and registered stand-in is alive (this runs for every torch call: no isinstance)."""
         found: dict[int, tuple[BlockState, int, torch.Tensor]] = {}
         slot_of = self.hooks._slot_of
         standins = self._standins
-        for value in (*args, *kwargs.values()):
-            for tensor in _tensors(value):
-                key = id(tensor)
-                if isinstance(tensor, nn.Parameter):
-                    entry = slot_of.get(key)
-                    if entry is not None:
-                        found[key] = (entry[0], entry[1].index, tensor)
+        for value in (*args, *kwargs.values()) if kwargs else args:
+            kind = type(value)
+            for item in value if kind is list or kind is tuple else (value,):
+                key = id(item)
+                entry = slot_of.get(key)
+                if entry is not None:
+                    found[key] = (entry[0], entry[1].index, item)
                 elif standins and key in standins:
                     _, bs, slot_index = standins[key]
-                    found[key] = (bs, slot_index, tensor)
+                    found[key] = (bs, slot_index, item)
         return found
 
     # ---- one call on real parameters ----------------------------------------------------------------
@@ -406,6 +411,22 @@ class ParameterAccess(torch.overrides.TorchFunctionMode):
                 f"{tuple(param.shape)} and dtype {param.dtype} (its values are written home), or change "
                 "the model before tierrt.offload()"
             )
+        source = self._standins.get(id(value))
+        source_entry = (source[1], source[2]) if source is not None else None
+        if source_entry is None and id(value) in self.hooks._slot_of:
+            owner, owner_slot = self.hooks._slot_of[id(value)]
+            source_entry = (owner, owner_slot.index)
+        if source_entry == (bs, slot.index):
+            return None  # ``p.data += x``: the stand-in's change is written already
+        if source_entry is not None:
+            other = source_entry[0].spec.slots[source_entry[1]].name
+            raise HookError(
+                f"`{slot.name}.data = <{other}>` inside the offload context: in torch the two parameters "
+                "would share one storage (tied), which tierrt cannot do once they are placed. Tie them "
+                f"before tierrt.offload() (assign the Parameter: module.weight = other.weight), or assign "
+                f"a copy ({other}.data.clone())",
+                parameter=slot.name,
+            )
         held = False
         try:
             self.pipeline.hold(bs)
@@ -433,10 +454,27 @@ class ParameterAccess(torch.overrides.TorchFunctionMode):
     # ---- lifetime ------------------------------------------------------------------------------------
     def push(self) -> None:
         self.__enter__()
+        self._suspended = False
+
+    def suspend(self) -> None:
+        """Leave the mode stack for a forward that is not watched (put back by :meth:`resume`).
+        Stays on it, passing calls through, when a mode entered later is still above it."""
+        if self._suspended or not self.enabled:
+            return
+        stack = torch.overrides._get_current_function_mode_stack()
+        if stack and stack[-1] is self:
+            torch._C._pop_torch_function_stack()
+            self._suspended = True
+
+    def resume(self) -> None:
+        if self._suspended:
+            torch._C._push_on_torch_function_stack(self)
+            self._suspended = False
 
     def pop(self) -> None:
         """Leave the mode stack. Modes the user's code pushed inside the context and left open
         stay; this one then only passes calls through."""
+        self.resume()
         self.enabled = False
         self._standins.clear()
         self._grad_copies.clear()

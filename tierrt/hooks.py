@@ -154,6 +154,10 @@ class HookSet:
         self._slot_of: dict[int, tuple[BlockState, Any]] = {}  # id(param) -> (block, ParamSlot)
         self._access: ParameterAccess | None = None
         self._root_running = False  # between the model's forward pre-hook and its post-hook
+        # The first forwards are watched for parameters used outside a call of the module holding
+        # them (tierrt.access); later ones are not (the torch-function mode passes straight through)
+        self._forwards_to_watch = 2
+        self.quiet_forward = False  # a forward of the model is running and is not watched
         self._root_blocks: list[BlockState] = []  # learned: acquired for the whole model forward
         self._root_held: list[BlockState] = []
         self._warned: set[int] = set()
@@ -271,12 +275,19 @@ class HookSet:
         if self._root_held:  # a previous forward raised before its post-hook: start clean
             self._root_post(module, args, None)
         self._root_running = True
+        self.quiet_forward = self._forwards_to_watch <= 0
+        self._forwards_to_watch -= 1
+        if self.quiet_forward and self._access is not None:
+            self._access.suspend()  # no Python call per torch call in the model's forward
         for bs in self._root_blocks:
             self.pipeline.acquire(bs, "fwd")
             self._root_held.append(bs)
 
     def _root_post(self, module: nn.Module, args: Any, output: Any) -> None:
         self._root_running = False
+        self.quiet_forward = False
+        if self._access is not None:
+            self._access.resume()
         while self._root_held:
             self.pipeline.release(self._root_held.pop())
 
