@@ -1,4 +1,4 @@
-"""``copy.deepcopy`` of the offloaded model, or of a module in it, inside the context.
+"""``copy.deepcopy`` (and ``torch.save``) of the offloaded model, or of a module in it, inside the context.
 
 It raised ``TypeError: cannot pickle 'HostArena'`` (tierrt's hooks lead to the runtime), which broke
 ``torch.optim.swa_utils.AveragedModel(model)`` and frozen reference or teacher copies. A copy made in
@@ -10,6 +10,7 @@ read from their tiers) on the original device; and the original keeps training e
 from __future__ import annotations
 
 import copy
+import io
 
 import models
 import pytest
@@ -46,9 +47,12 @@ def assert_plain(module: nn.Module) -> None:
             "_forward_hooks",
             "_state_dict_hooks",
             "_forward_hooks_always_called",
+            "_load_state_dict_pre_hooks",
+            "_load_state_dict_post_hooks",
         ):
             assert not getattr(sub, attr), f"{name or 'the copy'} has {attr}"
-        assert not {"forward", "zero_grad", "__deepcopy__"} & set(vars(sub)), f"{name} has instance patches"
+        patches = {"forward", "zero_grad", "__deepcopy__", "__reduce_ex__"} & set(vars(sub))
+        assert not patches, f"{name} has instance patches {patches}"
     for name, p in module.named_parameters():
         assert not getattr(p, "_post_accumulate_grad_hooks", None), f"{name} has a grad hook"
 
@@ -175,3 +179,35 @@ def test_averaged_model_updated_every_step(kind, nvme_dir):
     assert all(torch.equal(a, b) for a, b in zip(ref_losses, losses, strict=True))
     assert int(our_avg.n_averaged) == STEPS
     assert_same_module(ref_avg.module, our_avg.module)
+
+
+def _saved_and_loaded(value):
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+@pytest.mark.parametrize("build", [models.llama, models.tied], ids=["llama", "tied"])
+def test_torch_save_of_the_model_mid_run(build, nvme_dir):
+    """``torch.save(model)`` inside the context stores the plain model with the current values (it
+    raised: tierrt's hooks lead to the runtime and its arenas)."""
+    ref_copy, our_copy = compare(build, "adamw", nvme_dir, _saved_and_loaded)
+    assert_same_module(ref_copy, our_copy)
+    assert_plain(our_copy)
+
+
+def test_torch_save_of_parameters_mid_run(nvme_dir):
+    """``torch.save`` of the parameters themselves (and of ``p.data``) stores their current values,
+    not the placeholders, nor storage that an evicted block hands out again before torch writes it."""
+
+    def save(model):
+        return _saved_and_loaded(
+            {"params": dict(model.named_parameters()), "head_data": model.lm_head.weight.data}
+        )
+
+    ref, ours = compare(models.llama, "rmsprop", nvme_dir, save)
+    assert list(ref["params"]) == list(ours["params"])
+    for key, value in ref["params"].items():
+        assert type(ours["params"][key]) is type(value) and torch.equal(ours["params"][key], value), key
+    assert torch.equal(ours["head_data"], ref["head_data"])

@@ -75,6 +75,9 @@ def _grads_loop(model: nn.Module, opt: torch.optim.Optimizer, data: list[torch.T
         loss = models.lm_loss(model, ids)
         loss.backward()
         total = torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]).norm()
+        params = list(model.parameters())  # torch's clipping in two calls (its clip_grad_norm_ since 2.6)
+        clip_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        torch.nn.utils.clip_grads_with_norm_(params, 0.5, clip_norm)
         for p in model.parameters():
             if p.grad is not None:
                 p.grad.data.clamp_(-1e-3, 1e-3)
@@ -85,7 +88,7 @@ def _grads_loop(model: nn.Module, opt: torch.optim.Optimizer, data: list[torch.T
         opt.step()
         opt.zero_grad()
         cleared = all(p.grad is None for p in model.parameters())
-        logged.append((loss.detach().clone(), total, same, cleared))
+        logged.append((loss.detach().clone(), total, clip_norm, same, cleared))
     return logged
 
 

@@ -202,12 +202,24 @@ class ParameterAccess(torch.overrides.TorchFunctionMode):
                     if not isinstance(value, nn.Parameter)}  # fmt: skip
             call_args = tuple(self._substitute(value, real) for value in args)
             call_kwargs = {key: self._substitute(value, real) for key, value in kwargs.items()}
+            if name == "__reduce_ex__" and args and id(args[0]) in found:
+                return self._reduce_copy(args[0], call_args)
             result = func(*call_args, **call_kwargs)
             self._write_back(name, args, kwargs, found)
             return self._detached(name, result, found, args, real, held)
         finally:
             for bs in held:
                 self.pipeline.release(bs)
+
+    @staticmethod
+    def _reduce_copy(original: torch.Tensor, call_args: tuple[Any, ...]) -> Any:
+        """Pickling (``torch.save``, ``pickle``) of a parameter or stand-in: the reduction of a
+        copy of its value. The parameter's own would name the block's storage, which ``torch.save``
+        reads only after every object is pickled, when the block may have been evicted."""
+        value = call_args[0].detach().clone()
+        if isinstance(original, nn.Parameter):
+            value = nn.Parameter(value, requires_grad=original.requires_grad)
+        return value.__reduce_ex__(*call_args[1:])
 
     def _real(self, bs: BlockState, slot_index: int) -> torch.Tensor:
         """The parameter's ``.data`` while its block is held (a view of the block's memory)."""
@@ -442,6 +454,9 @@ class ParameterAccess(torch.overrides.TorchFunctionMode):
         the parameter: calls on it are calls on the parameter's current value."""
         param = bs.spec.slots[slot_index].param
         standin = self.pipeline.placeholders.get(param.shape, param.dtype, param.device)
+        # A Python attribute gives it pickle state: torch then pickles it through the torch-function
+        # modes (plain tensors skip them), so this mode pickles a copy of the value (_reduce_copy).
+        standin.tierrt_standin_of = bs.spec.slots[slot_index].name
         key = id(standin)
         standins = self._standins
 

@@ -1,4 +1,4 @@
-"""``copy.deepcopy`` of an offloaded model, or of any module in it, inside the context.
+"""``copy.deepcopy`` (and pickling) of an offloaded model, or of any module in it, inside the context.
 
 An EMA or SWA model (``torch.optim.swa_utils.AveragedModel(model)``), a frozen reference model
 (DPO) or a teacher (distillation) is often made with ``copy.deepcopy(model)`` in the training loop.
@@ -11,7 +11,8 @@ plain module it is: the copy has no tierrt hooks or wrappers, and each offloaded
 ``nn.Parameter`` holding its current value (pending updates applied, evicted blocks read from their
 tiers), in its original dtype, on the device it came from; buffers moved to the GPU come back to
 their own device. This is what the same deepcopy of the model gives without tierrt, bit for bit.
-The copy is independent: the original model keeps training in the context unchanged.
+The copy is independent: the original model keeps training in the context unchanged. Pickling such
+a module (``torch.save(model)``) stores that plain copy, made for the time of the call.
 
 Example::
 
@@ -56,6 +57,25 @@ class _PlainCopy:
         return None  # never part of a copy (copy_module leaves it out; this is for a stray reference)
 
 
+class _PlainPickle:
+    """A module's instance-level ``__reduce_ex__`` while tierrt is active: ``torch.save(model)`` and
+    ``pickle`` store the plain copy :class:`_PlainCopy` makes (tierrt's hooks lead to the runtime and
+    its arenas, which cannot be pickled, and the parameters hold placeholders)."""
+
+    __slots__ = ("module",)
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = weakref.ref(module)
+
+    def __call__(self, protocol: int) -> Any:
+        module = self.module()
+        assert module is not None  # it holds this object
+        return copy.deepcopy(module).__reduce_ex__(protocol)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> None:
+        return None
+
+
 class DeepcopyPatch:
     """Installs the plain ``__deepcopy__`` on the modules of one runtime, and makes the copies."""
 
@@ -67,15 +87,18 @@ class DeepcopyPatch:
         runtime = self.runtime()
         assert runtime is not None and runtime.partition is not None
         for module in self._touched(runtime):
-            if "__deepcopy__" in module.__dict__:
+            if "__deepcopy__" in module.__dict__ or "__reduce_ex__" in module.__dict__:
                 continue  # the module's own (another library's): leave it alone
             module.__dict__["__deepcopy__"] = _PlainCopy(self, module)
+            module.__dict__["__reduce_ex__"] = _PlainPickle(module)
             self.modules.append(module)
 
     def remove(self) -> None:
         for module in self.modules:
             if isinstance(module.__dict__.get("__deepcopy__"), _PlainCopy):
                 del module.__dict__["__deepcopy__"]
+            if isinstance(module.__dict__.get("__reduce_ex__"), _PlainPickle):
+                del module.__dict__["__reduce_ex__"]
         self.modules.clear()
 
     @staticmethod
@@ -97,6 +120,7 @@ class DeepcopyPatch:
         runtime = self.runtime()
         state = module.__getstate__()
         state.pop("__deepcopy__", None)
+        state.pop("__reduce_ex__", None)
         cls = type(module)
         new = cls.__new__(cls)
         memo[id(module)] = new

@@ -110,6 +110,10 @@ class StateDictLoader:
             module._load_state_dict_post_hooks.move_to_end(handle.id, last=False)
             self._handles.append(handle)
 
+    def handle_ids(self) -> set[int]:
+        """The ids of the load hooks (keys in the modules' hook dicts)."""
+        return {handle.id for handle in self._handles}
+
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()

@@ -843,6 +843,8 @@ class Runtime:
     def hook_ids(self) -> set[int]:
         """The ids of every hook tierrt registered on the model's modules and parameters."""
         ids = {handle.id for handle in self._state_dict_handles}
+        if self.loader is not None:
+            ids |= self.loader.handle_ids()
         return ids | (self.hooks.handle_ids() if self.hooks is not None else set())
 
     def instance_original(self, module: nn.Module, name: str, current: Any) -> Any:
