@@ -133,6 +133,10 @@ def test_every_accepted_budget_trains_bitwise_and_others_fail_at_entry(opt_kind,
         finally:
             runtime.__exit__(None, None, None)
         for i, (a, b) in enumerate(zip(ref_values, values, strict=True)):
-            assert torch.equal(a, b), f"{budget / MIB:.4f}MiB: value {i} differs"
+            # Seen once in CI under load (rmsprop, 1MiB), never reproduced: say enough to tell why.
+            assert torch.equal(a, b), (
+                f"{budget / MIB:.4f}MiB: value {i} differs by up to {(a - b).abs().max().item():.3g} "
+                f"(torch threads {torch.get_num_threads()}); the run:\n{runtime.report()}"
+            )
         for (name, a), b in zip(reference.named_parameters(), model.parameters(), strict=True):
             assert torch.equal(a, b), f"{budget / MIB:.4f}MiB: {name} differs"
