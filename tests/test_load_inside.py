@@ -12,6 +12,7 @@ beyond torch, nothing written when the load fails.
 from __future__ import annotations
 
 import copy
+import errno
 
 import models
 import pytest
@@ -283,6 +284,56 @@ def test_failed_load_raises_torchs_error_and_writes_nothing(failure, nvme_dir):
         assert_same_values(before, clone_sd(model), "state_dict() after the failed load")
         losses.append(_step(model, opt, seed=2))
     assert_same_run(reference, ref_losses, ours, losses)
+
+
+@pytest.mark.parametrize(("after", "mode"), [(0, "error"), (5, "error"), (2, "torn")])
+def test_io_error_while_loading_loads_nothing(after, mode, nvme_dir):
+    """A write to the disk fails partway through a load (the first one, or after some blocks
+    landed; a torn write): a clear IOEngineError says nothing was loaded, every parameter keeps its
+    previous value (the blocks already written are put back), and training then goes on as if the
+    load had not been tried."""
+    reference = models.llama()
+    ours = copy.deepcopy(reference)
+    other = clone_sd(models.llama(seed=5))
+    ref_opt = torch.optim.AdamW(reference.parameters(), lr=2e-3)
+    ref_losses = [_step(reference, ref_opt)]
+    before = clone_sd(reference)
+    ref_losses.append(_step(reference, ref_opt, seed=2))
+
+    model, opt, rt = _trained(nvme_dir, ours)
+    with rt:
+        losses = [_step(model, opt)]
+        assert_same_values(before, clone_sd(model), "state_dict() before the load")  # step 1 applied
+        rt.synchronize()  # and home: the faults hit the load's writes only
+        rt.engine.inject_fault(op="write", errno=errno.EIO, after=after, count=10**6, mode=mode)
+        with pytest.raises(tierrt.IOEngineError, match="nothing was loaded") as error:
+            model.load_state_dict(other)
+        assert error.value.errno == errno.EIO
+        rt.engine.clear_faults()
+        assert_same_values(before, clone_sd(model), "state_dict() after the failed load")
+        losses.append(_step(model, opt, seed=2))
+    assert_same_run(reference, ref_losses, ours, losses)
+
+
+def test_load_then_io_error_in_the_next_step_keeps_the_load(nvme_dir):
+    """A load that succeeded is committed: a later step's failed write rolls back to the loaded
+    values, not to those from before the load."""
+    model, opt, rt = _trained(nvme_dir)
+    other = clone_sd(models.llama(seed=5))
+    with rt:
+        _step(model, opt)
+        model.load_state_dict(other)
+        assert_same_values(other, clone_sd(model), "state_dict() after the load")
+        loss = models.lm_loss(model, models.token_batches(1, seed=3)[0])
+        loss.backward()
+        rt.synchronize()
+        rt.engine.inject_fault(op="write", errno=errno.ENOSPC, count=10**6)
+        with pytest.raises(tierrt.IOEngineError, match="rolled back"):
+            opt.step()
+            opt.zero_grad()
+            models.lm_loss(model, models.token_batches(1, seed=4)[0])
+        rt.engine.clear_faults()
+        assert_same_values(other, clone_sd(model), "state_dict() after the rolled back step")
 
 
 def test_strict_false_returns_torchs_keys(nvme_dir):

@@ -46,10 +46,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .errors import HookError
+from .errors import HookError, TierCapacityError
 from .patching import AttributePatch
+from .sizes import format_size
 
 if TYPE_CHECKING:
+    from tierrt.scheduler.pipeline import Pipeline
+
     from .runtime import Runtime
     from .store import BlockState
 
@@ -225,10 +228,105 @@ class StateDictLoader:
         for bs, slot_index, value in staged.values():
             by_block.setdefault(bs.index, (bs, {}))[1][slot_index] = value
         pipeline = runtime.pipeline
-        for index in sorted(by_block):
-            bs, values = by_block[index]
+        on_disk = [by_block[i] for i in sorted(by_block) if _homes(by_block[i][0]) == {"nvme"}]
+        in_memory = [by_block[i] for i in sorted(by_block) if _homes(by_block[i][0]) != {"nvme"}]
+        _LoadTransaction(pipeline, [bs for bs, _ in on_disk]).write(on_disk)
+        for bs, values in in_memory:  # no I/O: written once every write to the disk has landed
             pipeline.write_values(bs, values)
-        pipeline.drain()  # a failed write is reported by this load, not by a later step
+        pipeline.drain()
+
+
+def _homes(bs: BlockState) -> set[str]:
+    """Where the kinds a load writes (master weights, weights) of ``bs`` live."""
+    return {bs.kinds[kind].home for kind in _LOADED_KINDS if kind in bs.kinds}
+
+
+_LOADED_KINDS = ("master", "weight")
+
+
+class _LoadTransaction:
+    """Writes loaded values into blocks homed on NVMe all or nothing.
+
+    Each block's new values go to new extents (copy-on-write); the extents holding the previous
+    values are kept, as in an optimizer step's transaction, until every write has landed. A failure
+    on the way (an I/O error, no room to stage a block in DRAM) puts every block written so far
+    back to its previous values and raises; room for the new extents is checked before anything
+    is written."""
+
+    def __init__(self, pipeline: Pipeline, blocks: list[BlockState]) -> None:
+        self.pipeline = pipeline
+        self.kinds = [bs.kinds[kind] for bs in blocks for kind in _LOADED_KINDS if kind in bs.kinds]
+        self.blocks = blocks
+
+    def write(self, work: list[tuple[BlockState, dict[int, torch.Tensor]]]) -> None:
+        if not work:
+            return
+        pipeline = self.pipeline
+        store = pipeline.store
+        assert store.nvme is not None
+        need = sum(ks.nbytes for ks in self.kinds)
+        free = int(store.nvme.allocator.stats()["free"])
+        if need > free:
+            raise TierCapacityError(
+                f"load_state_dict() writes {format_size(need)} to the nvme tier copy-on-write (the "
+                f"previous values are kept until the load is complete) but only {format_size(free)} is "
+                "free; nothing was loaded. Give the nvme tier more room, or load before "
+                "tierrt.offload()",
+                tier="nvme",
+                requested=need,
+                free=free,
+            )
+        pipeline.drain()  # earlier writes land under the rules they were started with
+        saved_handler = pipeline.on_write_error
+        pipeline.on_write_error = lambda error: error  # a failed write is raised, and undone below
+        for ks in self.kinds:
+            ks.in_step = True
+        written: list[BlockState] = []
+        try:
+            for bs, values in work:
+                pipeline.write_values(bs, values)  # changes nothing when it raises
+                written.append(bs)
+            pipeline.drain()
+        except BaseException as error:
+            self._roll_back(written)
+            raise _rolled_back(error) from error
+        finally:
+            pipeline.on_write_error = saved_handler
+        for ks in self.kinds:
+            store.commit_kind(ks)
+
+    def _roll_back(self, written: list[BlockState]) -> None:
+        pipeline = self.pipeline
+        try:
+            pipeline.drain()
+        except BaseException:  # noqa: BLE001 - the first error is the one reported
+            pass
+        for ks in self.kinds:
+            ks.in_step = False  # (rollback_kind below clears it again for the blocks written)
+        for bs in written:
+            if bs.attached:
+                pipeline.detach(bs)  # it views the DRAM copy that goes now
+            for kind in _LOADED_KINDS:
+                ks = bs.kinds.get(kind)
+                if ks is None:
+                    continue
+                if ks.gpu is not None and pipeline.store.gpu is not None:
+                    pipeline.store.gpu.release(ks.nbytes)
+                    ks.gpu = None
+                pipeline.store.rollback_kind(ks)
+                ks.version += 1
+
+
+def _rolled_back(error: BaseException) -> BaseException:
+    message = (
+        f"load_state_dict() failed while writing into the tiers ({error}); nothing was loaded: every "
+        "offloaded parameter keeps its previous value"
+    )
+    details = dict(getattr(error, "details", {}) or {})
+    try:
+        return type(error)(message, **details)
+    except TypeError:
+        return HookError(message)
 
 
 def _stepped_dtype(bs: BlockState, slot_index: int) -> torch.dtype:
