@@ -140,9 +140,10 @@ class ParameterAccess(torch.overrides.TorchFunctionMode):
             grads_changed = [key for key in self._changed_ids(name, args, kwargs) if key in self._grad_copies]
         if not found and not grads_changed:
             return func(*args, **kwargs)
-        if self.hooks.in_forward():
+        if hooks.in_forward():
             if not any(key in self._standins for key in found):
-                self.hooks._used(func, [value for _, _, value in found.values()])
+                if hooks._root_running:  # a watched forward of the model (not backward)
+                    hooks._used(func, [value for _, _, value in found.values()])
                 return func(*args, **kwargs)
         elif _called_by_tierrt():
             return func(*args, **kwargs)
