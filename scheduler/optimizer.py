@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from tierrt.errors import TierCapacityError
+from tierrt.errors import TierCapacityError, restated
 from tierrt.optim.updaters import HyperSnapshot, Updater
 from tierrt.sizes import format_size
 
@@ -379,11 +379,7 @@ class OptimizerPipeline:
             f"writing step {self.step_number}'s optimizer state failed ({error}); the step was rolled "
             "back: every offloaded parameter and its optimizer state hold the previous step's values"
         )
-        details = dict(getattr(error, "details", {}) or {})
-        try:
-            return type(error)(message, **details)
-        except TypeError:
-            return error
+        return restated(error, message)
 
     def apply_all(self) -> None:
         while self.order:

@@ -223,16 +223,13 @@ class Pipeline:
 
     def acquire(self, bs: BlockState, phase: str) -> None:
         """Make ``bs`` resident and attached; count a hit or a miss; prefetch what comes next."""
-        self.reap_all()
-        if self.updates is not None and self.updates.has_pending(bs.index):
-            self.updates.apply(bs.index)
+        self._apply_pending(bs)
         event: Event = (phase, bs.index)
         self.trace.observe(event)
         if self._new_step:
             self._step_first, self._new_step = event, False
         self._clock += 1
         bs.last_use = self._clock
-        bs.refcount += 1
         ks = bs.kinds["weight"]
         # A pinned block is counted only when its copy on the compute tier was dropped (with a
         # GPU, an optimizer update changed its weights in DRAM) and is not back yet.
@@ -243,13 +240,7 @@ class Pipeline:
                 self.counters.prefetch_hits += 1
             else:
                 self.counters.prefetch_misses += 1
-        try:
-            self._make_resident(bs)
-        except BaseException:
-            bs.refcount -= 1
-            raise
-        if not bs.attached:
-            self.attach(bs)
+        self._attach_held(bs)
         self._prefetch_after(event)
 
     def hold(self, bs: BlockState) -> None:
@@ -257,9 +248,18 @@ class Pipeline:
         read or written between steps): as :meth:`acquire` (pending update applied first, a
         synchronous fetch if it is not resident), but nothing is traced, counted or prefetched and
         the block keeps its place in the eviction order. Give it back with :meth:`release`."""
+        self._apply_pending(bs)
+        self._attach_held(bs)
+
+    def _apply_pending(self, bs: BlockState) -> None:
+        """Land finished transfers, then apply ``bs``'s pending optimizer update (if any)."""
         self.reap_all()
         if self.updates is not None and self.updates.has_pending(bs.index):
             self.updates.apply(bs.index)
+
+    def _attach_held(self, bs: BlockState) -> None:
+        """Take a reference on ``bs`` and make it resident and attached (no reference is left
+        when that fails)."""
         bs.refcount += 1
         try:
             self._make_resident(bs)

@@ -265,38 +265,30 @@ class ParameterAccess(torch.overrides.TorchFunctionMode):
     ) -> Any:
         """``result`` with nothing viewing a held block's memory: the argument itself where the call
         returned it (in place), a stand-in for an alias of a whole parameter, a copy for a view."""
-        if isinstance(result, torch.Tensor):
-            return self._detach_one(name, result, found, args, real, held)
-        if isinstance(result, list | tuple) and any(isinstance(item, torch.Tensor) for item in result):
-            items = [self._detach_one(name, item, found, args, real, held) for item in result]
-            return type(result)(items) if not hasattr(result, "_fields") else type(result)(*items)
-        return result
+        storages = {self.hooks._storage_ptr(bs) for bs in held}
+        returned_by_key = {id(tensor): key for key, tensor in real.items()}
 
-    def _detach_one(
-        self,
-        name: str,
-        result: Any,
-        found: dict[int, tuple[BlockState, int, torch.Tensor]],
-        args: Any,
-        real: dict[int, torch.Tensor],
-        held: list[BlockState],
-    ) -> Any:
-        if not isinstance(result, torch.Tensor) or id(result) in found:
-            return result  # the parameter itself (p.to(p.dtype), an in-place call)
-        for key, tensor in real.items():
-            if result is tensor:
-                return found[key][2]  # an in-place call on a stand-in returns the stand-in
-        try:
-            ptr = result.untyped_storage().data_ptr()
-        except (RuntimeError, NotImplementedError):
-            return result
-        if ptr not in {self.hooks._storage_ptr(bs) for bs in held}:
-            return result
-        if name in _ALIASES and args:
-            entry = found.get(id(args[0]))
-            if entry is not None and result.shape == args[0].shape:
-                return self._standin(entry[0], entry[1])
-        return result.clone()
+        def one(item: Any) -> Any:
+            if not isinstance(item, torch.Tensor) or id(item) in found:
+                return item  # the parameter itself (p.to(p.dtype), an in-place call)
+            if id(item) in returned_by_key:
+                return found[returned_by_key[id(item)]][2]  # an in-place call on a stand-in: the stand-in
+            try:
+                ptr = item.untyped_storage().data_ptr()
+            except (RuntimeError, NotImplementedError):
+                return item
+            if ptr not in storages:
+                return item
+            if name in _ALIASES and args:
+                entry = found.get(id(args[0]))
+                if entry is not None and item.shape == args[0].shape:
+                    return self._standin(entry[0], entry[1])
+            return item.clone()
+
+        if isinstance(result, list | tuple) and any(isinstance(item, torch.Tensor) for item in result):
+            items = [one(item) for item in result]
+            return type(result)(*items) if hasattr(result, "_fields") else type(result)(items)
+        return one(result)
 
     def _per_block(self, func: Any, name: str, args: Any, kwargs: dict[str, Any]) -> Any:
         """A ``_foreach_`` call over parameters of several blocks, run on consecutive runs of

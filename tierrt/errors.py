@@ -56,6 +56,17 @@ def _rebuild(cls: type, message: str, details: dict[str, Any]) -> TierrtError:
     return cls(message, **details)
 
 
+def restated(error: BaseException, message: str) -> BaseException:
+    """``error`` told again with ``message`` (what the failure meant: "the step was rolled back"):
+    the same class and details (errno, path, tier, ...), or ``error`` itself when its class takes
+    no such arguments."""
+    details = dict(getattr(error, "details", {}) or {})
+    try:
+        return type(error)(message, **details)
+    except TypeError:
+        return error
+
+
 class ConfigError(TierrtError, ValueError):
     """Bad configuration or argument: a malformed size, tiers in the wrong order, an unknown option."""
 

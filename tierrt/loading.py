@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .errors import HookError, TierCapacityError
+from .errors import HookError, TierCapacityError, restated
 from .patching import AttributePatch
 from .sizes import format_size
 
@@ -322,11 +322,8 @@ def _rolled_back(error: BaseException) -> BaseException:
         f"load_state_dict() failed while writing into the tiers ({error}); nothing was loaded: every "
         "offloaded parameter keeps its previous value"
     )
-    details = dict(getattr(error, "details", {}) or {})
-    try:
-        return type(error)(message, **details)
-    except TypeError:
-        return HookError(message)
+    told = restated(error, message)
+    return told if told is not error else HookError(message)
 
 
 def _stepped_dtype(bs: BlockState, slot_index: int) -> torch.dtype:
