@@ -150,7 +150,6 @@ class HookSet:
         self._grad_counts: dict[int, int] = {}
         self.on_forward_start: Callable[[], None] | None = None
         # Parameters used outside any call of a module holding them (see tierrt.access).
-        self._block_of: dict[int, tuple[BlockState, str]] = {}  # id(param) -> (block, name)
         self._slot_of: dict[int, tuple[BlockState, Any]] = {}  # id(param) -> (block, ParamSlot)
         self._access: ParameterAccess | None = None
         self._root_running = False  # between the model's forward pre-hook and its post-hook
@@ -184,7 +183,6 @@ class HookSet:
         self._handles.append(self.model.register_forward_hook(self._root_post, always_call=True))
         for bs in blocks:
             for slot in bs.spec.slots:
-                self._block_of[id(slot.param)] = (bs, slot.name)
                 self._slot_of[id(slot.param)] = (bs, slot)
         if self.grads is not None:
             for bs in blocks:
@@ -299,22 +297,17 @@ class HookSet:
             or torch._C._current_graph_task_id() >= 0
         )
 
-    def _used(self, func: Any, values: Any) -> None:
-        """A torch function is called on ``values`` during a forward: make the block of any
-        offloaded parameter among them resident if no running module holds it (see
-        :class:`~tierrt.access.ParameterAccess`)."""
+    def _used(self, func: Any, values: list[torch.Tensor]) -> None:
+        """A torch function is called on ``values`` (the offloaded parameters among its arguments,
+        found by :class:`~tierrt.access.ParameterAccess`) during a watched forward: make the block
+        of each resident if no running module holds it."""
         if self._internal:
             return
         for value in values:
-            if isinstance(value, list | tuple):
-                self._used(func, [v for v in value if isinstance(v, nn.Parameter)])
-                continue
-            if not isinstance(value, nn.Parameter):
-                continue
-            entry = self._block_of.get(id(value))
+            entry = self._slot_of.get(id(value))
             if entry is None:
-                continue
-            bs, name = entry
+                continue  # a stand-in or any other tensor
+            bs, name = entry[0], entry[1].name
             if bs.refcount > 0 or bs.pinned:
                 continue
             if id(value) not in self._warned:
