@@ -32,6 +32,7 @@ void bind_allocator(py::module_& m);
 void bind_host_arena(py::module_& m);
 void bind_io_engine(py::module_& m);
 void bind_cpu_kernels(py::module_& m);
+void bind_checksum(py::module_& m);
 
 }  // namespace tierrt
 
@@ -62,6 +63,7 @@ PYBIND11_MODULE(_native, m) {
   tierrt::bind_host_arena(m);
   tierrt::bind_io_engine(m);
   tierrt::bind_cpu_kernels(m);
+  tierrt::bind_checksum(m);
 
 #ifdef TIERRT_HAVE_LIBURING
   m.attr("HAVE_LIBURING") = true;

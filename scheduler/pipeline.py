@@ -16,6 +16,7 @@ primitives: :meth:`ensure_host` brings a kind into DRAM, :meth:`flush` writes it
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -46,6 +47,21 @@ class _Forgotten(Exception):
 FORGOTTEN = _Forgotten()
 
 
+def _outside_inference_mode(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Run ``method`` with inference mode off. What it creates (arena views, parameters' ``.data``,
+    placeholders, optimizer state) outlives the user's ``torch.inference_mode()`` block: made inside
+    it they would be inference tensors, which autograd refuses to save in a later training step."""
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if torch.is_inference_mode_enabled():
+            with torch.inference_mode(False):
+                return method(*args, **kwargs)
+        return method(*args, **kwargs)
+
+    return wrapper
+
+
 class Placeholders:
     """Zero-memory stand-ins for detached parameters: the right shape, dtype and device, backed by
     a single NaN element (so a use outside tierrt's hooks shows up as NaN, not as silent zeros)."""
@@ -53,6 +69,7 @@ class Placeholders:
     def __init__(self) -> None:
         self._bases: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
+    @_outside_inference_mode
     def get(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         key = (device, dtype)
         base = self._bases.get(key)
@@ -221,6 +238,7 @@ class Pipeline:
     def resident(self, bs: BlockState) -> bool:
         return self.compute in bs.kinds["weight"].valid
 
+    @_outside_inference_mode
     def acquire(self, bs: BlockState, phase: str) -> None:
         """Make ``bs`` resident and attached; count a hit or a miss; prefetch what comes next."""
         self._apply_pending(bs)
@@ -243,6 +261,7 @@ class Pipeline:
         self._attach_held(bs)
         self._prefetch_after(event)
 
+    @_outside_inference_mode
     def hold(self, bs: BlockState) -> None:
         """Make ``bs`` resident and attached for a use outside the traced schedule (a parameter
         read or written between steps): as :meth:`acquire` (pending update applied first, a
@@ -407,6 +426,9 @@ class Pipeline:
         if alloc(ks):
             return True
         if self.make_room(tier, ks.nbytes, protect, demand=demand) and alloc(ks):
+            return True
+        if tier == "dram" and self.store.overflow and demand:
+            self.store.alloc_overflow(ks)  # giving the model back: outside the budget, never failing
             return True
         if demand:
             self._raise_no_room(tier, ks)
@@ -607,10 +629,11 @@ class Pipeline:
         if self.updates is not None and self.updates.has_pending(bs.index):
             self.updates.apply(bs.index)
         ks = bs.kinds[kind]
+        slot = bs.spec.slots[slot_index]
         self.ensure_host(bs, kind)
         ks.pins += 1
         try:
-            view = self.store.slot_view(bs, ks, bs.spec.slots[slot_index], "dram")
+            view = self.store.slot_view(bs, ks, slot, "dram")
             return view.to(device=device, dtype=dtype or view.dtype, copy=True)
         finally:
             ks.pins -= 1

@@ -344,3 +344,82 @@ def test_default_tiers(tmp_path, monkeypatch):
         assert torch.equal(a, b)
     for (name, a), b in zip(reference.named_parameters(), ours.parameters()):
         assert torch.equal(a, b), name
+
+
+class _SharedTwice(nn.Module):
+    """A layer list whose first layer is used twice per forward (it stays resident out of order)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(64, 64), nn.Tanh()) for _ in range(6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layers[0](x)
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def test_training_after_inference_mode_evaluation(nvme_dir):
+    """Blocks made resident under ``torch.inference_mode()`` are not inference tensors: a training
+    step after such an evaluation saves them for backward as plain torch does."""
+    data = [torch.randn(4, 64, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+
+    def loop(model: nn.Module, opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+        losses = []
+        for x in data:
+            with torch.inference_mode():
+                model(x)
+            loss = model(x).pow(2).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.detach().clone())
+        return losses
+
+    reference = _SharedTwice()
+    expected = loop(reference, torch.optim.SGD(reference.parameters(), lr=0.1))
+    model = _SharedTwice()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tiers = [tierrt.dram(streaming_budget(model, adam=False)), tierrt.nvme(nvme_dir)]
+    with tierrt.offload(model, tiers=tiers, optimizer=opt):
+        got = loop(model, opt)
+    assert all(torch.equal(a, b) for a, b in zip(expected, got))
+    for a, b in zip(reference.parameters(), model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_two_models_offloaded_at_once(nvme_dir, tmp_path):
+    """A student trained against an offloaded teacher, both contexts open together: each runtime's
+    saved-tensor hook packs the other's weights too (only the innermost hook runs), so neither
+    leaves autograd holding block memory, and the student trains bit for bit as plainly."""
+    data = models.mlp_batches(3)
+
+    def loop(student: nn.Module, teacher: nn.Module, opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+        losses = []
+        for x, y in data:
+            with torch.no_grad():
+                target = teacher(x)
+            loss = (student(x) - target).pow(2).mean() + models.mlp_loss(student, (x, y))
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.detach().clone())
+        return losses
+
+    ref_student, ref_teacher = models.mlp(seed=0), models.mlp(seed=1)
+    expected = loop(ref_student, ref_teacher, torch.optim.AdamW(ref_student.parameters(), lr=1e-3))
+    student, teacher = models.mlp(seed=0), models.mlp(seed=1)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    (tmp_path / "teacher").mkdir()
+    with (
+        tierrt.offload(student, tiers=tiers_for(student, nvme_dir), optimizer=opt),
+        tierrt.offload(
+            teacher, tiers=[tierrt.dram(streaming_budget(teacher)), tierrt.nvme(tmp_path / "teacher")]
+        ),
+    ):
+        got = loop(student, teacher, opt)
+    assert all(torch.equal(a, b) for a, b in zip(expected, got))
+    for a, b in zip(ref_student.parameters(), student.parameters()):
+        assert torch.equal(a, b)

@@ -64,6 +64,13 @@ def _values_loop(model: nn.Module, opt: torch.optim.Optimizer, data: list[torch.
             model.model.layers[2].mlp.down_proj.weight, 0.25
         )
         nn.init.zeros_(model.model.layers[0].self_attn.k_proj.weight)
+        # torch.nn.init hands the tensor by keyword (tensor=...); orthogonal_ writes through a view
+        seeded = torch.Generator().manual_seed(5)
+        nn.init.normal_(model.model.layers[1].mlp.gate_proj.weight, std=0.02, generator=seeded)
+        nn.init.kaiming_uniform_(model.model.layers[2].self_attn.v_proj.weight, generator=seeded)
+        nn.init.orthogonal_(model.model.layers[3].self_attn.q_proj.weight, generator=seeded)
+        kept_vars = model.state_dict(keep_vars=True)  # the parameters themselves, as torch gives
+        kept_vars["model.layers.3.mlp.down_proj.weight"].mul_(0.5)
     logged.append([e.clone() for e in ema])
     return logged
 
@@ -92,6 +99,28 @@ def _grads_loop(model: nn.Module, opt: torch.optim.Optimizer, data: list[torch.T
     return logged
 
 
+def _autograd_loop(model: nn.Module, opt: torch.optim.Optimizer, data: list[torch.Tensor]) -> list:
+    """Gradients taken with ``torch.autograd.grad`` over every parameter and assigned by hand, then
+    ``backward(inputs=...)`` over one layer's: at a streaming budget, autograd fetches the blocks
+    as backward reaches them (never all at once)."""
+    logged = []
+    params = list(model.parameters())
+    for ids in data:
+        loss = models.lm_loss(model, ids)
+        grads = torch.autograd.grad(loss, params)
+        for p, g in zip(params, grads):
+            p.grad = g
+        opt.step()
+        opt.zero_grad()
+        logged.append((loss.detach().clone(), torch.stack([g.norm() for g in grads])))
+    loss = models.lm_loss(model, data[0])
+    loss.backward(inputs=list(model.model.layers[1].parameters()))
+    logged.append([p.grad is not None for p in params])
+    opt.step()
+    opt.zero_grad()
+    return logged
+
+
 def _equal(a, b) -> bool:
     if isinstance(a, torch.Tensor):
         return torch.equal(a, b)
@@ -100,7 +129,9 @@ def _equal(a, b) -> bool:
     return a == b
 
 
-@pytest.mark.parametrize("loop", [_values_loop, _grads_loop], ids=["values", "grads"])
+@pytest.mark.parametrize(
+    "loop", [_values_loop, _grads_loop, _autograd_loop], ids=["values", "grads", "autograd_grad"]
+)
 @pytest.mark.parametrize("make_opt", [_rmsprop, _adamw], ids=["torch_rmsprop", "native_adamw"])
 def test_direct_use_between_steps_matches_plain_torch(loop, make_opt, nvme_dir):
     reference = models.llama(layers=4, width=64, vocab=500, intermediate=172)

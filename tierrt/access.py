@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import sys
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -61,6 +61,14 @@ _INPLACE_DUNDERS = frozenset(
     {"__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__imod__", "__ipow__",
      "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__", "__imatmul__", "__setitem__"}
 )  # fmt: skip
+
+# The keyword naming what an in-place call changes when no argument is positional
+# (torch.nn.init's functions hand torch-function modes ``tensor=``).
+_INPLACE_KEYWORDS = ("tensor", "input", "self")
+
+# Autograd's entry points: backward fetches the blocks it needs itself (holding every block whose
+# parameters are among ``inputs`` at once would not fit a streaming budget).
+_AUTOGRAD_ENTRIES = frozenset({torch.autograd.grad, torch.autograd.backward, torch.Tensor.backward})
 
 # Calls whose output is the parameter itself under another name: a stand-in takes its place.
 _ALIASES = frozenset({"detach"})
@@ -92,6 +100,13 @@ def _called_by_tierrt() -> bool:
     return False
 
 
+def _storage_address(tensor: torch.Tensor) -> int | None:
+    try:
+        return tensor.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # sparse, nested, functional wrappers
+        return None
+
+
 def _tensors(value: Any) -> Iterator[torch.Tensor]:
     if isinstance(value, torch.Tensor):
         yield value
@@ -117,6 +132,10 @@ class ParameterAccess(torch.overrides.TorchFunctionMode):
         # (block, slot index) -> (weak reference, what the copy was read at): ``p.grad`` read twice
         # gives the same tensor while the stored gradient has not changed, as in plain torch
         self._grad_reads: dict[tuple[int, int], tuple[weakref.ref, tuple[Any, ...]]] = {}
+        # storage address of a copy -> (weak reference, the call that took the view, its block):
+        # a view of a parameter taken between steps is a copy; a change made in place to the copy
+        # (or to a view of it: ``p.view(-1)[:4].zero_()``) is written into the parameter's view
+        self._view_copies: dict[int, tuple[weakref.ref, Callable[[], torch.Tensor], BlockState, int]] = {}
 
     # ---- dispatch ------------------------------------------------------------------------------------
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
@@ -132,12 +151,20 @@ class ParameterAccess(torch.overrides.TorchFunctionMode):
             if attribute == "grad":
                 return self._grad(name, func, args)
             return func(*args, **kwargs)
-        if name in METADATA:
+        if name in METADATA or func in _AUTOGRAD_ENTRIES:
             return func(*args, **kwargs)
         found = self._find(args, kwargs)
         grads_changed: list[int] = []
-        if self._grad_copies:
-            grads_changed = [key for key in self._changed_ids(name, args, kwargs) if key in self._grad_copies]
+        views_changed: list[int] = []
+        if self._grad_copies or self._view_copies:
+            changed = self._changed(name, args, kwargs)
+            grads_changed = [id(tensor) for tensor in changed if id(tensor) in self._grad_copies]
+            views_changed = [ptr for ptr in map(_storage_address, changed) if ptr in self._view_copies]
+        if views_changed and not hooks.in_forward():
+            result = func(*args, **kwargs)
+            for ptr in dict.fromkeys(views_changed):
+                self._write_view(ptr)
+            return result
         if not found and not grads_changed:
             return func(*args, **kwargs)
         if hooks.in_forward():
@@ -158,12 +185,22 @@ class ParameterAccess(torch.overrides.TorchFunctionMode):
         return result
 
     @staticmethod
-    def _changed_ids(name: str, args: Any, kwargs: dict[str, Any]) -> set[int]:
-        """The ids of the tensors a call changes in place (its first argument, ``out=``)."""
-        changed = {id(tensor) for tensor in _tensors(kwargs.get("out"))} if "out" in kwargs else set()
-        if args and _mutates_in_place(name):
-            changed.update(id(tensor) for tensor in _tensors(args[0]))
+    def _changed(name: str, args: Any, kwargs: dict[str, Any]) -> list[torch.Tensor]:
+        """The tensors a call changes in place (its first argument, ``out=``)."""
+        changed = list(_tensors(kwargs.get("out"))) if "out" in kwargs else []
+        if _mutates_in_place(name):
+            if args:
+                changed.extend(_tensors(args[0]))
+            else:  # passed by keyword, as torch.nn.init's functions do: uniform_(tensor=p, ...)
+                for keyword in _INPLACE_KEYWORDS:
+                    if keyword in kwargs:
+                        changed.extend(_tensors(kwargs[keyword]))
+                        break
         return changed
+
+    @classmethod
+    def _changed_ids(cls, name: str, args: Any, kwargs: dict[str, Any]) -> set[int]:
+        return {id(tensor) for tensor in cls._changed(name, args, kwargs)}
 
     def _find(self, args: Any, kwargs: dict[str, Any]) -> dict[int, tuple[BlockState, int, torch.Tensor]]:
         """The offloaded parameters and stand-ins among a call's arguments: id -> (block, slot
@@ -207,7 +244,11 @@ class ParameterAccess(torch.overrides.TorchFunctionMode):
                 return self._reduce_copy(args[0], call_args)
             result = func(*call_args, **call_kwargs)
             self._write_back(name, args, kwargs, found)
-            return self._detached(name, result, found, args, real, held)
+
+            def retake() -> torch.Tensor:
+                return func(*call_args, **call_kwargs)
+
+            return self._detached(name, result, found, args, real, held, retake)
         finally:
             for bs in held:
                 self.pipeline.release(bs)
@@ -262,9 +303,12 @@ class ParameterAccess(torch.overrides.TorchFunctionMode):
         args: Any,
         real: dict[int, torch.Tensor],
         held: list[BlockState],
+        retake: Callable[[], torch.Tensor] | None = None,
     ) -> Any:
         """``result`` with nothing viewing a held block's memory: the argument itself where the call
-        returned it (in place), a stand-in for an alias of a whole parameter, a copy for a view."""
+        returned it (in place), a stand-in for an alias of a whole parameter, a copy for a view
+        (``retake`` takes the view again, on the held block: what in-place changes of the copy are
+        written through)."""
         storages = {self.hooks._storage_ptr(bs) for bs in held}
         returned_by_key = {id(tensor): key for key, tensor in real.items()}
 
@@ -283,7 +327,11 @@ class ParameterAccess(torch.overrides.TorchFunctionMode):
                 entry = found.get(id(args[0]))
                 if entry is not None and item.shape == args[0].shape:
                     return self._standin(entry[0], entry[1])
-            return item.clone()
+            copy = item.clone()
+            if retake is not None and len(found) == 1 and isinstance(result, torch.Tensor):
+                bs, slot_index, _ = next(iter(found.values()))
+                self._register_view(copy, retake, bs, slot_index)
+            return copy
 
         if isinstance(result, list | tuple) and any(isinstance(item, torch.Tensor) for item in result):
             items = [one(item) for item in result]
@@ -380,6 +428,41 @@ class ParameterAccess(torch.overrides.TorchFunctionMode):
             copies.pop(key, None)
 
         copies[key] = (weakref.ref(copy, forget), bs, slot_index)
+
+    def _register_view(
+        self, copy: torch.Tensor, retake: Callable[[], torch.Tensor], bs: BlockState, slot_index: int
+    ) -> None:
+        ptr = _storage_address(copy)
+        if ptr is None:
+            return
+        copies = self._view_copies
+
+        def forget(_: Any, ptr: int = ptr) -> None:
+            entry = copies.get(ptr)
+            if entry is not None and entry[0]() is None:
+                del copies[ptr]
+
+        copies[ptr] = (weakref.ref(copy, forget), retake, bs, slot_index)
+
+    def _write_view(self, ptr: int) -> None:
+        """A copy of a view of a parameter was changed in place: write it into the parameter (the
+        view taken again on the held block) and home, as a change through the view would be."""
+        ref, retake, bs, slot_index = self._view_copies[ptr]
+        copy = ref()
+        if copy is None:
+            return
+        self.pipeline.hold(bs)
+        try:
+            view = retake()
+            if view.shape != copy.shape or _storage_address(view) != _storage_address(
+                bs.spec.slots[slot_index].param.data
+            ):
+                return  # the call no longer gives a view of the parameter
+            with torch.no_grad():
+                view.copy_(copy)
+            self.pipeline.write_values(bs, {slot_index: self._real(bs, slot_index)})
+        finally:
+            self.pipeline.release(bs)
 
     def _write_grad(self, key: int) -> None:
         """A call changed a gradient read through ``p.grad`` in place: store the new value."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,6 +44,20 @@ if TYPE_CHECKING:
 log = logging.getLogger("tierrt.hooks")
 
 __all__ = ["HookSet", "SavedWeightRef", "unfrozen_error"]
+
+
+# Every installed HookSet (weakly), in installation order: see HookSet._pack.
+_ACTIVE_HOOKSETS: list[weakref.ref[HookSet]] = []
+
+
+class _OtherRuntimeRef:
+    """A saved weight of another active runtime, packed by this one's hook: unpacked by its owner."""
+
+    __slots__ = ("owner", "ref")
+
+    def __init__(self, owner: HookSet, ref: Any) -> None:
+        self.owner = owner
+        self.ref = ref
 
 
 def unfrozen_error(names: list[str]) -> HookError:
@@ -162,6 +177,8 @@ class HookSet:
         self._warned: set[int] = set()
         self._autocast_warned = False
         self._internal = 0  # > 0 while tierrt's own hooks run
+        # The thread that entered the context: the only one whose forwards the hooks serve
+        self._thread, self._thread_name = threading.get_ident(), threading.current_thread().name
         # Hooked modules' instance-level forward wrappers (see _wrap_forward), and how many calls
         # through module(...) are running per module (id) while their forward runs
         self._wrapped: list[tuple[nn.Module, Any, Callable[..., Any]]] = []
@@ -194,10 +211,12 @@ class HookSet:
                         )
                     else:
                         self.untrained.append((slot.name, slot.param))
+        self._thread, self._thread_name = threading.get_ident(), threading.current_thread().name
         self._access = ParameterAccess(self)
         self._access.push()
         self._saved_hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         self._saved_hooks.__enter__()
+        _ACTIVE_HOOKSETS.append(weakref.ref(self))
         self.pipeline.on_attach = self._on_attach
         self.pipeline.on_detach = self._on_detach
         for bs in blocks:
@@ -250,6 +269,7 @@ class HookSet:
         self._wrapped.clear()
         self._direct.clear()
         self._in_call.clear()
+        _ACTIVE_HOOKSETS[:] = [ref for ref in _ACTIVE_HOOKSETS if ref() not in (None, self)]
         if self._saved_hooks is not None:
             try:
                 self._saved_hooks.__exit__(None, None, None)
@@ -266,6 +286,8 @@ class HookSet:
     def _root_pre(self, module: nn.Module, args: Any) -> None:
         if torch._C._current_graph_task_id() >= 0:
             return
+        if threading.get_ident() != self._thread:
+            self._refuse_thread(module)
         if self.untrained and torch.is_grad_enabled():
             self.check_untrained()
         if self.on_forward_start is not None:
@@ -288,6 +310,18 @@ class HookSet:
             self._access.resume()
         while self._root_held:
             self.pipeline.release(self._root_held.pop())
+
+    def _refuse_thread(self, module: nn.Module) -> None:
+        """A forward on a thread other than the one that entered the context: its torch-function
+        mode and saved-tensor hooks are that thread's, and the pipeline serves one thread, so the
+        call could neither see offloaded values nor keep blocks consistent with the other thread's."""
+        here = threading.current_thread().name
+        raise HookError(
+            f"{type(module).__name__}'s forward ran on thread {here!r}, but its tierrt.offload() context "
+            f"was entered on thread {self._thread_name!r}. A runtime serves the thread that entered "
+            "it: enter `with tierrt.offload(...)` in the thread that runs the model (its training "
+            "loop, its evaluation), and do not run an offloaded model from two threads at once"
+        )
 
     def in_forward(self) -> bool:
         """A forward of the model or of a hooked module is running, or a backward pass."""
@@ -341,8 +375,10 @@ class HookSet:
         pipeline = self.pipeline
 
         def pre_hook(module: nn.Module, args: Any) -> None:
-            self._in_call[id(module)] = self._in_call.get(id(module), 0) + 1
             in_backward = torch._C._current_graph_task_id() >= 0
+            if not in_backward and threading.get_ident() != self._thread:
+                self._refuse_thread(module)
+            self._in_call[id(module)] = self._in_call.get(id(module), 0) + 1
             phase = "bwd" if in_backward else "fwd"
             if in_backward:
                 self._note_backward()
@@ -436,6 +472,22 @@ class HookSet:
         return ks.gpu.data_ptr()
 
     def _pack(self, tensor: torch.Tensor) -> Any:
+        """The saved-tensor pack hook. Only the innermost saved-tensor hooks run, so with two
+        models offloaded at once (a teacher and a student, a generator and a discriminator) each
+        runtime's hook also packs the other active runtimes' weights (for their own unpacking)."""
+        packed = self._pack_own(tensor)
+        if packed is not tensor or len(_ACTIVE_HOOKSETS) < 2:
+            return packed
+        for ref in reversed(_ACTIVE_HOOKSETS):
+            other = ref()
+            if other is None or other is self:
+                continue
+            packed = other._pack_own(tensor)
+            if packed is not tensor:
+                return _OtherRuntimeRef(other, packed)
+        return tensor
+
+    def _pack_own(self, tensor: torch.Tensor) -> Any:
         if not self._owners:
             return tensor
         try:
@@ -477,6 +529,8 @@ class HookSet:
         return SavedCastRef(*_ref_fields(bs, tensor), slot.index)
 
     def _unpack(self, packed: Any) -> torch.Tensor:
+        if isinstance(packed, _OtherRuntimeRef):
+            return packed.owner._unpack(packed.ref)
         if not isinstance(packed, SavedWeightRef):  # a SavedCastRef is one too
             return packed
         bs = self.pipeline.blocks[packed.block]

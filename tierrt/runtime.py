@@ -35,7 +35,7 @@ from torch import nn
 
 from . import _native
 from .blocks import BlockSelector, Partition, partition_model
-from .errors import ConfigError, HookError, TierCapacityError
+from .errors import ConfigError, HookError, TierCapacityError, restated
 from .grads import GradientStore
 from .hooks import HookSet
 from .loading import LoadPatch, StateDictLoader
@@ -229,6 +229,8 @@ class Runtime:
         self._originals: dict[int, tuple[torch.device, torch.dtype]] = {}
         self._patched_zero_grad: Any = None
         self._state_dict_handles: list[Any] = []
+        # id(state dict being filled) -> {id(param): (weak reference to its value, block versions)}
+        self._state_dict_reads: tuple[int, dict[int, tuple[weakref.ref, tuple[int, ...]]]] = (0, {})
         self.loader: StateDictLoader | None = None
 
     # ---- context manager -------------------------------------------------------------------------
@@ -239,8 +241,10 @@ class Runtime:
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
         try:
             self.close()
-        except BaseException:
-            if exc is None:
+        except BaseException as close_error:
+            # Parameters whose values are lost must not pass unnoticed behind the block's own error
+            # (that error stays attached as the context of this one).
+            if exc is None or getattr(close_error, "lost_parameters", None):
                 raise
             log.exception("tierrt: restoring the model after an error in the with-block failed")
         return False
@@ -811,14 +815,30 @@ class Runtime:
         entries = []
         for name, param in module._parameters.items():
             key = prefix + name
-            if param is not None and key in state_dict and id(param) in self._slot_index:
-                bs, slot_index = self._slot_index[id(param)]
-                entries.append((key, bs, bs.spec.slots[slot_index]))
-                # Let go of the saved view first: it holds the block's buffer, which reading other
-                # blocks (or applying their pending updates) may need room in place of.
-                state_dict[key] = None
+            if param is None or id(param) not in self._slot_index or key not in state_dict:
+                continue
+            if state_dict[key] is param:
+                # state_dict(keep_vars=True): the parameter itself, as torch gives (its uses go
+                # through tierrt.access, which reads and writes the tiers)
+                continue
+            bs, slot_index = self._slot_index[id(param)]
+            entries.append((key, bs, bs.spec.slots[slot_index]))
+            # Let go of the saved view first: it holds the block's buffer, which reading other
+            # blocks (or applying their pending updates) may need room in place of.
+            state_dict[key] = None
+        if self._state_dict_reads[0] != id(state_dict):
+            self._state_dict_reads = (id(state_dict), {})
+        reads = self._state_dict_reads[1]
         for key, bs, slot in entries:
-            state_dict[key] = self._materialize(bs, slot, device=torch.device("cpu"))
+            # A tied parameter (an LM head sharing the embedding) is one tensor in torch's state
+            # dict too: read it once per state_dict() call, so savers see the tie.
+            version = tuple(ks.version for ks in bs.kinds.values())
+            earlier = reads.get(id(slot.param))
+            value = earlier[0]() if earlier is not None and earlier[1] == version else None
+            if value is None:
+                value = self._materialize(bs, slot, device=torch.device("cpu"))
+                reads[id(slot.param)] = (weakref.ref(value), tuple(ks.version for ks in bs.kinds.values()))
+            state_dict[key] = value
 
     # ---- copy.deepcopy inside the context (see tierrt.copying) ----------------------------------------
     def plain_parameter(self, param: nn.Parameter) -> nn.Parameter:
@@ -858,7 +878,11 @@ class Runtime:
         return current
 
     def _materialize(
-        self, bs: BlockState, slot: Any, device: torch.device, dtype: torch.dtype | None = None
+        self,
+        bs: BlockState,
+        slot: Any,
+        device: torch.device,
+        dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
         """A fresh tensor holding ``slot``'s current value (master weights when there are some)."""
         kind = (
@@ -877,6 +901,9 @@ class Runtime:
             self.closed = True
             return
         errors: list[BaseException] = []
+        # Giving the model back must not fail for want of DRAM room (memory still viewed by tensors
+        # kept from inside the context): what does not fit in the arena goes outside the budget.
+        self.store.overflow = True  # type: ignore[union-attr]
         try:
             if self.blockwise is not None:
                 self.blockwise.finish()  # pending updates of the last step
@@ -907,13 +934,11 @@ class Runtime:
         from .adopt import OptimizerAdoption
 
         OptimizerAdoption.remove(self)
-        try:
-            self._restore_buffers()
-            if self.blockwise is not None and self._restores_values():
-                self.blockwise.export_state()  # the optimizer keeps working on the restored model
-            self._restore_all()
-        except BaseException as exc:  # noqa: BLE001
-            errors.append(exc)
+        for restore in (self._restore_buffers, self._export_optimizer_state, self._restore_all):
+            try:  # each on its own: a lost optimizer state does not keep the weights from coming back
+                restore()
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
         try:
             if self._restores_values():
                 self._restore_grads()
@@ -931,6 +956,10 @@ class Runtime:
         self.active = False
         self.closed = True
         if errors:
+            # Lost parameters first: what the user must act on (the others are logged).
+            errors.sort(key=lambda error: not getattr(error, "lost_parameters", None))
+            for other in errors[1:]:
+                log.error("tierrt: while giving the model back: %s", other)
             raise errors[0]
 
     def _move_buffers(self, model: nn.Module, compute_device: torch.device) -> None:
@@ -960,6 +989,10 @@ class Runtime:
             return True
         return any(device.type != "meta" for device, _ in self._originals.values())
 
+    def _export_optimizer_state(self) -> None:
+        if self.blockwise is not None and self._restores_values():
+            self.blockwise.export_state()  # the optimizer keeps working on the restored model
+
     def _restore_all(self) -> None:
         if self.restore_on_exit is False:
             log.warning(
@@ -974,12 +1007,38 @@ class Runtime:
                     "values are discarded with the tiers unless saved with rt.save(path) first",
                     meta,
                 )
+        lost: list[tuple[str, BaseException]] = []
         for bs in self.store.blocks:  # type: ignore[union-attr]
             for slot in bs.spec.slots:
-                self._restore_slot(bs, slot)
+                try:
+                    self._restore_slot(bs, slot)
+                except Exception as exc:  # noqa: BLE001 - its value cannot be read back (I/O, corrupt)
+                    lost.append((slot.name, exc))
+                    device, dtype = self._originals[id(slot.param)]
+                    slot.param.data = torch.full(
+                        slot.shape,
+                        float("nan"),
+                        dtype=dtype,
+                        device="cpu" if device.type == "meta" else device,
+                    )
             bs.attached = False
         if self.optimizer is not None:
             self._move_optimizer_state()
+        if lost:
+            names = ", ".join(name for name, _ in lost[:8]) + (
+                f" and {len(lost) - 8} more" if len(lost) > 8 else ""
+            )
+            first = lost[0][1]
+            message = (
+                f"tierrt could not give back {len(lost)} of the model's parameters ({names}): their "
+                f"stored values could not be read ({first}). They now hold NaN; every other parameter "
+                "holds its trained value. Reload the lost ones from a checkpoint"
+            )
+            error = restated(first, message)
+            if error is first:
+                error = HookError(message)
+            error.lost_parameters = [name for name, _ in lost]  # type: ignore[attr-defined]
+            raise error from first
 
     def _restore_slot(self, bs: BlockState, slot: Any) -> None:
         device, dtype = self._originals[id(slot.param)]
@@ -987,7 +1046,10 @@ class Runtime:
             _swap_tensor(slot.param, torch.empty(slot.shape, dtype=dtype, device="meta"))
             return
         slot.param.data = self._materialize(
-            bs, slot, device=torch.device("cpu") if device.type == "meta" else device, dtype=dtype
+            bs,
+            slot,
+            device=torch.device("cpu") if device.type == "meta" else device,
+            dtype=dtype,
         )
 
     def _restore_grads(self) -> None:
@@ -1137,6 +1199,11 @@ class Runtime:
             return None
         bs, slot_index = self._slot(param)
         self._take_assigned(bs, slot_index)
+        updates = self.pipeline.updates
+        if updates is not None and bs.index in updates.zero_after and updates.has_pending(bs.index):
+            # zero_grad() came after the block's update, which is still pending (the block sat out
+            # this step's forward): run it now, so the gradients it used are cleared as zero_grad() said
+            updates.apply(bs.index)
         if slot_index not in self.grads.present.get(bs.index, ()):
             return None
         ks = bs.kinds["grad"]

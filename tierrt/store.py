@@ -28,7 +28,7 @@ import torch
 
 from . import _native
 from .blocks import SLOT_ALIGN, BlockSpec, ParamSlot
-from .errors import ConfigError, TierCapacityError, TierPathError
+from .errors import ConfigError, CorruptStoreError, TierCapacityError, TierPathError
 from .extents import ExtentPool
 from .sizes import format_size
 from .tiers import CxlTier, DramTier, GpuTier, NvmeTier
@@ -96,8 +96,8 @@ class HostBuffer:
 
     __slots__ = ("tier", "nbytes", "flat", "__weakref__")
 
-    def __init__(self, tier: HostTier, buffer: Any) -> None:
-        self.tier = tier
+    def __init__(self, tier: HostTier | None, buffer: Any) -> None:
+        self.tier = tier  # None: a one-off buffer outside every tier (see TensorStore.overflow)
         self.nbytes = int(buffer.nbytes)
         self.flat = torch.frombuffer(buffer, dtype=torch.uint8)
 
@@ -210,16 +210,51 @@ class NvmeTierStore:
                 ", ".join(spec.paths),
             )
         self.allocator = ExtentPool(self.size, 4096, "nvme")  # recycled by size: no fragmentation
+        # offset -> (bytes, checksum) of the last write there (see verify)
+        self._checksums: dict[int, tuple[int, int]] = {}
 
     @property
     def budget(self) -> int:
         return self.size
 
-    def read(self, offset: int, host: HostBuffer, nbytes: int) -> Any:
-        return self.engine.read(self.fileset, offset, host.flat.numpy(), nbytes)
+    def read(self, offset: int, host: HostBuffer, nbytes: int) -> _CheckedRead:
+        """Read ``nbytes`` at ``offset`` into ``host``; the returned request's ``wait()`` also checks
+        the bytes against the checksum of what was written there (CorruptStoreError if they differ)."""
+        request = self.engine.read(self.fileset, offset, host.flat.numpy(), nbytes)
+        return _CheckedRead(request, self, offset, host, nbytes)
 
     def write(self, offset: int, host: HostBuffer, nbytes: int) -> Any:
+        """Write ``nbytes`` of ``host`` at ``offset``, noting their checksum first (a write that fails
+        or tears leaves a checksum the extent does not match: a later read of it fails loudly)."""
+        self._checksums[offset] = (nbytes, _native.checksum(host.address, nbytes))
         return self.engine.write(self.fileset, offset, host.flat.numpy(), nbytes)
+
+    def verify(self, offset: int, host: HostBuffer, nbytes: int) -> None:
+        """Raise CorruptStoreError when the ``nbytes`` just read from ``offset`` into ``host`` are not
+        what tierrt wrote there. Runs on the transfer thread (the checksum releases the GIL)."""
+        written = self._checksums.get(offset)
+        if written is None or written[0] != nbytes:
+            return  # not written by this store as one piece (never read by the pipeline)
+        found = _native.checksum(host.address, nbytes)
+        if found == written[1]:
+            return
+        path, file_offset = self.locate(offset)
+        raise CorruptStoreError(
+            f"swap data failed its integrity check: the {format_size(nbytes)} read at offset "
+            f"{file_offset} of {path} are not what tierrt wrote there (checksum {found:#010x}, written "
+            f"{written[1]:#010x}). The swap file was changed outside tierrt, or the device returned "
+            "damaged data; the value stored there is lost",
+            path=path,
+            offset=file_offset,
+            nbytes=nbytes,
+        )
+
+    def locate(self, offset: int) -> tuple[str, int]:
+        """The swap file and the offset in it that hold the tier's byte ``offset`` (striping as the
+        I/O engine does: stripe units dealt round-robin to the files)."""
+        stripe, count = self.spec.stripe, len(self.files)
+        unit = offset // stripe
+        return self.files[unit % count], (unit // count) * stripe + offset % stripe
 
     def stats(self) -> dict[str, Any]:
         stats = dict(self.allocator.stats())
@@ -229,6 +264,19 @@ class NvmeTierStore:
 
     def close(self) -> None:
         self.fileset.close(remove=True)
+
+
+class _CheckedRead:
+    """An NVMe read request whose ``wait()`` verifies the data read (see NvmeTierStore.verify)."""
+
+    def __init__(self, request: Any, nvme: NvmeTierStore, offset: int, host: HostBuffer, nbytes: int) -> None:
+        self.request = request
+        self._check = (nvme, offset, host, nbytes)
+
+    def wait(self) -> None:
+        self.request.wait()
+        nvme, offset, host, nbytes = self._check
+        nvme.verify(offset, host, nbytes)
 
 
 def check_nvme_paths(paths: Iterable[str], size: int) -> None:
@@ -392,6 +440,10 @@ class TensorStore:
     ) -> None:
         self.host_tiers = host_tiers
         self.dram = host_tiers["dram"]
+        # Set while the model is given back: a DRAM buffer the arena has no room for is allocated
+        # outside its budget instead of failing; ``overflowed`` counts the bytes that took.
+        self.overflow = False
+        self.overflowed = 0
         self.nvme = nvme
         self.gpu = gpu
         self.blocks: list[BlockState] = []
@@ -434,6 +486,21 @@ class TensorStore:
             return False
         ks.host = buf
         return True
+
+    def alloc_overflow(self, ks: KindState) -> None:
+        """Give ``ks`` a one-off DRAM buffer outside every tier's budget (see ``overflow``)."""
+        assert ks.host is None
+        if not self.overflowed:
+            log.warning(
+                "tierrt: giving the model back with the %s tier full (its memory still viewed by tensors "
+                "kept from inside the context): reading the values outside its budget",
+                self.dram.name,
+            )
+        self.overflowed += ks.nbytes
+        arena = _native.HostArena(
+            _align(max(ks.nbytes, 1), 4096), hugepages=False, lock=False, populate=False, name="overflow"
+        )
+        ks.host = HostBuffer(None, arena.alloc(ks.nbytes))
 
     def try_gpu(self, ks: KindState) -> bool:
         if ks.gpu is not None:

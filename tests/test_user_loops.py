@@ -1,0 +1,84 @@
+"""Loops from the transformers world that once went wrong: a layer that sits out a step (LayerDrop)
+under gradient clipping, and ``state_dict()`` of a model with tied weights (``save_pretrained``)."""
+
+from __future__ import annotations
+
+import copy
+
+import models
+import pytest
+import torch
+from test_offload_numerics import streaming_budget
+from torch import nn
+
+import tierrt
+
+
+class _LayerDrop(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(64, 32)
+        self.layers = nn.ModuleList(nn.Linear(32, 32) for _ in range(4))
+        self.head = nn.Linear(32, 64)
+        self.skip: int | None = None
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids)
+        for i, layer in enumerate(self.layers):
+            if i != self.skip:
+                h = torch.tanh(layer(h))
+        return self.head(h)
+
+
+def _layerdrop_loop(model: _LayerDrop, opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    logged = []
+    for step in range(4):
+        model.skip = 2 if step == 2 else None
+        ids = torch.randint(0, 64, (4, 8), generator=torch.Generator().manual_seed(step))
+        loss = nn.functional.cross_entropy(model(ids).flatten(0, 1), ids.flatten())
+        loss.backward()
+        logged.append(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5))
+        opt.step()
+        opt.zero_grad()
+        logged.append(loss.detach().clone())
+    return logged
+
+
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlap", "no_overlap"])
+def test_a_layer_sitting_out_a_step_is_not_clipped_with_old_gradients(overlap, nvme_dir):
+    """The skipped layer's update from the step before is still pending when zero_grad() runs;
+    clipping must see its gradients as cleared (plain torch: None), not as last step's."""
+    reference = _LayerDrop()
+    model = copy.deepcopy(reference)
+    expected = _layerdrop_loop(reference, torch.optim.AdamW(reference.parameters(), lr=1e-2))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    tiers = [tierrt.dram(streaming_budget(model)), tierrt.nvme(nvme_dir)]
+    with tierrt.offload(model, tiers=tiers, optimizer=opt, overlap_backward=overlap):
+        got = _layerdrop_loop(model, opt)
+    assert all(torch.equal(a, b) for a, b in zip(expected, got))
+    for a, b in zip(reference.parameters(), model.parameters()):
+        assert torch.equal(a, b)
+
+
+def _ties(state_dict: dict[str, torch.Tensor]) -> set[tuple[str, str]]:
+    def address(tensor: torch.Tensor) -> int:
+        return tensor.untyped_storage().data_ptr()
+
+    return {
+        (a, b)
+        for a, x in state_dict.items()
+        for b, y in state_dict.items()
+        if a < b and address(x) == address(y)
+    }
+
+
+def test_state_dict_keeps_tied_weights_tied(nvme_dir):
+    model = models.tied()
+    plain = model.state_dict()
+    assert _ties(plain)  # the model has a tie to keep
+    with tierrt.offload(model, tiers=[tierrt.dram(streaming_budget(model)), tierrt.nvme(nvme_dir)]):
+        inside = model.state_dict()
+        assert _ties(inside) == _ties(plain)
+        for key, value in plain.items():
+            assert torch.equal(inside[key], value), key
