@@ -118,7 +118,7 @@ void FileSet::close(bool remove) {
   if (!was_closed) close_fds();
   if (remove) {
     for (auto& f : files) {
-      if (!f.path.empty()) ::unlink(f.path.c_str());
+      if (!f.path.empty() && !f.unlinked) ::unlink(f.path.c_str());
     }
   }
 }
@@ -287,7 +287,8 @@ std::unique_ptr<Engine> Engine::create(const std::string& backend, uint32_t queu
 }
 
 std::shared_ptr<FileSet> Engine::open(const std::vector<std::string>& paths, uint64_t size,
-                                      uint64_t stripe, bool create, bool preallocate, bool direct) {
+                                      uint64_t stripe, bool create, bool preallocate, bool direct,
+                                      bool unlink) {
   if (closed_.load()) throw config_error("IOEngine '" + name_ + "' is closed");
   if (paths.empty()) throw config_error("IOEngine.open: at least one path is needed");
   if (size == 0) throw config_error("IOEngine.open: size must be positive");
@@ -328,7 +329,7 @@ std::shared_ptr<FileSet> Engine::open(const std::vector<std::string>& paths, uin
           (void)!ftruncate(f.fd_buffered, undo[i].orig_size);
         }
       }
-      if (f.created) ::unlink(f.path.c_str());
+      if (f.created && !f.unlinked) ::unlink(f.path.c_str());
       if (f.fd_direct >= 0) ::close(f.fd_direct);
       if (f.fd_buffered >= 0) ::close(f.fd_buffered);
       f.fd_direct = f.fd_buffered = -1;
@@ -363,6 +364,10 @@ std::shared_ptr<FileSet> Engine::open(const std::vector<std::string>& paths, uin
           int err = errno;
           if (err != EINVAL) throw path_error(path, "open (O_DIRECT)", err, false);
         }
+      }
+      if (unlink && f.created) {  // both descriptors are open: the name is no longer needed
+        if (::unlink(path.c_str()) != 0) throw path_error(path, "unlink", errno, create);
+        f.unlinked = true;
       }
       if (f.fd_direct < 0) {
         all_direct = false;

@@ -54,6 +54,7 @@ struct File {
   int fd_direct = -1;    // O_DIRECT descriptor, -1 when the filesystem refused O_DIRECT
   int fd_buffered = -1;  // ordinary descriptor of the same file
   bool created = false;  // this open() created the file
+  bool unlinked = false;  // its name was removed right after open (open(..., unlink=true))
 };
 
 class FileSet {
@@ -266,9 +267,12 @@ class Engine {
   const std::string& name() const { return name_; }
   bool is_closed() const { return closed_.load(); }
 
-  // Opens (creates, preallocates) a file set. Blocks: call without the GIL.
+  // Opens (creates, preallocates) a file set. With unlink, the name of each file this call creates
+  // is removed as soon as its descriptors are open: the descriptors keep the space until the set is
+  // closed, and the kernel frees it when the process dies in any way (SIGKILL included), so no file
+  // is ever left behind. The path strings are kept for messages. Blocks: call without the GIL.
   std::shared_ptr<FileSet> open(const std::vector<std::string>& paths, uint64_t size, uint64_t stripe,
-                                bool create, bool preallocate, bool direct);
+                                bool create, bool preallocate, bool direct, bool unlink = false);
 
   // Plans a request (validates range; throws ConfigError). Does not start it.
   std::shared_ptr<Request> prepare(Op op, const std::shared_ptr<FileSet>& fs, uint64_t offset,

@@ -200,7 +200,7 @@ class PyEngine {
   Engine& eng() { return *engine_; }
 
   std::shared_ptr<FileSet> open(const py::object& paths, int64_t size, int64_t stripe, bool create,
-                                bool preallocate, bool direct) {
+                                bool preallocate, bool direct, bool unlink) {
     std::vector<std::string> list;
     if (py::isinstance<py::str>(paths)) {
       list.push_back(paths.cast<std::string>());
@@ -220,7 +220,7 @@ class PyEngine {
     orphans_->sweep();
     py::gil_scoped_release nogil;
     return engine_->open(list, static_cast<uint64_t>(size), static_cast<uint64_t>(stripe), create, preallocate,
-                         direct);
+                         direct, unlink);
   }
 
   // Plans one request from Python arguments. Buffer: buffer-protocol object or int address.
@@ -518,7 +518,7 @@ pool. Requests are split into block_size chunks with at most queue_depth in flig
       .def_property_readonly("closed", [](PyEngine& e) { return e.eng().is_closed(); })
       .def("open", &PyEngine::open, py::arg("paths"), py::arg("size"), py::kw_only(),
            py::arg("stripe") = 1 << 20, py::arg("create") = true, py::arg("preallocate") = true,
-           py::arg("direct") = true)
+           py::arg("direct") = true, py::arg("unlink") = false)
       .def(
           "read",
           [](PyEngine& e, std::shared_ptr<FileSet> fs, py::object offset, py::object buffer, py::object nbytes) {

@@ -799,3 +799,21 @@ def test_stress_concurrent_submitters_with_faults_and_close(backend, tmp_path):
         eng.close()
         fs.close(remove=True)
         assert not problems, problems[:5]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_open_with_unlink_leaves_no_name_and_keeps_data(backend, tmp_path):
+    existing = tmp_path / "kept.swap"
+    existing.write_bytes(b"x" * 4096)
+    new = str(tmp_path / "new.swap")
+    with IOEngine(backend) as eng:
+        fs = eng.open([new, str(existing)], 2 * MiB, stripe="1MiB", unlink=True)
+        assert sorted(os.listdir(tmp_path)) == ["kept.swap"]  # only files it created lose their name
+        assert fs.paths == [new, str(existing)]  # still named, for messages
+        data = np.arange(2 * MiB, dtype=np.uint8)
+        eng.write(fs, 0, data).wait()
+        out = np.zeros_like(data)
+        eng.read(fs, 0, out).wait()
+        assert np.array_equal(out, data)
+        fs.close(remove=True)
+    assert os.listdir(tmp_path) == []

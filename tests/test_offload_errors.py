@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
+import signal
 import subprocess
+import sys
 
 import models
 import pytest
@@ -269,3 +272,65 @@ def test_sparse_gradient_arriving_inside_the_context_is_a_hook_error(nvme_dir):
     model.emb.sparse = False
     for (name, _, value), (_, p) in zip(before, model.named_parameters()):
         assert torch.equal(value, p), f"{name} changed"
+
+
+_KILLED_INSIDE = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+import models, torch, tierrt
+model = models.mlp()
+opt = torch.optim.AdamW(model.parameters())
+with tierrt.offload(model, tiers=[tierrt.dram("512KiB"), tierrt.nvme({nvme!r})], optimizer=opt):
+    models.mlp_loss(model, models.mlp_batches(1)[0]).backward()
+    opt.step()
+    print("inside", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_sigkill_inside_the_context_leaves_no_swap_file(nvme_dir):
+    script = _KILLED_INSIDE.format(tests=os.path.dirname(__file__), nvme=nvme_dir)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    assert "inside" in result.stdout
+    assert os.listdir(nvme_dir) == []
+
+
+def test_runtime_never_closed_leaves_no_swap_file(nvme_dir):
+    model = models.mlp()
+    rt = tierrt.offload(model, tiers=[tierrt.dram("512KiB"), tierrt.nvme(nvme_dir)])
+    rt.start()
+    model(torch.randn(2, 128))
+    assert rt.report().tiers["nvme"]["budget"] > 0
+    assert os.listdir(nvme_dir) == []  # the swap file's name is gone as soon as it is open
+    del rt
+    gc.collect()
+    assert os.listdir(nvme_dir) == []
+
+
+def test_swap_directory_tierrt_created_is_removed_on_exit(tmp_path):
+    missing = tmp_path / "made" / "by" / "tierrt"
+    with tierrt.offload(models.mlp(), tiers=[tierrt.dram("512KiB"), tierrt.nvme(str(missing))]):
+        assert missing.is_dir()
+    assert os.listdir(tmp_path) == []
+
+
+def test_swap_directory_with_other_files_is_kept(tmp_path):
+    missing = tmp_path / "made"
+    with tierrt.offload(models.mlp(), tiers=[tierrt.dram("512KiB"), tierrt.nvme(str(missing))]):
+        (missing / "user.txt").write_text("mine")
+    assert os.listdir(missing) == ["user.txt"]
+
+
+def test_stale_swap_files_of_ended_runs_are_swept(nvme_dir):
+    code = "import os; print(os.getpid())"
+    dead = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    stale = os.path.join(nvme_dir, f"tierrt-{int(dead.stdout)}-0123abcd-0.swap")
+    live = os.path.join(nvme_dir, f"tierrt-{os.getpid()}-0123abcd-0.swap")
+    other = os.path.join(nvme_dir, "notes.swap")
+    for path in (stale, live, other):
+        with open(path, "wb") as f:
+            f.write(b"old")
+    with tierrt.offload(models.mlp(), tiers=[tierrt.dram("512KiB"), tierrt.nvme(nvme_dir)]):
+        pass
+    assert sorted(os.listdir(nvme_dir)) == sorted(os.path.basename(p) for p in (live, other))

@@ -185,6 +185,7 @@ class IOEngine:
         create: bool = True,
         preallocate: bool = True,
         direct: bool = True,
+        unlink: bool = False,
     ) -> FileSet:
         """Opens a :class:`FileSet` of ``size`` bytes over one file per path.
 
@@ -196,6 +197,10 @@ class IOEngine:
         ``direct=True`` uses ``O_DIRECT`` where the filesystem accepts it; where it does not, the
         files are used through the page cache and a warning is logged (``FileSet.direct`` is then
         False). Missing or unwritable paths raise :class:`~tierrt.errors.TierPathError`.
+        ``unlink=True`` removes the name of each file this call creates as soon as it is open: the
+        open descriptors keep its space until the set is closed, and the kernel frees it however the
+        process ends (SIGKILL included), so no file is left behind; ``FileSet.paths`` still names
+        the files, for messages.
 
         Example::
 
@@ -219,6 +224,7 @@ class IOEngine:
             create=create,
             preallocate=preallocate,
             direct=direct,
+            unlink=unlink,
         )
         if direct and fs.buffered_paths:
             log.warning(

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import secrets
 import shutil
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -189,7 +191,13 @@ class HostTier:
 
 
 class NvmeTierStore:
-    """Swap files on one or more directories, striped, with an extent allocator over them."""
+    """Swap files on one or more directories, striped, with an extent allocator over them.
+
+    Each swap file's name is removed as soon as the native layer has it open (``unlink=True``): the
+    descriptors keep the space while the store lives and the kernel frees it however the process
+    ends, SIGKILL included, so a run never leaves a swap file behind. ``files`` keeps the paths for
+    messages. Directories the store had to create are removed again, when empty, on close (or when
+    the store is collected, or at interpreter exit)."""
 
     def __init__(self, spec: NvmeTier, size: int, engine: Any) -> None:
         self.spec = spec
@@ -197,12 +205,25 @@ class NvmeTierStore:
         self.size = _align(max(size, 1 << 20), spec.stripe * len(spec.paths))
         self.engine = engine
         self.files: list[str] = []
-        check_nvme_paths(spec.paths, self.size)
-        token = f"{os.getpid()}-{secrets.token_hex(4)}"
-        self.files = [os.path.join(path, f"tierrt-{token}-{i}.swap") for i, path in enumerate(spec.paths)]
-        self.fileset = engine.open(
-            self.files, self.size, stripe=spec.stripe, create=True, preallocate=True, direct=True
-        )
+        created = check_nvme_paths(spec.paths, self.size)
+        self._remove_created = weakref.finalize(self, remove_empty_dirs, created)
+        try:
+            for path in spec.paths:
+                sweep_stale_swap_files(path)
+            token = f"{os.getpid()}-{secrets.token_hex(4)}"
+            self.files = [os.path.join(path, f"tierrt-{token}-{i}.swap") for i, path in enumerate(spec.paths)]
+            self.fileset = engine.open(
+                self.files,
+                self.size,
+                stripe=spec.stripe,
+                create=True,
+                preallocate=True,
+                direct=True,
+                unlink=True,
+            )
+        except BaseException:
+            self._remove_created()
+            raise
         if not self.fileset.direct:
             log.warning(
                 "nvme tier %s: O_DIRECT is not supported there; using buffered I/O "
@@ -263,7 +284,10 @@ class NvmeTierStore:
         return stats
 
     def close(self) -> None:
-        self.fileset.close(remove=True)
+        try:
+            self.fileset.close(remove=True)
+        finally:
+            self._remove_created()
 
 
 class _CheckedRead:
@@ -279,51 +303,128 @@ class _CheckedRead:
         nvme.verify(offset, host, nbytes)
 
 
-def check_nvme_paths(paths: Iterable[str], size: int) -> None:
+# tierrt-<pid>-<8 hex>-<index>.swap, as NvmeTierStore names its files.
+_SWAP_NAME = re.compile(r"tierrt-(\d+)-[0-9a-f]{8}-\d+\.swap")
+
+
+def sweep_stale_swap_files(directory: str) -> list[str]:
+    """Remove swap files in ``directory`` left by tierrt processes that are gone (versions before
+    swap files were unlinked on open kept their names until close, so a killed run left them).
+    The owner's pid is in the name; files of live processes are kept. Returns the removed paths."""
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        match = _SWAP_NAME.fullmatch(name)
+        if match is None or _process_alive(int(match.group(1))):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            os.unlink(path)
+        except OSError:
+            continue
+        removed.append(path)
+    if removed:
+        log.info("nvme tier: removed %d stale swap file(s) of ended runs in %s", len(removed), directory)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's process, or no pid to judge: keep
+        return True
+    return True
+
+
+def remove_empty_dirs(created: list[str]) -> None:
+    """Remove the directories in ``created`` (deepest first) that are empty; keep the rest."""
+    for path in sorted(created, key=len, reverse=True):
+        try:
+            os.rmdir(path)
+        except OSError:
+            pass
+
+
+def check_nvme_paths(paths: Iterable[str], size: int) -> list[str]:
     """Create the directories if needed and check each is writable and has room for its share.
 
-    Raises :class:`TierPathError` (unwritable, not a directory) or :class:`TierCapacityError` (no
-    room) naming the path, before anything is written.
+    Returns the directories this call created (the path and any missing parents), so they can be
+    removed again. Raises :class:`TierPathError` (unwritable, not a directory) or
+    :class:`TierCapacityError` (no room) naming the path, before anything is written; directories
+    it created are removed again then.
     """
     paths = list(paths)
     share = -(-size // len(paths))
-    for path in paths:
-        if os.path.exists(path) and not os.path.isdir(path):
-            raise TierPathError(
-                f"nvme tier: {path} is a file, not a directory: give a directory for the swap files",
-                path=path,
-            )
+    created: list[str] = []
+    try:
+        for path in paths:
+            _check_nvme_path(path, share, created)
+    except BaseException:
+        remove_empty_dirs(created)
+        raise
+    return created
+
+
+def _check_nvme_path(path: str, share: int, created: list[str]) -> None:
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise TierPathError(
+            f"nvme tier: {path} is a file, not a directory: give a directory for the swap files",
+            path=path,
+        )
+    missing = _missing_dirs(path)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        created.extend(d for d in missing if os.path.isdir(d))
+        raise TierPathError(
+            f"nvme tier: cannot create directory {path}: {exc.strerror}", path=path, errno=exc.errno
+        ) from None
+    created.extend(missing)
+    if not os.path.isdir(path):
+        raise TierPathError(f"nvme tier: {path} is not a directory", path=path)
+    probe = os.path.join(path, f".tierrt-probe-{os.getpid()}-{secrets.token_hex(3)}")
+    try:
+        with open(probe, "wb"):
+            pass
+    except OSError as exc:
+        raise TierPathError(
+            f"nvme tier: {path} is not writable: {exc.strerror}", path=path, errno=exc.errno
+        ) from None
+    finally:
         try:
-            os.makedirs(path, exist_ok=True)
-        except OSError as exc:
-            raise TierPathError(
-                f"nvme tier: cannot create directory {path}: {exc.strerror}", path=path, errno=exc.errno
-            ) from None
-        if not os.path.isdir(path):
-            raise TierPathError(f"nvme tier: {path} is not a directory", path=path)
-        probe = os.path.join(path, f".tierrt-probe-{os.getpid()}-{secrets.token_hex(3)}")
-        try:
-            with open(probe, "wb"):
-                pass
-        except OSError as exc:
-            raise TierPathError(
-                f"nvme tier: {path} is not writable: {exc.strerror}", path=path, errno=exc.errno
-            ) from None
-        finally:
-            try:
-                os.unlink(probe)
-            except OSError:
-                pass
-        free = shutil.disk_usage(path).free
-        if free < share:
-            raise TierCapacityError(
-                f"nvme tier: {path} has {format_size(free)} free but the placement needs "
-                f"{format_size(share)} there",
-                tier="nvme",
-                requested=share,
-                free=free,
-                path=path,
-            )
+            os.unlink(probe)
+        except OSError:
+            pass
+    free = shutil.disk_usage(path).free
+    if free < share:
+        raise TierCapacityError(
+            f"nvme tier: {path} has {format_size(free)} free but the placement needs "
+            f"{format_size(share)} there",
+            tier="nvme",
+            requested=share,
+            free=free,
+            path=path,
+        )
+
+
+def _missing_dirs(path: str) -> list[str]:
+    """``path`` and its parents that do not exist yet, deepest first."""
+    missing = []
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return missing
 
 
 def gpu_device(spec: GpuTier) -> torch.device:
