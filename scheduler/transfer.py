@@ -11,9 +11,11 @@ transfer changes nothing but its own error, which the reaping thread raises.
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -145,8 +147,16 @@ class TransferShare:
         self.transfer.wait(timeout)
 
 
+# Workers not closed yet: stopped at interpreter exit (see _stop_workers_at_exit).
+_LIVE_WORKERS: weakref.WeakSet[TransferWorker] = weakref.WeakSet()
+
+
 class TransferWorker:
-    """One thread running transfers in submission order."""
+    """One thread running transfers in submission order.
+
+    The thread is a daemon (a runtime left open must not keep the process alive), so a worker
+    not closed by then is stopped at interpreter exit: a daemon thread still inside a native
+    transfer when Python finalises would be unwound through C++ frames, and the process aborts."""
 
     def __init__(self, name: str, spans: SpanLog | None = None) -> None:
         self.name = name
@@ -156,6 +166,7 @@ class TransferWorker:
         self._closed = False
         self.busy_seconds = 0.0
         self._thread.start()
+        _LIVE_WORKERS.add(self)
 
     def submit(self, transfer: Transfer) -> Transfer:
         if self._closed:
@@ -190,3 +201,11 @@ class TransferWorker:
         self._closed = True
         self._queue.put(None)
         self._thread.join(timeout)
+        _LIVE_WORKERS.discard(self)
+
+
+@atexit.register
+def _stop_workers_at_exit() -> None:
+    """Let every open worker finish its queued transfers and stop, before Python finalises."""
+    for worker in list(_LIVE_WORKERS):
+        worker.close(timeout=30.0)
