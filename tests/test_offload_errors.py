@@ -334,3 +334,23 @@ def test_stale_swap_files_of_ended_runs_are_swept(nvme_dir):
     with tierrt.offload(models.mlp(), tiers=[tierrt.dram("512KiB"), tierrt.nvme(nvme_dir)]):
         pass
     assert sorted(os.listdir(nvme_dir)) == sorted(os.path.basename(p) for p in (live, other))
+
+
+_LEFT_OPEN = """
+import sys
+sys.path.insert(0, {tests!r})
+import models, torch, tierrt
+model = models.mlp()
+opt = torch.optim.AdamW(model.parameters())
+rt = tierrt.offload(model, tiers=[tierrt.dram("512KiB"), tierrt.nvme({nvme!r})], optimizer=opt)
+rt.start()
+models.mlp_loss(model, models.mlp_batches(1)[0]).backward()
+opt.step()
+"""
+
+
+def test_interpreter_exit_with_a_runtime_left_open_is_clean(nvme_dir):
+    script = _LEFT_OPEN.format(tests=os.path.dirname(__file__), nvme=nvme_dir)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert os.listdir(nvme_dir) == []
