@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from .errors import (
     ConfigError,
+    ConfigTypeError,
     CorruptStoreError,
     HookError,
     IOEngineError,
@@ -59,6 +60,7 @@ __all__ = [
     "nvme",
     "validate_tiers",
     "ConfigError",
+    "ConfigTypeError",
     "CorruptStoreError",
     "HookError",
     "IOEngineError",

@@ -23,6 +23,7 @@ from typing import Any
 __all__ = [
     "TierrtError",
     "ConfigError",
+    "ConfigTypeError",
     "TierCapacityError",
     "TierPathError",
     "IOEngineError",
@@ -69,6 +70,11 @@ def restated(error: BaseException, message: str) -> BaseException:
 
 class ConfigError(TierrtError, ValueError):
     """Bad configuration or argument: a malformed size, tiers in the wrong order, an unknown option."""
+
+
+class ConfigTypeError(ConfigError, TypeError):
+    """An argument of the wrong type (``nvme(None)``, ``dram(node=1.5)``): a :class:`ConfigError`
+    that ``except TypeError`` also catches, as it would catch Python's own error for it."""
 
 
 class TierCapacityError(TierrtError, MemoryError):

@@ -11,11 +11,13 @@ Binary units (KiB, MiB, GiB, TiB) are powers of 1024; decimal units (KB, MB, GB,
 
 from __future__ import annotations
 
+import math
 import re
+from fractions import Fraction
 
-from .errors import ConfigError
+from .errors import ConfigError, ConfigTypeError
 
-__all__ = ["parse_size", "format_size", "Size"]
+__all__ = ["parse_size", "format_size", "Size", "MAX_SIZE"]
 
 Size = int | str
 
@@ -42,24 +44,37 @@ _UNITS = {
 _PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
 
 
+# The largest size tierrt takes: what a signed 64-bit byte count holds (8 EiB), the native layer's limit.
+MAX_SIZE = (1 << 63) - 1
+
+
 def parse_size(value: Size, *, what: str = "size") -> int:
     """Return ``value`` in bytes. Accepts a non-negative int or a string such as "64GiB".
 
-    Raises :class:`ConfigError` naming ``what`` for anything else (negative, unknown unit, bool,
-    fractional bytes).
+    A plain number of bytes must be whole ("4096"; "1.5" is refused); with a unit, a fraction is
+    read exactly and rounded down to whole bytes ("1.5GiB", "0.5KiB", "1e-3GiB"). Raises
+    :class:`ConfigError` naming ``what`` for anything else (negative, fractional bytes, unknown
+    unit, not finite, above :data:`MAX_SIZE`), and :class:`ConfigTypeError` for a value that is not
+    a size at all (bool, None, bytes, ...).
     """
-    if isinstance(value, bool):
-        raise ConfigError(f"{what}: expected a size such as '64GiB' or an int of bytes, got {value!r}")
-    if isinstance(value, int):
-        if value < 0:
-            raise ConfigError(f"{what}: a size cannot be negative, got {value}")
-        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ConfigTypeError(f"{what}: expected a size such as '64GiB' or an int of bytes, got {value!r}")
     if isinstance(value, float):
-        if value < 0 or value != int(value):
-            raise ConfigError(f"{what}: expected a whole number of bytes, got {value!r}")
-        return int(value)
-    if not isinstance(value, str):
-        raise ConfigError(f"{what}: expected a size such as '64GiB' or an int of bytes, got {value!r}")
+        return _checked(_float_bytes(value, what), value, what)
+    if isinstance(value, int):
+        return _checked(value, value, what)
+    return _checked(_string_bytes(value, what), value, what)
+
+
+def _float_bytes(value: float, what: str) -> int:
+    if not math.isfinite(value):
+        raise ConfigError(f"{what}: expected a finite number of bytes, got {value!r}")
+    if value != int(value):
+        raise ConfigError(f"{what}: expected a whole number of bytes, got {value!r}")
+    return int(value)
+
+
+def _string_bytes(value: str, what: str) -> int:
     match = _PATTERN.match(value)
     if match is None and value.strip().startswith("-"):
         raise ConfigError(f"{what}: a size cannot be negative, got {value!r}")
@@ -71,10 +86,29 @@ def parse_size(value: Size, *, what: str = "size") -> int:
         raise ConfigError(
             f"{what}: unknown unit {unit!r} in {value!r} (use B, KiB, MiB, GiB, TiB or KB, MB, GB, TB)"
         )
-    nbytes = float(number) * factor
-    if nbytes != int(nbytes) and nbytes > 1:
-        nbytes = int(nbytes)  # "1.5KB" style fractions round down to whole bytes
-    return int(nbytes)
+    mantissa, _, exponent = number.lower().partition("e")
+    if Fraction(mantissa) == 0:
+        return 0
+    if int(exponent or 0) > 40:  # far beyond MAX_SIZE whatever the unit: do not build a 10**400
+        raise ConfigError(f"{what}: {value!r} is larger than {format_size(MAX_SIZE)}, the most tierrt takes")
+    if int(exponent or 0) < -40:
+        raise ConfigError(f"{what}: {value!r} is less than one byte")
+    nbytes = Fraction(number) * factor
+    if nbytes.denominator != 1 and factor == 1:
+        raise ConfigError(
+            f"{what}: {value!r} is not a whole number of bytes; give whole bytes or a unit ('1.5KiB')"
+        )
+    if 0 < nbytes < 1:
+        raise ConfigError(f"{what}: {value!r} is less than one byte")
+    return math.floor(nbytes)  # with a unit, a fraction of a byte rounds down
+
+
+def _checked(nbytes: int, value: Size, what: str) -> int:
+    if nbytes < 0:
+        raise ConfigError(f"{what}: a size cannot be negative, got {value!r}")
+    if nbytes > MAX_SIZE:
+        raise ConfigError(f"{what}: {value!r} is larger than {format_size(MAX_SIZE)}, the most tierrt takes")
+    return nbytes
 
 
 def format_size(nbytes: int | float) -> str:
