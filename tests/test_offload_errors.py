@@ -92,6 +92,67 @@ def test_bad_sizes():
         tierrt.dram("abc")
 
 
+@pytest.mark.parametrize("size", ["1e400", float("inf"), float("nan"), 10**30, 2**63, "1e30 PiB", "1e-30GiB"])
+def test_sizes_out_of_range_are_config_errors(size):
+    with pytest.raises(tierrt.ConfigError):
+        tierrt.parse_size(size)
+    with pytest.raises(tierrt.ConfigError):
+        tierrt.dram(size)
+
+
+@pytest.mark.parametrize("size", ["1.5", "0.5", "4096.7", 1.5])
+def test_fractional_bytes_are_refused(size):
+    with pytest.raises(tierrt.ConfigError, match="whole number of bytes"):
+        tierrt.parse_size(size)
+
+
+def test_fractions_with_a_unit_are_read_exactly():
+    assert tierrt.parse_size("1.5GiB") == 3 << 29
+    assert tierrt.parse_size("0.5KiB") == 512
+    assert tierrt.parse_size("1.5KB") == 1500
+    assert tierrt.parse_size("4096.0") == 4096
+    assert tierrt.parse_size("1e-3GiB") == (1 << 30) // 1000  # rounded down to whole bytes
+    assert tierrt.parse_size(2**63 - 1) == 2**63 - 1
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: tierrt.nvme(b"/tmp/x"),
+        lambda: tierrt.nvme(None),
+        lambda: tierrt.nvme(123),
+        lambda: tierrt.nvme(["/tmp/x", 5]),
+        lambda: tierrt.dram("1MiB", node=1.5),
+        lambda: tierrt.dram("1MiB", node="0"),
+        lambda: tierrt.cxl("1MiB", node=[0, None]),
+        lambda: tierrt.gpu("0"),
+        lambda: tierrt.parse_size(None),
+        lambda: tierrt.parse_size(True),
+    ],
+)
+def test_arguments_of_the_wrong_type_are_config_type_errors(make):
+    with pytest.raises(tierrt.ConfigTypeError) as info:
+        make()
+    assert isinstance(info.value, tierrt.ConfigError) and isinstance(info.value, TypeError)
+
+
+def test_nvme_refuses_one_directory_given_twice(tmp_path):
+    d = str(tmp_path / "d")
+    os.symlink(d, tmp_path / "alias")
+    for paths in ([d, d], [d, d + "/"], [d, str(tmp_path / "alias")], [d, d + "/./"]):
+        with pytest.raises(tierrt.ConfigError, match="same directory"):
+            tierrt.nvme(paths)
+    assert tierrt.nvme([d + "/a", d + "/b"]).paths == (d + "/a", d + "/b")
+
+
+def test_nvme_stripe_is_bounded_at_spec_time():
+    with pytest.raises(tierrt.ConfigError, match="at most 1GiB"):
+        tierrt.nvme("/tmp/x", stripe="2GiB")
+    with pytest.raises(tierrt.ConfigError):
+        tierrt.nvme("/tmp/x", stripe=10**30)
+    assert tierrt.nvme("/tmp/x", stripe="1GiB").stripe == 1 << 30
+
+
 def test_budget_below_largest_block(nvme_dir):
     model = models.mlp(width=512)  # 1 MiB per Linear weight
     before = snapshot(model)

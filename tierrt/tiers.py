@@ -14,10 +14,10 @@ Without a GPU the compute device is the CPU; the DRAM tier then holds the blocks
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from .errors import ConfigError
+from .errors import ConfigError, ConfigTypeError
 from .sizes import Size, format_size, parse_size
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "nvme",
     "validate_tiers",
     "NUMA_POLICIES",
+    "MAX_STRIPE",
 ]
 
 NUMA_POLICIES = ("default", "bind", "interleave", "preferred")
@@ -115,7 +116,9 @@ class NvmeTier(TierSpec):
 def gpu(index: int = 0, budget: Size | None = None) -> GpuTier:
     """The GPU ``index`` as the compute tier; ``budget`` caps tierrt's use of its memory
     (default: what is free when the model is offloaded, less a reserve for activations)."""
-    if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+    if not isinstance(index, int) or isinstance(index, bool):
+        raise ConfigTypeError(f"gpu(index): expected a GPU index (int >= 0), got {index!r}")
+    if index < 0:
         raise ConfigError(f"gpu(index): expected a GPU index >= 0, got {index!r}")
     return GpuTier(budget=_budget(budget, "gpu budget"), index=index)
 
@@ -139,6 +142,11 @@ def cxl(budget: Size | None = None, node: int | Sequence[int] | None = None) -> 
     return CxlTier(budget=_budget(budget, "cxl budget"), node=_nodes(node, "cxl"))
 
 
+# The largest stripe unit nvme() takes: SSDs run at full speed from 64KiB-4MiB; a unit is also one
+# piece of a transfer, and the swap files are sized in whole units per path.
+MAX_STRIPE = 1 << 30
+
+
 def nvme(
     path_or_paths: str | os.PathLike | Sequence[str | os.PathLike],
     budget: Size | None = None,
@@ -147,18 +155,52 @@ def nvme(
     """Swap files in one directory or striped over several (one per SSD).
 
     ``budget`` caps the space used (default: exactly what the placement needs, checked against the
-    free space). Directories are created if missing.
+    free space). Directories are created if missing. ``stripe`` is the bytes per stripe unit: a
+    multiple of 4KiB, at most 1GiB. Each directory may appear once (compared after resolving
+    symbolic links and trailing slashes).
     """
-    if isinstance(path_or_paths, (str, os.PathLike)):
-        paths = (os.fspath(path_or_paths),)
-    else:
-        paths = tuple(os.fspath(p) for p in path_or_paths)
-    if not paths or any(not p for p in paths):
-        raise ConfigError("nvme(): expected at least one directory path")
+    paths = _nvme_paths(path_or_paths)
     stripe_bytes = parse_size(stripe, what="nvme stripe")
     if stripe_bytes < 4096 or stripe_bytes % 4096:
         raise ConfigError(f"nvme(stripe=...): must be a multiple of 4KiB, got {format_size(stripe_bytes)}")
+    if stripe_bytes > MAX_STRIPE:
+        raise ConfigError(
+            f"nvme(stripe=...): at most {format_size(MAX_STRIPE)}, got {format_size(stripe_bytes)}; "
+            "SSDs run at full speed with stripes of 64KiB to 4MiB (the default is 1MiB)"
+        )
     return NvmeTier(budget=_budget(budget, "nvme budget"), paths=paths, stripe=stripe_bytes)
+
+
+def _nvme_paths(path_or_paths: object) -> tuple[str, ...]:
+    """The directory paths of an nvme tier, checked: str or os.PathLike, non-empty, each once."""
+    if isinstance(path_or_paths, (str, os.PathLike)):
+        items: list[object] = [path_or_paths]
+    elif isinstance(path_or_paths, (bytes, bytearray)) or not isinstance(path_or_paths, Iterable):
+        raise ConfigTypeError(
+            f"nvme(): expected a directory path (str or os.PathLike) or a list of them, got {path_or_paths!r}"
+        )
+    else:
+        items = list(path_or_paths)
+    paths = tuple(_path_str(item) for item in items)
+    if not paths or any(not p for p in paths):
+        raise ConfigError("nvme(): expected at least one directory path")
+    seen: dict[str, str] = {}
+    for path in paths:
+        real = os.path.realpath(path)
+        if real in seen:
+            raise ConfigError(
+                f"nvme(): {seen[real]!r} and {path!r} are the same directory; give each directory "
+                "once (stripe over directories on different SSDs)"
+            )
+        seen[real] = path
+    return paths
+
+
+def _path_str(item: object) -> str:
+    path = os.fspath(item) if isinstance(item, (str, os.PathLike)) else None
+    if not isinstance(path, str):
+        raise ConfigTypeError(f"nvme(): expected directory paths as str or os.PathLike, got {item!r}")
+    return path
 
 
 def validate_tiers(tiers: Sequence[TierSpec]) -> list[TierSpec]:
@@ -209,13 +251,17 @@ def _budget(budget: Size | None, what: str) -> int | None:
 def _nodes(node: int | Sequence[int] | None, what: str) -> int | tuple[int, ...] | None:
     if node is None:
         return None
-    if isinstance(node, bool):
-        raise ConfigError(f"{what}(node=...): expected a NUMA node number, got {node!r}")
-    if isinstance(node, int):
+    if isinstance(node, int) and not isinstance(node, bool):
         if node < 0:
             raise ConfigError(f"{what}(node=...): NUMA node numbers are >= 0, got {node}")
         return node
+    if isinstance(node, (str, bytes)) or not isinstance(node, Iterable):
+        raise ConfigTypeError(
+            f"{what}(node=...): expected a NUMA node number or a list of them, got {node!r}"
+        )
     nodes = tuple(node)
-    if not nodes or any(not isinstance(n, int) or isinstance(n, bool) or n < 0 for n in nodes):
+    if any(not isinstance(n, int) or isinstance(n, bool) for n in nodes):
+        raise ConfigTypeError(f"{what}(node=...): expected NUMA node numbers (int), got {node!r}")
+    if not nodes or any(n < 0 for n in nodes):
         raise ConfigError(f"{what}(node=...): expected NUMA node numbers >= 0, got {node!r}")
     return nodes
