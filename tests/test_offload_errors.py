@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import os
 import signal
@@ -415,3 +416,43 @@ def test_interpreter_exit_with_a_runtime_left_open_is_clean(nvme_dir):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert os.listdir(nvme_dir) == []
+
+
+def test_trace_and_save_to_unwritable_paths_raise_tier_path_errors(nvme_dir, tmp_path):
+    model = models.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    batches = models.mlp_batches(2)
+    missing = str(tmp_path / "no" / "such" / "dir" / "out")
+    with tierrt.offload(model, tiers=[tierrt.dram("512KiB"), tierrt.nvme(nvme_dir)], optimizer=opt) as rt:
+        models.mlp_loss(model, batches[0]).backward()
+        opt.step()
+        for write in (rt.trace, rt.save):
+            with pytest.raises(tierrt.TierPathError, match="does not exist") as info:
+                write(missing)
+            assert info.value.path == missing and info.value.errno == errno.ENOENT
+            with pytest.raises(tierrt.TierPathError, match="is a directory") as info:
+                write(tmp_path)
+            assert info.value.errno == errno.EISDIR
+        with immutable_dir(str(tmp_path / "ro")) as ro:
+            for write in (rt.trace, rt.save):
+                target = os.path.join(ro, "out")
+                with pytest.raises(tierrt.TierPathError, match=target) as info:
+                    write(target)
+                assert info.value.errno in (errno.EPERM, errno.EACCES)
+            assert os.listdir(ro) == []
+        models.mlp_loss(model, batches[1]).backward()  # the run goes on
+        opt.step()
+    assert sorted(os.listdir(tmp_path)) == ["nvme", "ro"]  # nothing half-written
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    from tierrt.atomic import atomic_file
+
+    target = tmp_path / "model.safetensors"
+    target.write_bytes(b"previous")
+    with pytest.raises(KeyError):
+        with atomic_file(target, "save") as handle:
+            handle.write(b"half of the new")
+            raise KeyError("the data could not be produced")
+    assert os.listdir(tmp_path) == ["model.safetensors"]
+    assert target.read_bytes() == b"previous"

@@ -23,6 +23,7 @@ from collections import Counter
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from .atomic import atomic_file
 from .sizes import format_size
 
 __all__ = ["Counters", "Report", "write_chrome_trace"]
@@ -163,6 +164,7 @@ def write_chrome_trace(path: str | os.PathLike, spans: list[Any], origin: float 
     """Write ``spans`` (objects with name, category, lane, start, end, nbytes) as a Chrome trace.
 
     Each lane (e.g. "compute", "nvme->dram") becomes a row; times are microseconds from ``origin``.
+    Atomic (temporary file, rename); a path that cannot be written raises :class:`TierPathError`.
     """
     path = os.fspath(path)
     if origin is None:
@@ -186,6 +188,6 @@ def write_chrome_trace(path: str | os.PathLike, spans: list[Any], origin: float 
     for lane, tid in lanes.items():
         events.append({"name": "thread_name", "ph": "M", "pid": 1, "tid": tid, "args": {"name": lane}})
     events.append({"name": "process_name", "ph": "M", "pid": 1, "args": {"name": "tierrt"}})
-    with open(path, "w") as handle:
-        json.dump({"traceEvents": events, "displayTimeUnit": "ms"}, handle)
+    with atomic_file(path, "trace") as handle:
+        handle.write(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}).encode())
     return path

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .atomic import atomic_file
 from .errors import ConfigError, CorruptStoreError, TierPathError
 
 __all__ = ["TensorEntry", "SafetensorsIndex", "write_safetensors"]
@@ -154,7 +155,8 @@ def write_safetensors(
 ) -> str:  # type: ignore[valid-type]
     """Write a safetensors file of the named tensors, calling ``produce(name)`` for each one's value in
     order, so only one tensor is in memory at a time. Atomic: written to a temporary name, fsynced,
-    then renamed."""
+    then renamed; a path that cannot be written raises :class:`TierPathError` (path, errno) and
+    leaves no partial file."""
     path = os.fspath(path)
     specs = list(tensors)
     header: dict[str, object] = {"__metadata__": {"format": "pt", "writer": "tierrt"}}
@@ -171,21 +173,12 @@ def write_safetensors(
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(struct.pack("<Q", len(raw)))
-            handle.write(raw)
-            for name, dtype, shape in specs:
-                value = produce(name)
-                if value.dtype != dtype or tuple(value.shape) != tuple(shape):
-                    raise ConfigError(f"save: {name} changed dtype or shape while being written")
-                handle.write(value.contiguous().view(torch.uint8).reshape(-1).numpy().tobytes())
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path, "save") as handle:
+        handle.write(struct.pack("<Q", len(raw)))
+        handle.write(raw)
+        for name, dtype, shape in specs:
+            value = produce(name)
+            if value.dtype != dtype or tuple(value.shape) != tuple(shape):
+                raise ConfigError(f"save: {name} changed dtype or shape while being written")
+            handle.write(value.contiguous().view(torch.uint8).reshape(-1).numpy().tobytes())
     return path
