@@ -55,8 +55,11 @@ def atomic_file(path: str | os.PathLike, what: str) -> Iterator[BinaryIO]:
 
 
 def _path_error(what: str, path: str, code: int) -> TierPathError:
+    directory = os.path.dirname(os.path.abspath(path))
     hints = {
-        _errno.ENOENT: f"the directory {os.path.dirname(os.path.abspath(path))} does not exist",
+        _errno.ENOENT: f"the directory {directory} does not exist"
+        if not os.path.isdir(directory)
+        else f"no file can be created in {directory}",
         _errno.EISDIR: "it is a directory: give a file name",
         _errno.EACCES: "the directory is not writable",
         _errno.EPERM: "the directory is not writable",
