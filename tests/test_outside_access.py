@@ -184,6 +184,53 @@ def test_data_of_another_shape_or_storage_is_refused(nvme_dir):
     assert weight.shape == before.shape
 
 
+@pytest.mark.parametrize(
+    "move, target",
+    [
+        (lambda m: m.to("meta"), "meta"),
+        (lambda m: m[2].to("meta"), "meta"),
+        (lambda m: m.to_empty(device="meta"), "meta"),
+        (lambda m: m.to("cuda:1"), "cuda:1"),
+        (lambda m: m.to(torch.empty(1, device="meta")), "meta"),
+    ],
+)
+def test_moving_the_model_to_another_device_inside_is_refused(move, target, nvme_dir):
+    model = models.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    batches = models.mlp_batches(2)
+    reference = copy.deepcopy(model)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    for batch in batches:
+        models.mlp_loss(reference, batch).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+    with tierrt.offload(model, tiers=[tierrt.dram("512KiB"), tierrt.nvme(nvme_dir)], optimizer=opt):
+        models.mlp_loss(model, batches[0]).backward()
+        opt.step()
+        opt.zero_grad()
+        with pytest.raises(HookError, match=f"to {target} inside the offload context") as info:
+            move(model)
+        assert info.value.parameter.endswith("weight")
+        models.mlp_loss(model, batches[1]).backward()  # the model is unchanged and trains on
+        opt.step()
+    for a, b in zip(model.parameters(), reference.parameters()):
+        assert a.device == b.device and torch.equal(a, b)
+
+
+def test_moves_to_the_compute_device_inside_are_no_ops(nvme_dir):
+    model = models.mlp()
+    expected = copy.deepcopy(model)
+    x = torch.randn(2, 128)
+    with tierrt.offload(model, tiers=[tierrt.dram("512KiB"), tierrt.nvme(nvme_dir)]):
+        assert model.cpu() is model
+        model.to("cpu")
+        model.float()
+        out = model(x)
+    assert torch.equal(out, expected(x))
+    for a, b in zip(model.parameters(), expected.parameters()):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("loop", [_values_loop, _grads_loop], ids=["values", "grads"])
 def test_direct_use_on_the_gpu_path(loop, nvme_dir, monkeypatch):
     """The same with a GPU compute tier that evicts (backed by host memory, as in

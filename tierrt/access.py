@@ -107,6 +107,49 @@ def _storage_address(tensor: torch.Tensor) -> int | None:
         return None
 
 
+# Calls through which ``Module._apply`` moves a parameter to another device (``module.to()``,
+# ``.cuda()``, ``.cpu()``, ``.to_empty()``).
+_MOVES = frozenset({"to", "cuda", "cpu", "empty_like"})
+_MODULE_FILE = nn.Module._apply.__code__.co_filename
+
+
+def _in_module_apply() -> bool:
+    """Whether the call comes from ``nn.Module._apply`` (through its conversion function)."""
+    frame = sys._getframe(2)
+    for _ in range(6):
+        if frame is None:
+            return False
+        if frame.f_code.co_name == "_apply" and frame.f_code.co_filename == _MODULE_FILE:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _target_device(name: str, args: Any, kwargs: dict[str, Any]) -> torch.device | None:
+    """Where a move call sends its tensor, or None when it names no device (a dtype change)."""
+    try:
+        if name == "cpu":
+            return torch.device("cpu")
+        if name == "cuda":
+            index = args[1] if len(args) > 1 else kwargs.get("device")
+            return (
+                torch.device("cuda", index)
+                if isinstance(index, int) or index is None
+                else torch.device(index)
+            )
+        if name == "to":
+            device = torch._C._nn._parse_to(*args[1:], **kwargs)[0]
+            return None if device is None else torch.device(device)
+        device = kwargs.get("device")
+        return None if device is None else torch.device(device)
+    except (TypeError, RuntimeError, ValueError):  # arguments torch itself will refuse
+        return None
+
+
+def _same_device(target: torch.device, current: torch.device) -> bool:
+    return target.type == current.type and (target.index is None or target.index == current.index)
+
+
 def _tensors(value: Any) -> Iterator[torch.Tensor]:
     if isinstance(value, torch.Tensor):
         yield value
@@ -174,6 +217,8 @@ class ParameterAccess(torch.overrides.TorchFunctionMode):
                 return func(*args, **kwargs)
         elif _called_by_tierrt():
             return func(*args, **kwargs)
+        if found and name in _MOVES and _in_module_apply():
+            self._refuse_move(name, args, kwargs)
         if not found:
             result = func(*args, **kwargs)
         elif name.startswith("_foreach_") and len({bs.index for bs, _, _ in found.values()}) > 1:
@@ -183,6 +228,25 @@ class ParameterAccess(torch.overrides.TorchFunctionMode):
         for key in grads_changed:
             self._write_grad(key)
         return result
+
+    def _refuse_move(self, name: str, args: Any, kwargs: dict[str, Any]) -> None:
+        """``model.to(device)`` / ``.cuda()`` / ``.to_empty()``: torch would replace each offloaded
+        parameter with a new one on the other device, which the hooks do not know, and the next
+        forward would fail deep in torch. Refuse it with the parameter's name and what to do. A
+        move to the device the parameters are on (``.cpu()`` on the CPU) goes on as usual."""
+        param = args[0] if args else None
+        entry = self.hooks._slot_of.get(id(param))
+        target = _target_device(name, args, kwargs)
+        if entry is None or target is None or _same_device(target, param.device):
+            return
+        slot = entry[1]
+        call = "to_empty" if name == "empty_like" else name
+        raise HookError(
+            f"`.{call}()` would move {slot.name} to {target} inside the offload context: tierrt keeps "
+            f"the parameters in its tiers and computes on {param.device}. Move the model before "
+            "tierrt.offload(), or after the with-block (it is given back where it came from)",
+            parameter=slot.name,
+        )
 
     @staticmethod
     def _changed(name: str, args: Any, kwargs: dict[str, Any]) -> list[torch.Tensor]:
