@@ -166,6 +166,34 @@ def test_budget_below_largest_block(nvme_dir):
     assert os.listdir(nvme_dir) == []
 
 
+class _ParameterListNet(nn.Module):
+    """Six 64KiB parameters in one ParameterList, all read by the model's own forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.ps = nn.ParameterList(nn.Parameter(torch.randn(128, 128) * 0.05) for _ in range(6))
+        self.out = nn.Linear(128, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for p in self.ps:
+            x = torch.tanh(x @ p)
+        return self.out(x)
+
+
+def test_parameter_list_above_the_budget_says_why_it_is_not_split(nvme_dir):
+    model = _ParameterListNet()
+    opt = torch.optim.AdamW(model.parameters())
+    before = snapshot(model)
+    with pytest.raises(tierrt.TierCapacityError, match="Block ps cannot be split") as info:
+        with tierrt.offload(model, tiers=[tierrt.dram("512KiB"), tierrt.nvme(nvme_dir)], optimizer=opt):
+            pass
+    message = str(info.value)
+    assert "ParameterList" in message and "would fit" in message and "does not help" not in message
+    assert info.value.tier == "dram" and info.value.block == "ps" and info.value.requested > 512 * 1024
+    assert_untouched(model, before)
+
+
 def test_nvme_path_without_room(tmp_path):
     model = models.mlp(width=512)
     before = snapshot(model)

@@ -60,9 +60,10 @@ def test_saved_file_round_trips_into_a_cpu_model(nvme_dir, tmp_path):
 def test_meta_model_without_weights_is_refused(nvme_dir):
     with torch.device("meta"):
         model = models.mlp()
-    with pytest.raises(tierrt.HookError, match="meta device"):
+    with pytest.raises(tierrt.HookError, match="meta device") as info:
         with tierrt.offload(model, tiers=[tierrt.dram("8MiB"), tierrt.nvme(nvme_dir)]):
             pass
+    assert "and no weights= checkpoint was given:" in str(info.value)
 
 
 def test_corrupt_checkpoint(nvme_dir, tmp_path):

@@ -127,6 +127,7 @@ def plan_placement(
             tier=compute,
             requested=minimum,
             budget=compute_budget,
+            block=name,
         )
     # Depth that fits next to the minimum working set.
     fit_depth = (compute_budget - minimum) // max_w if max_w else wanted_depth

@@ -453,6 +453,9 @@ class Runtime:
                 raise
             budget = budgets[compute] or 0
             result = None
+            # The block the budget is short for, while split attempts fail on it unchanged.
+            unsplittable = first.details.get("block")
+            stuck = 0
             for divisor in (4, 8, 16, 32):
                 try:
                     result = attempt(max(budget // divisor, 4096))
@@ -463,11 +466,21 @@ class Runtime:
                     )
                     break
                 except TierCapacityError as error:
-                    if error.details.get("tensor"):
+                    if error.details.get("block") == unsplittable:
+                        stuck += 1
+                    elif error.details.get("block") is not None:
+                        unsplittable = None  # splitting changed the largest block
+                    if error.details.get("tensor") and not (unsplittable and stuck):
                         raise TierCapacityError(
                             f"{str(first).rstrip('. ')}. Splitting layers does not help: {error}",
                             **{**first.details, **error.details},
                         ) from None
+            if result is None and unsplittable is not None and stuck:
+                raise TierCapacityError(
+                    f"{str(first).rstrip('. ')}. Block {unsplittable} cannot be split: "
+                    f"{_why_unsplittable(model, unsplittable)}",
+                    **first.details,
+                ) from None
             if result is None:
                 raise
         if result[2] is not None:
@@ -499,12 +512,14 @@ class Runtime:
         if missing:
             shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
             where = (
-                f"the weights file {self.weights_source}" if index is not None else "no weights= checkpoint"
+                f"the weights file {self.weights_source} does not provide them"
+                if index is not None
+                else "no weights= checkpoint was given"
             )
             raise HookError(
-                f"{len(missing)} parameters are on the meta device (no values) and {where} does not provide "
-                f"them: {shown}. Pass weights= a safetensors checkpoint, init=True to initialise them, or "
-                "build the model on the CPU"
+                f"{len(missing)} parameters are on the meta device (no values) and {where}: {shown}. "
+                "Pass weights= a safetensors checkpoint, init=True to initialise them, or build the model "
+                "on the CPU"
             )
         for name, buf in model.named_buffers():
             if buf.device.type == "meta":
@@ -1347,6 +1362,17 @@ def _check_dense_gradients(model: nn.Module) -> None:
                 f"({label}.requires_grad_(False)) before entering, or offload a submodule without it",
                 module=label,
             )
+
+
+def _why_unsplittable(model: nn.Module, block: str) -> str:
+    """Why splitting layers left ``block`` whole: its parameters belong to one module directly."""
+    module = dict(model.named_modules()).get(block)
+    kind = f" ({type(module).__name__})" if module is not None else ""
+    return (
+        f"its parameters are held directly by module {block}{kind} and are used together by the forward "
+        "that reads them, so they move as one block. Raise the budget to the size above, or hold the "
+        "parameters in submodules each called on its own (a ModuleList of modules streams one at a time)"
+    )
 
 
 def _swap_tensor(param: nn.Parameter, value: torch.Tensor) -> None:
