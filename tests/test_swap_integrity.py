@@ -51,18 +51,34 @@ def _plain(steps: int, data, opt_cls=torch.optim.AdamW, **opt_kwargs):
     return model
 
 
+def _open_swap_files(nvme_dir: str) -> dict[str, str]:
+    """The swap files this process has open in ``nvme_dir``: their names are unlinked once opened,
+    so they are reached through /proc/self/fd. Returns {path tierrt named: /proc/self/fd/N}."""
+    found = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        path = target.removesuffix(" (deleted)")
+        if os.path.dirname(path) == os.path.realpath(nvme_dir) and path.endswith(".swap"):
+            found[path] = f"/proc/self/fd/{fd}"
+    return found
+
+
 def _damage(nvme_dir: str) -> list[str]:
     """Flip the first byte of every 4 KiB page of every swap file."""
-    files = glob.glob(os.path.join(nvme_dir, "*.swap"))
+    files = _open_swap_files(nvme_dir)
     assert files
-    for path in files:
-        with open(path, "r+b") as handle:
-            for offset in range(0, os.path.getsize(path), 4096):
+    for link in files.values():
+        with open(link, "r+b") as handle:
+            size = handle.seek(0, os.SEEK_END)
+            for offset in range(0, size, 4096):
                 handle.seek(offset)
                 byte = handle.read(1)
                 handle.seek(offset)
-                handle.write(bytes([byte[0] ^ 0xFF]) if byte else b"\xff")
-    return files
+                handle.write(bytes([byte[0] ^ 0xFF]))
+    return list(files)
 
 
 def test_damaged_swap_file_raises_and_leaving_names_what_was_lost(nvme_dir):
@@ -91,7 +107,7 @@ def test_damaged_swap_file_raises_and_leaving_names_what_was_lost(nvme_dir):
             assert torch.isnan(param).all(), name
         else:  # not read since the damage: the last committed step's value
             assert torch.equal(param, dict(reference.named_parameters())[name]), name
-    assert not glob.glob(os.path.join(nvme_dir, "*.swap"))
+    assert not _open_swap_files(nvme_dir) and not glob.glob(os.path.join(nvme_dir, "*.swap"))
 
 
 def test_leaving_with_the_dram_tier_full_of_held_memory_gives_the_model_back(nvme_dir):
