@@ -138,9 +138,10 @@ def test_an_optimizer_over_other_parameters_is_left_alone(nvme_dir):
     assert torch.equal(expected.weight, other.weight) and torch.equal(expected.bias, other.bias)
 
 
-def _one_step(model, opt) -> None:
-    models.lm_loss(model, models.token_batches(1)[0]).backward()
+def _one_step(model, opt, ids=None) -> None:
+    models.lm_loss(model, models.token_batches(1)[0] if ids is None else ids).backward()
     opt.step()
+    opt.zero_grad()
 
 
 def test_a_second_optimizer_is_refused(nvme_dir):
@@ -161,19 +162,48 @@ def test_native_optimizer_true_needs_the_optimizer_at_entry(nvme_dir):
 
 
 def test_eval_mode_at_entry_without_optimizer_is_refused(nvme_dir):
-    """Entered in eval mode without an optimizer: gradients have no home, so an optimizer created
-    inside could step nothing; step() says so instead of training nothing."""
+    """Entered in eval mode without an optimizer, and trained without calling model.train():
+    gradients have no home, so an optimizer created inside could step nothing; step() says so
+    instead of training nothing."""
     model = models.llama().eval()
     with tierrt.offload(model, tiers=tiers(model, nvme_dir)):
-        model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         with pytest.raises(tierrt.HookError, match="model.train"):
             _one_step(model, opt)
 
 
-def test_transformers_trainer_wrapped_by_offload_trains_like_plain(nvme_dir, tmp_path):
+def test_model_train_inside_a_context_entered_in_eval_mode_places_it_again(nvme_dir, caplog):
+    """A model from ``from_pretrained()`` is in eval mode; ``model.train()`` inside the context
+    places it again with room for gradients, and the run equals plain torch's bit for bit."""
+    data = models.token_batches(3)
+    reference = models.llama().eval()
+    ours = copy.deepcopy(reference)
+    with torch.no_grad():
+        expected_eval = reference(data[0]).logits
+    ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-3)
+    reference.train()
+    for ids in data:
+        _one_step(reference, ref_opt, ids)
+    with tierrt.offload(ours, tiers=tiers(ours, nvme_dir)) as rt:
+        with torch.no_grad():
+            assert torch.equal(ours(data[0]).logits, expected_eval)
+        opt = torch.optim.AdamW(ours.parameters(), lr=1e-3)
+        with caplog.at_level("WARNING", logger="tierrt"):
+            ours.train()
+        assert "placing the model again" in caplog.text
+        assert rt.grads is not None
+        for ids in data:
+            _one_step(ours, opt, ids)
+    for (name, a), b in zip(reference.named_parameters(), ours.parameters(), strict=True):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("eval_on_entry", [False, True], ids=["train_mode", "from_pretrained_eval_mode"])
+def test_transformers_trainer_wrapped_by_offload_trains_like_plain(eval_on_entry, nvme_dir, tmp_path):
     """``with tierrt.offload(model, tiers=...): trainer.train()``: the Trainer builds its optimizer
-    and scheduler inside the context; logs (loss, grad norm) and weights equal the plain Trainer's."""
+    and scheduler inside the context; logs (loss, grad norm) and weights equal the plain Trainer's.
+    Also for a model in eval mode on entry, as ``from_pretrained()`` returns it (the Trainer's
+    ``model.train()`` places it again with room for gradients)."""
     pytest.importorskip("accelerate")
     transformers = pytest.importorskip("transformers")
     transformers.logging.set_verbosity_error()
@@ -217,6 +247,8 @@ def test_transformers_trainer_wrapped_by_offload_trains_like_plain(nvme_dir, tmp
 
     reference = models.llama()
     ours = copy.deepcopy(reference)
+    if eval_on_entry:
+        ours.eval()
     ref_trainer, ref_logs = trainer(reference, "plain")
     ref_trainer.train()
     our_trainer, logs = trainer(ours, "tierrt")

@@ -152,7 +152,7 @@ class DeepcopyPatch:
                 kept = type(value)()
                 kept.update((k, v) for k, v in value.items() if k not in ours)
                 state[key] = kept
-        for name in ("forward", "zero_grad"):
+        for name in ("forward", "zero_grad", "train"):
             if name in state:
                 original = runtime.instance_original(module, name, state[name])
                 if original is None:

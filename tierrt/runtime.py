@@ -227,7 +227,9 @@ class Runtime:
         self.grads: GradientStore | None = None
         self.blockwise: BlockwiseOptimizer | None = None
         self._originals: dict[int, tuple[torch.device, torch.dtype]] = {}
-        self._patched_zero_grad: Any = None
+        # name -> (the model's own instance attribute or None, tierrt's): zero_grad, train
+        self._patched_methods: dict[str, tuple[Any, Any]] = {}
+        self._train_requested = False  # model.train() inside a context entered in eval mode
         self._state_dict_handles: list[Any] = []
         # id(state dict being filled) -> {id(param): (weak reference to its value, block versions)}
         self._state_dict_reads: tuple[int, dict[int, tuple[weakref.ref, tuple[int, ...]]]] = (0, {})
@@ -492,7 +494,36 @@ class Runtime:
         with trainable parameters (``model.eval()`` before entering saves their room)."""
         if not any(p.requires_grad for p in params):
             return False
-        return self.optimizer is not None or self.model.training
+        return self.optimizer is not None or self.model.training or self._train_requested
+
+    def _make_room_for_gradients(self) -> None:
+        """``model.train()`` inside a context entered with the model in eval mode and no optimizer
+        (a model from ``from_pretrained()`` handed to a ``Trainer``): the tiers were planned without
+        gradients. Place the model again with room for them (one pass over its weights), so that
+        the training that follows has its gradients in the tiers and its optimizer adopted."""
+        if not self.active or self.grads is not None or self._train_requested:
+            return
+        if not any(p.requires_grad for p in self.model.parameters()):
+            return
+        if self.hooks is not None and self.hooks.in_forward():
+            return
+        meta = any(device.type == "meta" for device, _ in self._originals.values())
+        if meta or self.restore_on_exit is False:
+            log.warning(
+                "tierrt: model.train() inside a context entered in eval mode, but the model cannot be "
+                "placed again (%s): it has no room for gradients; call model.train() before entering",
+                "parameters from the meta device" if meta else "restore=False",
+            )
+            return
+        log.warning(
+            "tierrt: model.train() inside a context entered in eval mode (no optimizer given): "
+            "placing the model again with room for gradients (one pass over its weights). Call "
+            "model.train() before tierrt.offload(), or pass optimizer=, to skip this"
+        )
+        self._train_requested = True
+        self.close()
+        self.closed = False
+        self.start()
 
     def _check_sources(self, model: nn.Module, compute_device: torch.device) -> None:
         """Every parameter must have a value: in memory, or in the ``weights`` checkpoint."""
@@ -774,18 +805,25 @@ class Runtime:
     def _patch_model(self) -> None:
         model = self.model
         grads = self.grads
-        original = model.__dict__.get("zero_grad")
+        runtime = weakref.ref(self)
 
         def zero_grad(module_self: nn.Module, set_to_none: bool = True) -> None:
             if grads is not None:
                 grads.zero(set_to_none)  # also gradients assigned by hand to offloaded parameters
             type(module_self).zero_grad(module_self, set_to_none)
 
+        def train(module_self: nn.Module, mode: bool = True) -> nn.Module:
+            rt = runtime()
+            if mode and rt is not None:
+                rt._make_room_for_gradients()
+            return type(module_self).train(module_self, mode)
+
         import types
 
-        model.zero_grad = types.MethodType(zero_grad, model)  # type: ignore[method-assign]
-        self._patched_zero_grad = (original, model.__dict__["zero_grad"])
-        runtime = weakref.ref(self)
+        for name, method in (("zero_grad", zero_grad), ("train", train)):
+            original = model.__dict__.get(name)
+            setattr(model, name, types.MethodType(method, model))
+            self._patched_methods[name] = (original, model.__dict__[name])
 
         def state_dict_post_hook(
             module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any
@@ -806,13 +844,14 @@ class Runtime:
 
     def _unpatch_model(self) -> None:
         model = self.model
-        if self._patched_zero_grad is not None:
-            original, _ = self._patched_zero_grad
+        for name, (original, patched) in self._patched_methods.items():
+            if model.__dict__.get(name) is not patched:
+                continue  # replaced since by someone else: theirs stays
             if original is None:
-                model.__dict__.pop("zero_grad", None)
+                model.__dict__.pop(name, None)
             else:
-                model.zero_grad = original  # type: ignore[method-assign]
-            self._patched_zero_grad = None
+                setattr(model, name, original)
+        self._patched_methods.clear()
         for handle in self._state_dict_handles:
             handle.remove()
         self._state_dict_handles.clear()
@@ -883,12 +922,12 @@ class Runtime:
         return ids | (self.hooks.handle_ids() if self.hooks is not None else set())
 
     def instance_original(self, module: nn.Module, name: str, current: Any) -> Any:
-        """``module``'s instance attribute ``name`` ("forward", "zero_grad") as it is without
+        """``module``'s instance attribute ``name`` ("forward", "zero_grad", "train") as it is without
         tierrt (None: it has none), given its value now."""
         if name == "forward" and self.hooks is not None:
             return self.hooks.original_forward(module, current)
-        if name == "zero_grad" and self._patched_zero_grad is not None and module is self.model:
-            original, patched = self._patched_zero_grad
+        if name in self._patched_methods and module is self.model:
+            original, patched = self._patched_methods[name]
             return original if current is patched else current
         return current
 
