@@ -82,3 +82,37 @@ def test_state_dict_keeps_tied_weights_tied(nvme_dir):
         assert _ties(inside) == _ties(plain)
         for key, value in plain.items():
             assert torch.equal(inside[key], value), key
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_optimizer_zero_grad_clears_only_its_own_parameters(set_to_none, nvme_dir):
+    """Progressive unfreezing: the optimizer starts with the top layers and gains the rest by
+    ``add_param_group``; meanwhile the others accumulate gradients, which its ``zero_grad()`` leaves
+    alone (as torch does), so the group added later steps with them."""
+    data = models.mlp_batches(4)
+
+    def loop(model: nn.Module) -> tuple[list[torch.Tensor], nn.Module]:
+        layers = list(model.children())
+        opt = torch.optim.AdamW([p for layer in layers[-2:] for p in layer.parameters()], lr=1e-3)
+        losses = []
+        for step, batch in enumerate(data):
+            if step == 2:
+                opt.add_param_group({"params": [p for layer in layers[:-2] for p in layer.parameters()]})
+            loss = models.mlp_loss(model, batch)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=set_to_none)
+            losses.append(loss.detach().clone())
+        return losses, model
+
+    reference = models.mlp()
+    expected, _ = loop(reference)
+    model = models.mlp()
+    with tierrt.offload(model, tiers=[tierrt.dram(streaming_budget(model)), tierrt.nvme(nvme_dir)]):
+        got, _ = loop(model)
+    assert all(torch.equal(a, b) for a, b in zip(expected, got))
+    for (name, a), b in zip(reference.named_parameters(), model.parameters()):
+        assert torch.equal(a, b), name
+        assert (a.grad is None) == (b.grad is None), name
+        if a.grad is not None:
+            assert torch.equal(a.grad, b.grad), name

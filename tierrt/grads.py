@@ -193,21 +193,45 @@ class GradientStore:
         present = self.present.get(bs.index, set())
         return {i: self.store.slot_view(bs, ks, bs.spec.slots[i], "dram") for i in present}
 
-    def zero(self, set_to_none: bool = True) -> None:
+    def zero(self, set_to_none: bool = True, only: set[int] | None = None) -> None:
         """``optimizer.zero_grad()`` for offloaded parameters.
 
         ``set_to_none=True`` forgets every gradient (no I/O). ``set_to_none=False`` keeps them as
         zeros, as torch does, so that a following step sees zero gradients. A block whose update is
         still pending keeps its gradients until that update ran. Gradients assigned by hand
-        (``p.grad = g``) are cleared too."""
-        self.take_assigned(drop=set_to_none)
+        (``p.grad = g``) are cleared too. ``only`` (ids of parameters) limits it to those, as an
+        optimizer's ``zero_grad()`` clears its own parameters' gradients and leaves the others."""
+        self.take_assigned(drop=set_to_none and only is None)
         for bs in self.pipeline.blocks:
-            if "grad" not in bs.kinds or not self.present.get(bs.index):
+            present = self.present.get(bs.index)
+            if "grad" not in bs.kinds or not present:
                 continue
+            if only is not None:
+                slots = bs.spec.slots
+                cleared = {i for i in present if id(slots[i].param) in only}
+                if cleared != present:
+                    self._zero_slots(bs, cleared, set_to_none)
+                    continue
             if self.updates is not None and self.updates.on_zero_grad(bs, set_to_none):
                 continue
             self.zero_block(bs, set_to_none)
         self.pending_blocks = {i for i in self.pending_blocks if self.present.get(i)}
+
+    def _zero_slots(self, bs: BlockState, slot_indices: set[int], set_to_none: bool) -> None:
+        """Clear some of ``bs``'s gradients and keep the others (parameters outside the optimizer
+        whose ``zero_grad()`` this is)."""
+        if not slot_indices:
+            return
+        if self.updates is not None and self.updates.has_pending(bs.index):
+            self.updates.apply(bs.index)  # it reads these gradients
+        ks = bs.kinds["grad"]
+        for slot_index in sorted(slot_indices):
+            if set_to_none:
+                self.clear(bs, slot_index)
+            else:
+                slot = bs.spec.slots[slot_index]
+                dtype = ks.layout.dtypes[ks.layout.slots.index(slot_index)]
+                self.assign(bs, slot, torch.zeros(slot.shape, dtype=dtype))
 
     def zero_block(self, bs: BlockState, set_to_none: bool) -> None:
         self._forget_factors(bs)

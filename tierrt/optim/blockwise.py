@@ -303,7 +303,7 @@ class BlockwiseOptimizer:
         """torch's ``zero_grad``: the stored gradients (and any assigned by hand to offloaded
         parameters) are cleared in the tiers, the other parameters' ``.grad`` as torch does."""
         assert self.grads is not None
-        self.grads.zero(set_to_none)
+        self.grads.zero(set_to_none, only=self.updates.members if self.updates is not None else None)
         for p in self.unmanaged:
             if p.grad is not None:
                 if set_to_none:
