@@ -258,3 +258,27 @@ def test_transformers_trainer_wrapped_by_offload_trains_like_plain(eval_on_entry
     for (name, a), b in zip(reference.named_parameters(), ours.parameters(), strict=True):
         assert torch.equal(a, b), name
     assert not torch.equal(next(reference.parameters()), next(models.llama().parameters()))
+
+
+def test_a_new_optimizer_takes_over_from_an_adopted_one(nvme_dir):
+    """Two training phases in one context, each with its own optimizer created inside (two
+    Trainers, or a new optimizer after unfreezing): the second takes over from the adopted first,
+    and stepping the first again adopts it back, as plain torch would step either."""
+    data = models.token_batches(5)
+
+    def phases(model):
+        first = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
+        for ids in data[:2]:
+            _one_step(model, first, ids)
+        second = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        for ids in data[2:4]:
+            _one_step(model, second, ids)
+        _one_step(model, first, data[4])
+
+    reference = models.llama()
+    ours = copy.deepcopy(reference)
+    phases(reference)
+    with tierrt.offload(ours, tiers=tiers(ours, nvme_dir)):
+        phases(ours)
+    for (name, a), b in zip(reference.named_parameters(), ours.parameters(), strict=True):
+        assert torch.equal(a, b), name

@@ -230,6 +230,7 @@ class Runtime:
         # name -> (the model's own instance attribute or None, tierrt's): zero_grad, train
         self._patched_methods: dict[str, tuple[Any, Any]] = {}
         self._train_requested = False  # model.train() inside a context entered in eval mode
+        self._adopted = False  # self.optimizer was adopted (not passed to offload())
         self._state_dict_handles: list[Any] = []
         # id(state dict being filled) -> {id(param): (weak reference to its value, block versions)}
         self._state_dict_reads: tuple[int, dict[int, tuple[weakref.ref, tuple[int, ...]]]] = (0, {})
@@ -736,6 +737,8 @@ class Runtime:
             "pass the optimizer to tierrt.offload(model, ..., optimizer=opt) (with a transformers "
             "Trainer: build opt first, Trainer(..., optimizers=(opt, None)))"
         )
+        if self.optimizer is not None and self._adopted:
+            self._let_go_of_adopted(name)
         if self.optimizer is not None:
             raise HookError(
                 f"{name} steps parameters offloaded by a tierrt.offload() that steps them with another "
@@ -765,12 +768,29 @@ class Runtime:
         self._connect(blockwise)
         blockwise.take_over_step_in_progress()
         self.optimizer, self.blockwise = optimizer, blockwise
+        self._adopted = True
         log.warning(
             "tierrt: adopted %s, which was not passed to tierrt.offload(): it now steps the offloaded "
             "parameters block by block (torch's arithmetic), but its state lives in process memory "
             "outside the tiers' budgets and no update overlaps backward; %s to keep its state in the tiers",
             name,
             advice,
+        )
+
+    def _let_go_of_adopted(self, successor: str) -> None:
+        """Another optimizer steps the model after one adopted earlier (a second ``Trainer``, a new
+        training phase): the earlier one's pending updates are applied, it is handed back to torch
+        (its state is in its own ``state``, as adopted optimizers keep it), and the new one is
+        adopted in its place. Stepping the earlier one again adopts it back."""
+        assert self.blockwise is not None and self.optimizer is not None
+        previous = type(self.optimizer).__name__
+        self.blockwise.finish()
+        self.blockwise.remove()
+        self.optimizer, self.blockwise, self._adopted = None, None, False
+        log.info(
+            "tierrt: %s steps the model now; %s, adopted earlier, is handed back to torch",
+            successor,
+            previous,
         )
 
     def _connect(self, blockwise: BlockwiseOptimizer) -> None:
