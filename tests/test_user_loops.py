@@ -116,3 +116,48 @@ def test_optimizer_zero_grad_clears_only_its_own_parameters(set_to_none, nvme_di
         assert (a.grad is None) == (b.grad is None), name
         if a.grad is not None:
             assert torch.equal(a.grad, b.grad), name
+
+
+class _MaxNormEmbedding(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(64, 32, max_norm=1.0)
+        self.layers = nn.ModuleList(nn.Linear(32, 32) for _ in range(4))
+        self.head = nn.Linear(32, 64)
+        with torch.no_grad():
+            self.embed.weight.mul_(3.0)  # rows well above max_norm: every lookup renormalises
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids)
+        for layer in self.layers:
+            h = torch.tanh(layer(h))
+        return self.head(h)
+
+
+@pytest.mark.parametrize("make_opt", [torch.optim.AdamW, torch.optim.SGD], ids=["native_adamw", "sgd"])
+def test_a_forward_that_changes_a_weight_in_place_keeps_the_change(make_opt, nvme_dir):
+    """``nn.Embedding(max_norm=...)`` renormalises the rows it looks up, in place, inside forward:
+    the change reaches the tiers (and the master weights) as it stays in the parameter in torch."""
+
+    def loop(model: nn.Module, opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+        losses = []
+        for step in range(4):
+            ids = torch.randint(0, 64, (4, 8), generator=torch.Generator().manual_seed(step))
+            loss = nn.functional.cross_entropy(model(ids).flatten(0, 1), ids.flatten())
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.detach().clone())
+        return losses
+
+    reference = _MaxNormEmbedding()
+    model = copy.deepcopy(reference)
+    expected = loop(reference, make_opt(reference.parameters(), lr=1e-2))
+    opt = make_opt(model.parameters(), lr=1e-2)
+    tiers = [tierrt.dram(streaming_budget(model)), tierrt.nvme(nvme_dir)]
+    with tierrt.offload(model, tiers=tiers, optimizer=opt):
+        got = loop(model, opt)
+    assert all(torch.equal(a, b) for a, b in zip(expected, got))
+    for (name, a), b in zip(reference.named_parameters(), model.parameters()):
+        assert torch.equal(a, b), name

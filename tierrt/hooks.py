@@ -50,6 +50,11 @@ __all__ = ["HookSet", "SavedWeightRef", "unfrozen_error"]
 _ACTIVE_HOOKSETS: list[weakref.ref[HookSet]] = []
 
 
+def _versions_of(blocks: list[BlockState]) -> list[int]:
+    """The version counters of the blocks' parameters (each in-place change of one bumps it)."""
+    return [slot.param._version for bs in blocks for slot in bs.spec.slots]
+
+
 class _OtherRuntimeRef:
     """A saved weight of another active runtime, packed by this one's hook: unpacked by its owner."""
 
@@ -183,6 +188,8 @@ class HookSet:
         # through module(...) are running per module (id) while their forward runs
         self._wrapped: list[tuple[nn.Module, Any, Callable[..., Any]]] = []
         self._in_call: dict[int, int] = {}
+        # id(module) -> its parameters' versions at each running call's start (see _write_changed)
+        self._versions: dict[int, list[list[int]]] = {}
         self._direct: dict[int, tuple[Callable[..., None], Callable[..., None]]] = {}  # id -> pre, post
         # (name, param) of parameters without a gradient buffer (frozen on entry) while training
         self.untrained: list[tuple[str, nn.Parameter]] = []
@@ -388,6 +395,9 @@ class HookSet:
                     pipeline.acquire(bs, phase)
             finally:
                 self._internal -= 1
+            if not in_backward:
+                # versions after any pending update: what the module's own forward changes shows
+                self._versions.setdefault(id(module), []).append(_versions_of(needed))
 
         return pre_hook
 
@@ -396,6 +406,9 @@ class HookSet:
 
         def post_hook(module: nn.Module, args: Any, output: Any) -> None:
             self._in_call[id(module)] = self._in_call.get(id(module), 1) - 1
+            stack = self._versions.get(id(module))
+            if stack and torch._C._current_graph_task_id() < 0:
+                self._write_changed(needed, stack.pop())
             for bs in needed:
                 pipeline.release(bs)
             if torch.is_autocast_enabled(pipeline.device.type):
@@ -404,6 +417,27 @@ class HookSet:
                 self._acquire_when_backward_reaches(output, needed)
 
         return post_hook
+
+    def _write_changed(self, needed: list[BlockState], before: list[int]) -> None:
+        """Parameters the module's forward changed in place (``nn.Embedding(max_norm=...)``
+        renormalises the rows it looks up): write them into the tiers, master weights too, as
+        plain torch would keep the change. Seen by the parameters' version counters."""
+        after = _versions_of(needed)
+        if after == before:
+            return
+        position = 0
+        for bs in needed:
+            changed = {}
+            for slot in bs.spec.slots:
+                if after[position] != before[position]:
+                    changed[slot.index] = slot.param.data
+                position += 1
+            if changed:
+                self._internal += 1
+                try:
+                    self.pipeline.write_values(bs, changed)
+                finally:
+                    self._internal -= 1
 
     def _drop_autocast_casts(self, needed: list[BlockState]) -> None:
         """Under ``torch.autocast``, fp32 weights are cast to the lower precision once per autocast
