@@ -250,3 +250,24 @@ def test_direct_use_on_the_gpu_path(loop, nvme_dir, monkeypatch):
     assert _equal(got, expected)
     for p, q in zip(model.parameters(), reference.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+def test_an_alias_kept_past_the_context_views_the_restored_parameter(nvme_dir):
+    """``w = p.detach()`` taken inside and still held after the with-block is ``p``'s memory, as in
+    torch: it shows the trained value and follows later changes of ``p``."""
+    model = models.llama(layers=2, width=64, vocab=500, intermediate=172)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    tiers = [tierrt.dram(streaming_budget(model, adam=False)), tierrt.nvme(nvme_dir)]
+    with tierrt.offload(model, tiers=tiers, optimizer=opt):
+        kept = model.model.layers[0].mlp.up_proj.weight.detach()
+        data = model.lm_head.weight.data
+        for ids in models.token_batches(2):
+            models.lm_loss(model, ids).backward()
+            opt.step()
+            opt.zero_grad()
+    weight = model.model.layers[0].mlp.up_proj.weight
+    assert torch.equal(kept, weight) and torch.equal(data, model.lm_head.weight)
+    with torch.no_grad():
+        weight.mul_(2.0)
+    assert torch.equal(kept, weight)
+    assert kept.untyped_storage().data_ptr() == weight.untyped_storage().data_ptr()

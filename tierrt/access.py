@@ -175,6 +175,7 @@ class ParameterAccess(torch.overrides.TorchFunctionMode):
         # (block, slot index) -> (weak reference, what the copy was read at): ``p.grad`` read twice
         # gives the same tensor while the stored gradient has not changed, as in plain torch
         self._grad_reads: dict[tuple[int, int], tuple[weakref.ref, tuple[Any, ...]]] = {}
+        self.left: list[tuple[torch.Tensor, nn.Parameter]] = []  # see pop()
         # storage address of a copy -> (weak reference, the call that took the view, its block):
         # a view of a parameter taken between steps is a copy; a change made in place to the copy
         # (or to a view of it: ``p.view(-1)[:4].zero_()``) is written into the parameter's view
@@ -631,6 +632,11 @@ class ParameterAccess(torch.overrides.TorchFunctionMode):
         stay; this one then only passes calls through."""
         self.resume()
         self.enabled = False
+        self.left = [  # stand-ins still held by the user: tied to the restored parameters on exit
+            (standin, bs.spec.slots[slot_index].param)
+            for ref, bs, slot_index in self._standins.values()
+            if (standin := ref()) is not None
+        ]
         self._standins.clear()
         self._grad_copies.clear()
         self._grad_reads.clear()

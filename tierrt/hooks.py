@@ -172,6 +172,8 @@ class HookSet:
         # Parameters used outside any call of a module holding them (see tierrt.access).
         self._slot_of: dict[int, tuple[BlockState, Any]] = {}  # id(param) -> (block, ParamSlot)
         self._access: ParameterAccess | None = None
+        # (stand-in, parameter): ``p.detach()`` / ``p.data`` results still held when the mode left
+        self.standins_left: list[tuple[torch.Tensor, nn.Parameter]] = []
         self._root_running = False  # between the model's forward pre-hook and its post-hook
         # The first forwards are watched for parameters used outside a call of the module holding
         # them (tierrt.access); later ones are not (the torch-function mode passes straight through)
@@ -262,6 +264,7 @@ class HookSet:
             self._root_post(self.model, (), None)
         if self._access is not None:
             self._access.pop()
+            self.standins_left = self._access.left
             self._access = None
         for handle in self._handles:
             handle.remove()

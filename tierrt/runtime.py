@@ -1008,7 +1008,12 @@ class Runtime:
         from .adopt import OptimizerAdoption
 
         OptimizerAdoption.remove(self)
-        for restore in (self._restore_buffers, self._export_optimizer_state, self._restore_all):
+        for restore in (
+            self._restore_buffers,
+            self._export_optimizer_state,
+            self._restore_all,
+            self._tie_standins,
+        ):
             try:  # each on its own: a lost optimizer state does not keep the weights from coming back
                 restore()
             except BaseException as exc:  # noqa: BLE001
@@ -1062,6 +1067,18 @@ class Runtime:
         if self.restore_on_exit:
             return True
         return any(device.type != "meta" for device, _ in self._originals.values())
+
+    def _tie_standins(self) -> None:
+        """``w = p.detach()`` (or ``p.data``) taken inside and still held: after the model is back,
+        ``w`` views ``p``'s memory, as the alias it is in torch."""
+        if self.hooks is None:
+            return
+        for standin, param in self.hooks.standins_left:
+            if not param.is_meta and standin.shape == param.shape and standin.dtype == param.dtype:
+                standin.data = param.data
+            if "tierrt_standin_of" in standin.__dict__:
+                del standin.tierrt_standin_of
+        self.hooks.standins_left = []
 
     def _export_optimizer_state(self) -> None:
         if self.blockwise is not None and self._restores_values():
