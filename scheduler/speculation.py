@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from tierrt.errors import HyperparameterError
 from tierrt.optim.updaters import HyperSnapshot
 
 from .transfer import Span, Transfer, TransferShare, TransferWorker
@@ -105,6 +106,8 @@ class Speculator:
             return
         if self._hyper is None:
             self._hyper = HyperSnapshot.take(owner.updater.optimizer)
+        if not self._usable(self._hyper):
+            return
         owner.try_commit()  # the previous step's extents are free once it is wholly home
         self.reap()  # earlier updates already home give their DRAM buffers back
         kinds = owner.changed_kinds(bs)
@@ -147,6 +150,16 @@ class Speculator:
         spec = Speculation(bs.index, slots, self._hyper, grads.generation(bs.index), buffers, extents)
         spec.job = self._submit(bs, spec, kinds)
         self.specs[bs.index] = spec
+
+    def _usable(self, hyper: HyperSnapshot) -> bool:
+        """Whether the update can run with ``hyper``; if not, nothing is speculated and step()
+        raises the reason."""
+        try:
+            self.owner.updater.check_hyper(hyper)
+        except HyperparameterError as error:
+            log.debug("not speculating: %s", error)
+            return False
+        return True
 
     def _submit(self, bs: BlockState, spec: Speculation, kinds: list[str]) -> Transfer:
         owner, store = self.owner, self.pipeline.store

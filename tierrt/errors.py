@@ -24,6 +24,7 @@ __all__ = [
     "TierrtError",
     "ConfigError",
     "ConfigTypeError",
+    "HyperparameterError",
     "TierCapacityError",
     "TierPathError",
     "IOEngineError",
@@ -75,6 +76,20 @@ class ConfigError(TierrtError, ValueError):
 class ConfigTypeError(ConfigError, TypeError):
     """An argument of the wrong type (``nvme(None)``, ``dram(node=1.5)``): a :class:`ConfigError`
     that ``except TypeError`` also catches, as it would catch Python's own error for it."""
+
+
+class HyperparameterError(ConfigTypeError):
+    """A param group's hyperparameter that the optimizer's arithmetic cannot use (``lr=None``,
+    ``lr="0.01"``, ``betas`` that are not two numbers, ``amsgrad=True`` turned on after entering).
+    Raised by ``optimizer.step()`` before anything changes. It is a ``TypeError`` (what torch's own
+    step raises for such values) and a ``ValueError``. Attributes: ``group`` (index), ``key``."""
+
+
+def noted(error: BaseException, note: str) -> BaseException:
+    """``error`` itself, with ``note`` added (shown under its message in tracebacks): what the
+    failure meant for tierrt's state, keeping the original exception's class and arguments."""
+    error.add_note(note)
+    return error
 
 
 class TierCapacityError(TierrtError, MemoryError):

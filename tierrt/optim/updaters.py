@@ -16,13 +16,14 @@ LR scheduler stepping right after does not change an update that runs later.
 from __future__ import annotations
 
 import logging
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, HyperparameterError
 
 if TYPE_CHECKING:
     from ..store import BlockState, TensorStore
@@ -121,6 +122,11 @@ class Updater:
 
     def advance(self, changes: dict[int, Any]) -> None:
         """Apply counter changes returned by ``apply(..., advance=False)``."""
+        return None
+
+    def check_hyper(self, hyper: HyperSnapshot) -> None:
+        """Raise :class:`HyperparameterError` when a group's hyperparameters cannot be stepped with
+        (checked by ``step()`` before anything changes). The torch updater leaves this to torch."""
         return None
 
     def has_state(self, param: torch.nn.Parameter) -> bool:
@@ -325,6 +331,31 @@ class NativeAdamUpdater(Updater):
             )
         return group_refusal(group)
 
+    def check_hyper(self, hyper: HyperSnapshot) -> None:
+        for index, group in enumerate(hyper.groups):
+            for key in ("lr", "eps", "weight_decay"):
+                _check_real(group, index, key)
+            _check_betas(group, index)
+            if group.get("amsgrad", False) and "max_exp_avg_sq" not in self.state_kinds:
+                raise HyperparameterError(
+                    f"param group {index}: amsgrad=True, but no group had it on entering "
+                    f"tierrt.offload(), so the tiers hold no max_exp_avg_sq for it. {_UNCHANGED} "
+                    "Set amsgrad before entering",
+                    group=index,
+                    key="amsgrad",
+                )
+
+    def _arguments(self, group: dict[str, Any]) -> dict[str, Any]:
+        """The kernel's hyperparameter arguments for a param group (raises before any change)."""
+        return {
+            "lr": float(group["lr"]),
+            "betas": (float(group["betas"][0]), float(group["betas"][1])),
+            "eps": float(group["eps"]),
+            "weight_decay": float(group["weight_decay"]),
+            "amsgrad": bool(group.get("amsgrad", False)),
+            "maximize": bool(group.get("maximize", False)),
+        }
+
     def apply(
         self,
         store: TensorStore,
@@ -337,6 +368,11 @@ class NativeAdamUpdater(Updater):
         advance: bool = True,
         sources: dict[str, Any] | None = None,
     ) -> dict[int, Any]:
+        # Every slot's arguments first: a hyperparameter that cannot be used raises before any change.
+        arguments = {
+            slot_index: self._arguments(hyper.groups[self.group_of[id(bs.spec.slots[slot_index].param)]])
+            for slot_index in slots
+        }
         weights = _views(store, bs, wkind, buffers)
         grads = _views(store, bs, "grad", buffers)
         m = _views(store, bs, "exp_avg", buffers)
@@ -347,7 +383,7 @@ class NativeAdamUpdater(Updater):
         changes: dict[int, Any] = {}
         for slot_index in slots:
             param = bs.spec.slots[slot_index].param
-            group = hyper.groups[self.group_of[id(param)]]
+            args = arguments[slot_index]
             fresh = id(param) not in self.steps
             step = self.steps.get(id(param), 0) + 1
             if fresh:  # no state yet: torch starts from zeros
@@ -362,17 +398,12 @@ class NativeAdamUpdater(Updater):
                 m[slot_index],
                 v[slot_index],
                 step=step,
-                lr=float(group["lr"]),
-                betas=(float(group["betas"][0]), float(group["betas"][1])),
-                eps=float(group["eps"]),
-                weight_decay=float(group["weight_decay"]),
                 decoupled=self.decoupled,
-                amsgrad=bool(group.get("amsgrad", False)),
-                max_exp_avg_sq=vmax.get(slot_index) if group.get("amsgrad", False) else None,
-                maximize=bool(group.get("maximize", False)),
+                max_exp_avg_sq=vmax.get(slot_index) if args["amsgrad"] else None,
                 grad_scale=last,
                 out=out.get(slot_index),
                 param_in=weights_in.get(slot_index),
+                **args,
             )
             changes[id(param)] = step
         if advance:
@@ -408,6 +439,30 @@ class NativeSGDUpdater(Updater):
     def describe(self) -> str:
         return "native SGD (SIMD kernel" + (", momentum in the tiers)" if self.momentum else ")")
 
+    def check_hyper(self, hyper: HyperSnapshot) -> None:
+        for index, group in enumerate(hyper.groups):
+            for key in ("lr", "momentum", "dampening", "weight_decay"):
+                _check_real(group, index, key)
+            if float(group.get("momentum", 0.0)) != 0.0 and not self.momentum:
+                raise HyperparameterError(
+                    f"param group {index}: momentum={group['momentum']!r}, but no group had momentum "
+                    f"on entering tierrt.offload(), so the tiers hold no momentum_buffer for it. "
+                    f"{_UNCHANGED} Set momentum before entering",
+                    group=index,
+                    key="momentum",
+                )
+
+    def _arguments(self, group: dict[str, Any]) -> dict[str, Any]:
+        """The kernel's hyperparameter arguments for a param group (raises before any change)."""
+        return {
+            "lr": float(group["lr"]),
+            "momentum": float(group.get("momentum", 0.0)),
+            "dampening": float(group.get("dampening", 0.0)),
+            "nesterov": bool(group.get("nesterov", False)),
+            "weight_decay": float(group.get("weight_decay", 0.0)),
+            "maximize": bool(group.get("maximize", False)),
+        }
+
     def has_state(self, param: torch.nn.Parameter) -> bool:
         return id(param) in self.has_buffer
 
@@ -441,6 +496,11 @@ class NativeSGDUpdater(Updater):
         advance: bool = True,
         sources: dict[str, Any] | None = None,
     ) -> dict[int, Any]:
+        # Every slot's arguments first: a hyperparameter that cannot be used raises before any change.
+        arguments = {
+            slot_index: self._arguments(hyper.groups[self.group_of[id(bs.spec.slots[slot_index].param)]])
+            for slot_index in slots
+        }
         weights = _views(store, bs, wkind, buffers)
         grads = _views(store, bs, "grad", buffers)
         bufs = _views(store, bs, "momentum_buffer", buffers) if self.momentum else {}
@@ -449,26 +509,20 @@ class NativeSGDUpdater(Updater):
         changes: dict[int, Any] = {}
         for slot_index in slots:
             param = bs.spec.slots[slot_index].param
-            group = hyper.groups[self.group_of[id(param)]]
-            momentum = float(group.get("momentum", 0.0))
+            args = arguments[slot_index]
             first = id(param) not in self.has_buffer
             grad, last = _scaled(grads[slot_index], muls.get(slot_index, []))
             self.kernels.sgd_step_(
                 weights[slot_index],
                 grad,
-                bufs.get(slot_index) if momentum else None,
-                lr=float(group["lr"]),
-                momentum=momentum,
-                dampening=float(group.get("dampening", 0.0)),
-                nesterov=bool(group.get("nesterov", False)),
-                weight_decay=float(group.get("weight_decay", 0.0)),
-                maximize=bool(group.get("maximize", False)),
+                bufs.get(slot_index) if args["momentum"] else None,
                 first_step=first,
                 grad_scale=last,
                 out=out.get(slot_index),
                 param_in=weights_in.get(slot_index),
+                **args,
             )
-            if momentum:
+            if args["momentum"]:
                 changes[id(param)] = True
         if advance:
             self.advance(changes)
@@ -476,6 +530,43 @@ class NativeSGDUpdater(Updater):
 
     def advance(self, changes: dict[int, Any]) -> None:
         self.has_buffer.update(changes)
+
+
+_UNCHANGED = "This step() changed nothing: the weights, optimizer state and gradients are as before."
+
+
+def _is_real(value: Any) -> bool:
+    """A number torch's arithmetic takes as a hyperparameter: an int or float (not a string), or a
+    one-element tensor."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() == 1 and not value.is_complex()
+    return isinstance(value, numbers.Real)
+
+
+def _check_real(group: dict[str, Any], index: int, key: str) -> None:
+    if key in group and not _is_real(group[key]):
+        raise HyperparameterError(
+            f"param group {index}: {key}={group[key]!r} is not a real number, which the optimizer's "
+            f"arithmetic needs (torch's own step() raises a TypeError too). {_UNCHANGED} Set {key} "
+            "to a number and call step() again",
+            group=index,
+            key=key,
+        )
+
+
+def _check_betas(group: dict[str, Any], index: int) -> None:
+    betas = group.get("betas")
+    try:
+        pair = len(betas) == 2 and all(_is_real(beta) for beta in betas)  # type: ignore[arg-type]
+    except TypeError:  # no len(): a number, None
+        pair = False
+    if not pair or isinstance(betas, (str, bytes)):
+        raise HyperparameterError(
+            f"param group {index}: betas={betas!r} is not a pair of real numbers (beta1, beta2). "
+            f"{_UNCHANGED} Set betas to two numbers, e.g. (0.9, 0.999), and call step() again",
+            group=index,
+            key="betas",
+        )
 
 
 def step_count(value: Any) -> int:
