@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from tierrt.errors import TierCapacityError, restated
+from tierrt.errors import TierCapacityError, noted, restated
 from tierrt.optim.updaters import HyperSnapshot, Updater
 from tierrt.sizes import format_size
 
@@ -76,6 +76,7 @@ class OptimizerPipeline:
         self.step_kinds: list[tuple[BlockState, str]] = []
         self.step_number = 0
         self._snapshot: Any = None
+        self._in_step_call = False  # inside step(), once the step's number is counted
         pipeline.on_write_error = self.rollback
         from .speculation import Speculator
 
@@ -100,10 +101,19 @@ class OptimizerPipeline:
         return kinds
 
     def record(self, blocks: list[int], hyper: HyperSnapshot) -> None:
-        """``step()``: one pending update per block that has gradients."""
+        """``step()``: one pending update per block that has gradients. Hyperparameters the update
+        could not use raise :class:`~tierrt.errors.HyperparameterError` first, changing nothing."""
+        self.updater.check_hyper(hyper)
         self.apply_all()  # a second step() before the first one's updates ran: finish those first
         self.commit()
         self.step_number += 1
+        self._in_step_call = True  # a failure from here on is this step's, before step() returns
+        try:
+            self._record(blocks, hyper)
+        finally:
+            self._in_step_call = False
+
+    def _record(self, blocks: list[int], hyper: HyperSnapshot) -> None:
         now = time.perf_counter()
         updatable = {index: self.updatable(index) for index in blocks}
         candidates = [index for index in blocks if updatable[index]]
@@ -185,7 +195,9 @@ class OptimizerPipeline:
         The update stays pending until its inputs are in DRAM: an error while making room for them
         or reading them (:class:`~tierrt.errors.TierCapacityError`, an I/O error) leaves the block,
         its optimizer state and the pending update exactly as they were, so a later call applies
-        it. Only the kernel changes state, and it runs once nothing can fail for lack of room."""
+        it. Only the kernel changes state, and it runs once nothing can fail for lack of room. An
+        exception the update itself raises (the user's torch optimizer, a kernel's argument check)
+        ends the step: see :meth:`_update_failed`."""
         update = self.pending.get(index)
         if update is None:
             return
@@ -194,21 +206,30 @@ class OptimizerPipeline:
         start = time.perf_counter()
         kinds = self.input_kinds(bs)
         wkind = self.weight_kind(bs)
+        failure: Exception | None = None
         for kind in kinds:
             bs.kinds[kind].pins += 1
         try:
             self._stage_inputs(bs, kinds)
+            self.prefetch_next(index)
             if self.pending.get(index) is not update:
                 return  # rolled back while its inputs were read (a failed write of the open step)
             del self.pending[index]  # from here on the update changes state: it is no longer pending
             self.order.remove(index)
-            self.prefetch_next(index)
             if wkind == "weight" and bs.attached and pipeline.compute != "dram":
                 pipeline.detach(bs)
-            self.updater.apply(pipeline.store, bs, wkind, update.slots, update.hyper, update.muls)
+            try:
+                self.updater.apply(pipeline.store, bs, wkind, update.slots, update.hyper, update.muls)
+            except Exception as error:  # noqa: BLE001 - handled below, once the pins are released
+                failure = error
         finally:
             for kind in kinds:
                 bs.kinds[kind].pins -= 1
+        if failure is not None:
+            try:
+                raise self._update_failed(bs, failure)
+            finally:
+                failure = None  # no cycle (error -> traceback -> this frame -> error) to wait for gc
         self._after_update(bs, wkind, kinds)
         end = time.perf_counter()
         pipeline.counters.optimizer_seconds += end - start
@@ -216,6 +237,42 @@ class OptimizerPipeline:
         zero = self.zero_after.pop(index, None)
         if zero is not None:
             self.grads.zero_block(bs, zero)
+
+    def _update_failed(self, bs: BlockState, error: Exception) -> Exception:
+        """Block ``bs``'s update raised ``error`` after it stopped being pending. Every other
+        pending update of the step is dropped (as torch's step() stops at its first error) and the
+        runtime stays usable. With a transactional step, the step is rolled back: every block holds
+        the previous step's values. Otherwise ``bs``'s DRAM copies are kept as the update left them
+        (what torch's in-place arithmetic would leave) and written home. Returns the error to raise:
+        the same exception with a note saying what happened to the step."""
+        what = f"tierrt: the optimizer update of block {bs.name} in step {self.step_number} raised this"
+        if self.step_open:
+            note = self._rolled_back_message(what)
+            self._undo_step()
+        else:
+            self._abandon_step(bs)
+            note = (
+                f"tierrt: the optimizer update of block {bs.name} in step {self.step_number} raised "
+                "this; that step cannot be rolled back here (no NVMe tier with room for copy-on-write, "
+                "or the torch optimizer's own step): as when torch's step() raises partway, blocks "
+                "updated before this one keep their new values and the others the previous step's"
+            )
+        return noted(error, note)
+
+    def _abandon_step(self, bs: BlockState) -> None:
+        """End a non-transactional step at ``bs``'s failed update: the rest of its pending updates
+        are dropped and ``bs``'s DRAM copies become current (written home)."""
+        self.speculator.discard_all()
+        self.pending.clear()
+        self.order.clear()
+        pipeline = self.pipeline
+        if bs.attached and pipeline.compute != "dram":
+            pipeline.detach(bs)
+        for kind in self.changed_kinds(bs):
+            if bs.kinds[kind].host is not None:
+                pipeline.mark_modified(bs, kind, "dram")
+                pipeline.flush(bs, kind, drop=kind != "weight")
+        self._zero_deferred()
 
     def _stage_inputs(self, bs: BlockState, kinds: list[str]) -> None:
         """Give every input kind of ``bs``'s update a DRAM buffer and read it there.
@@ -300,8 +357,9 @@ class OptimizerPipeline:
         if need > free:
             self.pending.clear()
             self.order.clear()
+            number, self.step_number = self.step_number, self.step_number - 1  # the next step() retries it
             raise TierCapacityError(
-                f"nvme tier is full: step {self.step_number} writes {format_size(need)} of optimizer state "
+                f"nvme tier is full: step {number} writes {format_size(need)} of optimizer state "
                 f"copy-on-write but only {format_size(free)} is free; nothing was changed, the model and "
                 "optimizer keep the previous step's values. Give the nvme tier more room",
                 tier="nvme",
@@ -351,6 +409,33 @@ class OptimizerPipeline:
         """Writing the open step's state failed: put every block back to the previous step."""
         if not self.step_open:
             return error
+        message = self._rolled_back_message(
+            f"writing step {self.step_number}'s optimizer state failed ({error})"
+        )
+        self._undo_step()
+        return restated(error, message)
+
+    def _rolled_back_message(self, what: str) -> str:
+        """``what`` failed and the open step is being rolled back: what that means for the user."""
+        n = self.step_number
+        counted = "counting the optimizer.step() calls since entering tierrt.offload()"
+        before = f"step {n - 1}'s values" if n > 1 else "the values they had before step 1"
+        if self._in_step_call:
+            return (
+                f"{what}. Step {n} ({counted}) was rolled back before its step() returned: every "
+                f"offloaded parameter and its optimizer state hold {before}, and the gradients it "
+                "was to apply are kept: fix the cause and call step() again"
+            )
+        return (
+            f"{what}. Step {n} ({counted}) was rolled back although its step() had already returned: "
+            f"every offloaded parameter and its optimizer state hold {before} again, so the batches "
+            f"trained since then must be redone, starting with the one whose gradients step {n} applied"
+        )
+
+    def _undo_step(self) -> None:
+        """Put every block back to the previous step: the open step's writes are undone, its pending
+        updates dropped, the updater's counters restored, the zero_grad() calls that waited for its
+        updates carried out. The step no longer counts: the next step() has its number."""
         self.step_open = False
         self.speculator.discard_all()
         self.pending.clear()
@@ -372,14 +457,14 @@ class OptimizerPipeline:
             pipeline.store.rollback_kind(ks)
         self.step_kinds = []
         self.updater.restore(self._snapshot)
+        self._zero_deferred()
+        self.step_number -= 1
+
+    def _zero_deferred(self) -> None:
+        """Carry out the zero_grad() calls that waited for pending updates."""
         for index, set_to_none in list(self.zero_after.items()):
-            self.grads.zero_block(pipeline.blocks[index], set_to_none)
+            self.grads.zero_block(self.pipeline.blocks[index], set_to_none)
         self.zero_after.clear()
-        message = (
-            f"writing step {self.step_number}'s optimizer state failed ({error}); the step was rolled "
-            "back: every offloaded parameter and its optimizer state hold the previous step's values"
-        )
-        return restated(error, message)
 
     def apply_all(self) -> None:
         while self.order:

@@ -17,6 +17,7 @@ primitives: :meth:`ensure_host` brings a kind into DRAM, :meth:`flush` writes it
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -427,12 +428,24 @@ class Pipeline:
             return True
         if self.make_room(tier, ks.nbytes, protect, demand=demand) and alloc(ks):
             return True
+        if demand and tier == "dram" and self._collect_unreachable() and alloc(ks):
+            return True
         if tier == "dram" and self.store.overflow and demand:
             self.store.alloc_overflow(ks)  # giving the model back: outside the budget, never failing
             return True
         if demand:
             self._raise_no_room(tier, ks)
         return False
+
+    def _collect_unreachable(self) -> bool:
+        """DRAM held outside tierrt may be held by garbage only the cycle collector frees: a caught
+        exception's traceback whose frames viewed blocks' buffers (a failed update, a failed
+        speculative update). Collect it; True when that freed any DRAM."""
+        if not self._held_outside():
+            return False
+        before = self.store.dram.largest_free()
+        gc.collect()
+        return self.store.dram.largest_free() > before
 
     def _reserve_for(self, ks: KindState, tier: str, demand: bool) -> int:
         """DRAM a fetch that is not demanded must leave free: room for one speculative update."""

@@ -323,7 +323,8 @@ class Speculator:
 
     def _discard(self, spec: Speculation) -> None:
         self._finish(spec)
-        self._release({k: v for k, v in spec.buffers.items() if k != "grad"}, spec.extents)
+        # spec.buffers itself: a failed job's traceback may keep the speculation alive a while.
+        self._release(spec.buffers, spec.extents)
         self.discarded += 1
 
     def _release(self, buffers: dict[str, Any], extents: dict[str, int]) -> None:

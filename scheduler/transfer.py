@@ -15,6 +15,7 @@ import atexit
 import queue
 import threading
 import time
+import traceback
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -98,16 +99,25 @@ class Transfer:
     def run(self) -> None:
         """Run every step in order on the calling thread, waiting on what each returns."""
         self.started = time.perf_counter()
+        steps, self.steps = self.steps, []
+        step: Step | None = None
+        pending: Any = None
         try:
-            for step in self.steps:
+            for step in steps:
                 pending = step()
                 if pending is not None and hasattr(pending, "wait"):
                     pending.wait()
         except BaseException as exc:  # noqa: BLE001 - re-raised by wait() on the reaping thread
+            # The error lives on (raised later, logged): its traceback must not keep the frames'
+            # buffers alive. The message says what failed (path, offset, errno).
+            traceback.clear_frames(exc.__traceback__)
             self.error = exc
         finally:
             self.finished = time.perf_counter()
-            self.steps = []  # drop closures (and the buffers they hold) as soon as possible
+            # Drop the closures (and the buffers they hold) as soon as possible: also from the list
+            # the loop's iterator still references while a failure's traceback keeps this frame.
+            steps.clear()
+            step = pending = None
             self._done.set()
 
 
