@@ -341,14 +341,14 @@ class Pipeline:
 
         def on_reap(
             error: BaseException | None, ks: KindState = ks, need_dram: bool = self.compute == "dram"
-        ) -> None:
+        ) -> BaseException | None:
             if error is not None:
                 # The destination holds nothing usable; the home copy is untouched.
                 if self.compute != "dram" and ks.gpu is not None:
                     self.store.drop(ks, self.compute)
                 if ks.host is not None and ks.home != "dram" and "dram" not in ks.valid:
                     ks.host = None
-                return
+                return self._read_failed(bs, "weight", demand, error)
             if need_dram:
                 ks.valid.add("dram")
             else:
@@ -570,16 +570,32 @@ class Pipeline:
         if not ks.valid:  # never written: nothing to read (fresh gradients, new optimizer state)
             return True
 
-        def on_reap(error: BaseException | None, ks: KindState = ks) -> None:
+        def on_reap(error: BaseException | None, ks: KindState = ks) -> BaseException | None:
             if error is None:
                 ks.valid.add("dram")
-            elif ks.home != "dram":
+                return None
+            if ks.home != "dram":
                 ks.host = None
+            return self._read_failed(bs, kind, demand, error)
 
         self._submit(bs, kind, self.store.read_steps(ks), f"{ks.home}->dram", on_reap, self.fetcher)
         if demand:
             self.wait(bs, kind)
         return True
+
+    def _read_failed(
+        self, bs: BlockState, kind: str, demand: bool, error: BaseException
+    ) -> BaseException | None:
+        """What a failed read of ``bs.kind`` raises, once its effect is undone (the home copy is
+        untouched, the destination holds nothing): a read someone asked for raises its error; a
+        prefetch's failure is only logged (returns FORGOTTEN), whoever reaps it. The copy is then
+        simply not there, and whatever needs it reads it again: a device that recovered meanwhile
+        serves that read, one still failing raises a fresh error to the code that needs the data."""
+        if demand:
+            return None
+        # str(error): a log record must not keep the error (and what its traceback holds) alive.
+        log.warning("%s.%s: a prefetch failed (it is read again when needed): %s", bs.name, kind, str(error))
+        return FORGOTTEN
 
     def flush(self, bs: BlockState, kind: str, drop: bool) -> None:
         """Write the DRAM copy of ``bs.kind`` home when it is the only current copy; with ``drop``,
