@@ -161,3 +161,48 @@ def test_a_forward_that_changes_a_weight_in_place_keeps_the_change(make_opt, nvm
     assert all(torch.equal(a, b) for a, b in zip(expected, got))
     for (name, a), b in zip(reference.named_parameters(), model.parameters()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda params: torch.optim.AdamW(params, lr=1e-3, amsgrad=True),
+        lambda params: torch.optim.SGD(params, lr=1e-2, momentum=0.9),
+    ],
+    ids=["adamw_amsgrad", "sgd_momentum"],
+)
+def test_optimizer_state_reads_like_torch_inside(make_opt, nvme_dir):
+    """``opt.state[p]`` inside the context (logging Adam's step or second moment) shows what torch
+    holds, read from the tiers, while tierrt's kernels step the optimizer."""
+    data = models.mlp_batches(3)
+
+    def loop(model: nn.Module, opt: torch.optim.Optimizer) -> list:
+        logged = []
+        for batch in data:
+            models.mlp_loss(model, batch).backward()
+            opt.step()
+            opt.zero_grad()
+            first = next(model.parameters())
+            logged.append(
+                (len(opt.state), first in opt.state, {k: v.clone() for k, v in opt.state[first].items()})
+            )
+            logged.append([sorted(entry) for entry in opt.state.values()])
+        return logged
+
+    reference = models.mlp()
+    expected = loop(reference, make_opt(reference.parameters()))
+    model = models.mlp()
+    opt = make_opt(model.parameters())
+    with tierrt.offload(
+        model, tiers=[tierrt.dram(streaming_budget(model)), tierrt.nvme(nvme_dir)], optimizer=opt
+    ):
+        got = loop(model, opt)
+    assert len(got) == len(expected)
+    for ours, theirs in zip(got, expected):
+        if isinstance(theirs, tuple):
+            assert ours[:2] == theirs[:2]
+            assert ours[2].keys() == theirs[2].keys()
+            assert all(torch.equal(ours[2][k], theirs[2][k]) for k in theirs[2])
+        else:
+            assert ours == theirs
+    assert type(opt.state).__name__ == "defaultdict"  # torch's own again after the with-block

@@ -179,6 +179,12 @@ class BlockwiseOptimizer:
         for name in _PATCHED:
             self._saved_attrs[name] = opt.__dict__.get(name, _MISSING)
         self._previous = dict(self._saved_attrs)
+        if self.updater.native and self.updater.state_kinds:
+            from .state import TieredState
+
+            # opt.state shows the state kept in the tiers (read on access), as torch's would hold it
+            self._saved_attrs["state"] = opt.__dict__.get("state", _MISSING)
+            opt.state = TieredState(self, opt.state)
         self._installed = True
         owner = self
 

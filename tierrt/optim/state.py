@@ -17,6 +17,7 @@ parameter's state stays in ``optimizer.state`` as torch keeps it.
 from __future__ import annotations
 
 import logging
+from collections import defaultdict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +40,7 @@ __all__ = [
     "check_torch_state",
     "import_torch_state",
     "release_torch_state",
+    "TieredState",
 ]
 
 Entry = dict[str, Any]
@@ -264,3 +266,105 @@ def _group_index(opt: torch.optim.Optimizer, position: int) -> int:
             return index
         position -= len(group["params"])
     raise IndexError(position)
+
+
+# ---- optimizer.state inside the context ---------------------------------------------------------
+class TieredState(defaultdict):
+    """``optimizer.state`` while tierrt's kernels step the optimizer with its state in the tiers.
+
+    Reading a parameter's entry (``opt.state[p]``, ``.get``, ``.items()``, ``len``) gives what torch's
+    own optimizer would hold (``step``, ``exp_avg``, ``exp_avg_sq``, ``momentum_buffer``), read from
+    the tiers as CPU copies (changing them changes nothing; ``load_state_dict`` does). Every other
+    parameter's entry, and every write, is the optimizer's own ``state`` as torch keeps it."""
+
+    def __init__(self, bw: BlockwiseOptimizer, original: defaultdict) -> None:
+        super().__init__(dict)
+        self.bw = bw
+        self.original = original
+
+    # entries in the tiers
+    def _current(self) -> None:
+        """Apply pending updates: the state is read as the last ``step()`` left it."""
+        if self.bw.updates is not None:
+            self.bw.updates.apply_all()
+
+    def _tiered(self, p: Any) -> Entry | None:
+        bw = self.bw
+        if not isinstance(p, torch.Tensor) or not bw.holds_state_of(p):
+            return None
+        self._current()
+        if not bw.updater.has_state(p):
+            return None
+        assert bw.pipeline is not None
+        group = next(g for g in bw.optimizer.param_groups if any(q is p for q in g["params"]))
+        bs, slot = bw.slot_of(p)
+        entry = bw.updater.counters_of(p)
+        for kind in bw.updater.state_keys(group):
+            entry[kind] = bw.pipeline.read_slot(bs, kind, slot, torch.device("cpu"))
+        return entry
+
+    def _tiered_params(self) -> list[torch.nn.Parameter]:
+        self._current()
+        bw = self.bw
+        return [p for p in _params(bw.optimizer) if bw.holds_state_of(p) and bw.updater.has_state(p)]
+
+    def __getitem__(self, p: Any) -> Any:
+        entry = self._tiered(p)
+        return entry if entry is not None else self.original[p]
+
+    def get(self, p: Any, default: Any = None) -> Any:
+        entry = self._tiered(p)
+        return entry if entry is not None else self.original.get(p, default)
+
+    def __contains__(self, p: object) -> bool:
+        return any(q is p for q in self._tiered_params()) or p in self.original
+
+    def __iter__(self) -> Any:
+        tiered = self._tiered_params()
+        seen = {id(p) for p in tiered}
+        return iter([*tiered, *(p for p in self.original if id(p) not in seen)])
+
+    def __len__(self) -> int:
+        return len(list(iter(self)))
+
+    def keys(self) -> Any:  # type: ignore[override]
+        return list(iter(self))
+
+    def items(self) -> Any:  # type: ignore[override]
+        return [(p, self[p]) for p in self]
+
+    def values(self) -> Any:  # type: ignore[override]
+        return [self[p] for p in self]
+
+    def __bool__(self) -> bool:
+        return len(self) > 0
+
+    def __repr__(self) -> str:
+        return f"TieredState({len(self)} entries, those of offloaded parameters read from the tiers)"
+
+    # writes: the optimizer's own state
+    def __setitem__(self, p: Any, value: Any) -> None:
+        self.original[p] = value
+
+    def __delitem__(self, p: Any) -> None:
+        del self.original[p]
+
+    def pop(self, p: Any, *default: Any) -> Any:
+        return self.original.pop(p, *default)
+
+    def setdefault(self, p: Any, default: Any = None) -> Any:
+        return self.original.setdefault(p, default)
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        self.original.update(*args, **kwargs)
+
+    def clear(self) -> None:
+        self.original.clear()
+
+    def copy(self) -> defaultdict:
+        copied: defaultdict = defaultdict(dict)
+        copied.update(self.items())
+        return copied
+
+    def __reduce__(self) -> Any:
+        return (defaultdict, (dict,), None, None, iter(self.items()))
