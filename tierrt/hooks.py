@@ -190,8 +190,9 @@ class HookSet:
         # through module(...) are running per module (id) while their forward runs
         self._wrapped: list[tuple[nn.Module, Any, Callable[..., Any]]] = []
         self._in_call: dict[int, int] = {}
-        # id(module) -> its parameters' versions at each running call's start (see _write_changed)
-        self._versions: dict[int, list[list[int]]] = {}
+        # id(module) -> per running call (innermost last): the blocks its pre-hook acquired and its
+        # parameters' versions then (see _write_changed), or None when the pre-hook failed
+        self._calls: dict[int, list[tuple[list[BlockState], list[int] | None] | None]] = {}
         self._direct: dict[int, tuple[Callable[..., None], Callable[..., None]]] = {}  # id -> pre, post
         # (name, param) of parameters without a gradient buffer (frozen on entry) while training
         self.untrained: list[tuple[str, nn.Parameter]] = []
@@ -220,7 +221,6 @@ class HookSet:
                         )
                     else:
                         self.untrained.append((slot.name, slot.param))
-        self._thread, self._thread_name = threading.get_ident(), threading.current_thread().name
         self._access = ParameterAccess(self)
         self._access.push()
         self._saved_hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
@@ -279,6 +279,7 @@ class HookSet:
         self._wrapped.clear()
         self._direct.clear()
         self._in_call.clear()
+        self._calls.clear()
         _ACTIVE_HOOKSETS[:] = [ref for ref in _ACTIVE_HOOKSETS if ref() not in (None, self)]
         if self._saved_hooks is not None:
             try:
@@ -386,21 +387,29 @@ class HookSet:
 
         def pre_hook(module: nn.Module, args: Any) -> None:
             in_backward = torch._C._current_graph_task_id() >= 0
-            if not in_backward and threading.get_ident() != self._thread:
-                self._refuse_thread(module)
             self._in_call[id(module)] = self._in_call.get(id(module), 0) + 1
-            phase = "bwd" if in_backward else "fwd"
-            if in_backward:
-                self._note_backward()
-            self._internal += 1  # tierrt's own work (e.g. a deferred update) is not a user's use
+            calls = self._calls.setdefault(id(module), [])
+            acquired: list[BlockState] = []
             try:
-                for bs in needed:
-                    pipeline.acquire(bs, phase)
-            finally:
-                self._internal -= 1
-            if not in_backward:
-                # versions after any pending update: what the module's own forward changes shows
-                self._versions.setdefault(id(module), []).append(_versions_of(needed))
+                if not in_backward and threading.get_ident() != self._thread:
+                    self._refuse_thread(module)
+                phase = "bwd" if in_backward else "fwd"
+                if in_backward:
+                    self._note_backward()
+                self._internal += 1  # tierrt's own work (e.g. a deferred update) is not a user's use
+                try:
+                    for bs in needed:
+                        pipeline.acquire(bs, phase)
+                        acquired.append(bs)
+                finally:
+                    self._internal -= 1
+            except BaseException:
+                for bs in acquired:
+                    pipeline.release(bs)
+                calls.append(None)  # the post-hook (always called) has nothing to give back
+                raise
+            # versions after any pending update: what the module's own forward changes shows
+            calls.append((acquired, None if in_backward else _versions_of(needed)))
 
         return pre_hook
 
@@ -409,10 +418,14 @@ class HookSet:
 
         def post_hook(module: nn.Module, args: Any, output: Any) -> None:
             self._in_call[id(module)] = self._in_call.get(id(module), 1) - 1
-            stack = self._versions.get(id(module))
-            if stack and torch._C._current_graph_task_id() < 0:
-                self._write_changed(needed, stack.pop())
-            for bs in needed:
+            calls = self._calls.get(id(module))
+            call = calls.pop() if calls else None
+            if call is None:
+                return  # its pre-hook failed: nothing was acquired, the forward did not run
+            acquired, versions = call
+            if versions is not None:
+                self._write_changed(needed, versions)
+            for bs in acquired:
                 pipeline.release(bs)
             if torch.is_autocast_enabled(pipeline.device.type):
                 self._drop_autocast_casts(needed)
