@@ -62,7 +62,7 @@ def test_state_loaded_before_entering_continues(opt_kind, nvme_dir):
     ours.load_state_dict(checkpoint[0])
     opt.load_state_dict(checkpoint[1])
     with tierrt.offload(ours, tiers=tiers(ours, nvme_dir), optimizer=opt):
-        assert not opt.state, "the torch-side copies of the imported state are freed"
+        assert not opt.state.original, "the torch-side copies of the imported state are freed"
         assert_state_equal(checkpoint[1], opt.state_dict())  # torch's format, read from the tiers
         losses = run(ours, opt, data[2:], loss_fn)
         assert_state_equal(ref_opt.state_dict(), opt.state_dict())
@@ -114,7 +114,8 @@ def test_state_of_a_parameter_frozen_on_entry_stays_with_torch(nvme_dir):
         model[0].weight.requires_grad_(False)
     ref_losses += run(reference, ref_opt, data[2:], loss_fn)
     with tierrt.offload(ours, tiers=tiers(ours, nvme_dir), optimizer=opt):
-        assert list(opt.state) == [ours[0].weight]  # only the frozen one is left on the torch side
+        assert list(opt.state.original) == [ours[0].weight]  # only the frozen one is left on the torch side
+        assert len(opt.state) == len(list(ours.parameters()))  # the others read from the tiers
         opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # round trip, the frozen one included
         losses += run(ours, opt, data[2:], loss_fn)
         assert_state_equal(ref_opt.state_dict(), opt.state_dict())
