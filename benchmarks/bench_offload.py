@@ -16,7 +16,8 @@ above the process's baseline: torch, transformers and accelerate imported, model
 3. Full AdamW step (native kernel, master weights, m, v and gradients on NVMe, a DRAM budget below the
    training state): bound max(compute, state bytes / NVMe bandwidth, optimizer time).
 
-Run: ``python benchmarks/bench_offload.py`` (about 25 minutes here; ``--quick`` uses a ~100M model).
+Run: ``python benchmarks/bench_offload.py`` (about 25 minutes here; ``--quick`` uses a ~100M model;
+``--no-verify`` turns off the swap-data checksums, ``tierrt.nvme(verify=False)``, to show their cost).
 Needs transformers and accelerate; the checkpoint is written once to ``--workdir``.
 """
 
@@ -206,7 +207,11 @@ def worker(args: argparse.Namespace) -> dict:
         elif args.mode == "adamw":
             opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01)
         with t.offload(
-            model, tiers=[t.dram(budget), t.nvme(swap)], optimizer=opt, weights=ckpt, progress=False
+            model,
+            tiers=[t.dram(budget), t.nvme(swap, verify=not args.no_verify)],
+            optimizer=opt,
+            weights=ckpt,
+            progress=False,
         ) as rt:
             out["loaded"] = rss()
             out["placement"] = rt.describe()
@@ -272,24 +277,28 @@ def timed(fn, steps: int, split: bool = False, before=None, report=None) -> list
 
 # ---- driver ---------------------------------------------------------------------------------------
 def run_worker(args: argparse.Namespace, contender: str, mode: str, timeout: int = 1800) -> dict | None:
-    cmd = [
-        sys.executable,
-        __file__,
-        "--worker",
-        contender,
-        "--mode",
-        mode,
-        "--workdir",
-        args.workdir,
-        "--steps",
-        str(args.steps),
-        "--tokens",
-        str(args.tokens),
-        "--budget-fraction",
-        str(args.budget_fraction),
-        "--adamw-budget",
-        str(args.adamw_budget),
-    ] + (["--quick"] if args.quick else [])
+    cmd = (
+        [
+            sys.executable,
+            __file__,
+            "--worker",
+            contender,
+            "--mode",
+            mode,
+            "--workdir",
+            args.workdir,
+            "--steps",
+            str(args.steps),
+            "--tokens",
+            str(args.tokens),
+            "--budget-fraction",
+            str(args.budget_fraction),
+            "--adamw-budget",
+            str(args.adamw_budget),
+        ]
+        + (["--quick"] if args.quick else [])
+        + (["--no-verify"] if args.no_verify else [])
+    )
     print(f"  running {contender} ({mode}) ...", file=sys.stderr, flush=True)
     result = subprocess.run(
         cmd,
@@ -485,6 +494,9 @@ def main() -> None:
         help="DRAM budget for the AdamW step (default: 4GiB, or 40%% of the state with --quick)",
     )
     parser.add_argument("--skip", default="", help="comma-separated: forward,train,adamw,accelerate")
+    parser.add_argument(
+        "--no-verify", action="store_true", help="tierrt.nvme(verify=False): no checksums of swap data"
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="forward", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -135,3 +135,21 @@ def test_leaving_with_the_dram_tier_full_of_held_memory_gives_the_model_back(nvm
     reference = _plain(completed, data, torch.optim.SGD, lr=1e-2)
     for (name, a), b in zip(reference.named_parameters(), model.parameters()):
         assert torch.equal(a, b), name
+
+
+def test_verify_false_trains_the_same_without_checksums(nvme_dir):
+    data = models.mlp_batches(3)
+    reference = _plain(3, data, lr=1e-3)
+    model = models.mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    tiers = [tierrt.dram(streaming_budget(model)), tierrt.nvme(nvme_dir, verify=False)]
+    with tierrt.offload(model, tiers=tiers, optimizer=opt) as rt:
+        for batch in data:
+            models.mlp_loss(model, batch).backward()
+            opt.step()
+            opt.zero_grad()
+        assert rt.store.nvme._checksums == {}
+    for a, b in zip(reference.parameters(), model.parameters()):
+        assert torch.equal(a, b)
+    with pytest.raises(tierrt.ConfigTypeError, match="verify"):
+        tierrt.nvme(nvme_dir, verify="yes")

@@ -238,16 +238,17 @@ class NvmeTierStore:
     def budget(self) -> int:
         return self.size
 
-    def read(self, offset: int, host: HostBuffer, nbytes: int) -> _CheckedRead:
+    def read(self, offset: int, host: HostBuffer, nbytes: int) -> Any:
         """Read ``nbytes`` at ``offset`` into ``host``; the returned request's ``wait()`` also checks
         the bytes against the checksum of what was written there (CorruptStoreError if they differ)."""
         request = self.engine.read(self.fileset, offset, host.flat.numpy(), nbytes)
-        return _CheckedRead(request, self, offset, host, nbytes)
+        return _CheckedRead(request, self, offset, host, nbytes) if self.spec.verify else request
 
     def write(self, offset: int, host: HostBuffer, nbytes: int) -> Any:
         """Write ``nbytes`` of ``host`` at ``offset``, noting their checksum first (a write that fails
         or tears leaves a checksum the extent does not match: a later read of it fails loudly)."""
-        self._checksums[offset] = (nbytes, _native.checksum(host.address, nbytes))
+        if self.spec.verify:
+            self._checksums[offset] = (nbytes, _native.checksum(host.address, nbytes))
         return self.engine.write(self.fileset, offset, host.flat.numpy(), nbytes)
 
     def verify(self, offset: int, host: HostBuffer, nbytes: int) -> None:

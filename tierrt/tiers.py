@@ -111,6 +111,7 @@ class NvmeTier(TierSpec):
     kind: str = field(init=False, default="nvme")
     paths: tuple[str, ...] = ()
     stripe: int = 1 << 20
+    verify: bool = True  # checksum every write, check every read (see nvme())
 
 
 def gpu(index: int = 0, budget: Size | None = None) -> GpuTier:
@@ -151,6 +152,7 @@ def nvme(
     path_or_paths: str | os.PathLike | Sequence[str | os.PathLike],
     budget: Size | None = None,
     stripe: Size = "1MiB",
+    verify: bool = True,
 ) -> NvmeTier:
     """Swap files in one directory or striped over several (one per SSD).
 
@@ -158,7 +160,15 @@ def nvme(
     free space). Directories are created if missing. ``stripe`` is the bytes per stripe unit: a
     multiple of 4KiB, at most 1GiB. Each directory may appear once (compared after resolving
     symbolic links and trailing slashes).
+
+    ``verify`` (default True) notes a CRC-32C of every block written and checks it on every read, so
+    a swap file damaged outside tierrt (or a device returning wrong data) raises
+    :class:`~tierrt.errors.CorruptStoreError` instead of training on it. The checksums run on the
+    transfer threads at memory speed (several GB/s per core); on a machine with few cores whose
+    compute is CPU-bound, ``verify=False`` gives that CPU time back to the model.
     """
+    if not isinstance(verify, bool):
+        raise ConfigTypeError(f"nvme(verify=...): expected True or False, got {verify!r}")
     paths = _nvme_paths(path_or_paths)
     stripe_bytes = parse_size(stripe, what="nvme stripe")
     if stripe_bytes < 4096 or stripe_bytes % 4096:
@@ -168,7 +178,7 @@ def nvme(
             f"nvme(stripe=...): at most {format_size(MAX_STRIPE)}, got {format_size(stripe_bytes)}; "
             "SSDs run at full speed with stripes of 64KiB to 4MiB (the default is 1MiB)"
         )
-    return NvmeTier(budget=_budget(budget, "nvme budget"), paths=paths, stripe=stripe_bytes)
+    return NvmeTier(budget=_budget(budget, "nvme budget"), paths=paths, stripe=stripe_bytes, verify=verify)
 
 
 def _nvme_paths(path_or_paths: object) -> tuple[str, ...]:
