@@ -71,6 +71,8 @@ def _values_loop(model: nn.Module, opt: torch.optim.Optimizer, data: list[torch.
         nn.init.orthogonal_(model.model.layers[3].self_attn.q_proj.weight, generator=seeded)
         kept_vars = model.state_dict(keep_vars=True)  # the parameters themselves, as torch gives
         kept_vars["model.layers.3.mlp.down_proj.weight"].mul_(0.5)
+        model.model.layers[2].mlp.up_proj.weight.detach().view(-1)[:5].zero_()  # through an alias's view
+        model.model.embed_tokens.weight[3].fill_(0.25)  # a row: ``emb.weight[pad].zero_()``
     logged.append([e.clone() for e in ema])
     return logged
 

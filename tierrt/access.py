@@ -311,7 +311,14 @@ class ParameterAccess(torch.overrides.TorchFunctionMode):
             self._write_back(name, args, kwargs, found)
 
             def retake() -> torch.Tensor:
-                return func(*call_args, **call_kwargs)
+                # substituted again at each call: a closure over ``real`` would keep the block's
+                # memory alive for as long as the copy lives
+                now = {key: self._real(bs, slot_index) for key, (bs, slot_index, value) in found.items()
+                       if not isinstance(value, nn.Parameter)}  # fmt: skip
+                return func(
+                    *(self._substitute(value, now) for value in args),
+                    **{key: self._substitute(value, now) for key, value in kwargs.items()},
+                )
 
             return self._detached(name, result, found, args, real, held, retake)
         finally:
