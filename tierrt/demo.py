@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import tempfile
 import time
 from typing import Any
@@ -134,6 +135,15 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
         f"  training state {tierrt.format_size(state)} = {state / budget:.1f}x the DRAM budget "
         f"{tierrt.format_size(budget)}; compute on {'the GPU' if use_gpu else 'the CPU'}"
     )
+    if args.nvme is not None:
+        try:
+            os.makedirs(args.nvme, exist_ok=True)  # as tierrt.nvme() creates its directories
+        except OSError as error:
+            raise tierrt.TierPathError(
+                f"tierrt demo --nvme {args.nvme}: cannot create the directory ({error.strerror})",
+                path=args.nvme,
+                errno=error.errno,
+            ) from error
     with tempfile.TemporaryDirectory(prefix="tierrt-demo-", dir=args.nvme) as swap:
         tiers = ([tierrt.gpu(0)] if use_gpu else []) + [tierrt.dram(budget), tierrt.nvme(swap)]
         if use_gpu:
