@@ -252,8 +252,7 @@ class OptimizerPipeline:
         else:
             self._abandon_step(bs)
             note = (
-                f"tierrt: the optimizer update of block {bs.name} in step {self.step_number} raised "
-                "this; that step cannot be rolled back here (no NVMe tier with room for copy-on-write, "
+                f"{what}; that step cannot be rolled back here (no NVMe tier with room for copy-on-write, "
                 "or the torch optimizer's own step): as when torch's step() raises partway, blocks "
                 "updated before this one keep their new values and the others the previous step's"
             )

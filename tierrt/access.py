@@ -263,10 +263,6 @@ class ParameterAccess(torch.overrides.TorchFunctionMode):
                         break
         return changed
 
-    @classmethod
-    def _changed_ids(cls, name: str, args: Any, kwargs: dict[str, Any]) -> set[int]:
-        return {id(tensor) for tensor in cls._changed(name, args, kwargs)}
-
     def _find(self, args: Any, kwargs: dict[str, Any]) -> dict[int, tuple[BlockState, int, torch.Tensor]]:
         """The offloaded parameters and stand-ins among a call's arguments: id -> (block, slot
         index, the argument). Looked up by id: a live object's id is unique, and every offloaded
@@ -358,8 +354,8 @@ class ParameterAccess(torch.overrides.TorchFunctionMode):
     ) -> None:
         """Write home the parameters the call changed in place."""
         by_block: dict[int, tuple[BlockState, dict[int, torch.Tensor]]] = {}
-        for key in self._changed_ids(name, args, kwargs):
-            entry = found.get(key)
+        for tensor in self._changed(name, args, kwargs):
+            entry = found.get(id(tensor))
             if entry is None:
                 continue
             bs, slot_index, _ = entry
