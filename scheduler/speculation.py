@@ -86,6 +86,7 @@ class Speculator:
             and self.backwards_since_step == 1
             and not used_multipliers
             and self.owner.transactional
+            and self.owner.updater.thread_safe  # it runs on a worker thread, during backward
         )
         self.backwards_since_step = 0
 

@@ -53,7 +53,26 @@ def make_opt(kind, params):
         return torch.optim.SGD(groups, lr=0.05)
     if kind == "rmsprop":  # no native kernel: the torch optimizer is stepped block by block
         return torch.optim.RMSprop(groups, lr=1e-3)
+    if kind in TORCH_STEPPED:
+        return TORCH_STEPPED[kind](groups)
     raise ValueError(kind)
+
+
+# No native kernel (or options it leaves to torch): torch's own step, block by block, with the
+# optimizer's state tensors homed in the tiers.
+TORCH_STEPPED = {
+    "adamw_fused": lambda groups: torch.optim.AdamW(groups, lr=2e-3, weight_decay=0.05, fused=True),
+    "adam_foreach_amsgrad": lambda groups: torch.optim.Adam(groups, lr=1e-3, amsgrad=True, foreach=True),
+    "sgd_fused_momentum": lambda groups: torch.optim.SGD(groups, lr=0.05, momentum=0.9, fused=True),
+    "rmsprop_centered": lambda groups: torch.optim.RMSprop(groups, lr=1e-3, momentum=0.5, centered=True),
+    "adagrad": lambda groups: torch.optim.Adagrad(groups, lr=1e-2),  # state made in __init__
+    "nadam": lambda groups: torch.optim.NAdam(groups, lr=1e-3),
+    "radam": lambda groups: torch.optim.RAdam(groups, lr=1e-3),
+    "adamax": lambda groups: torch.optim.Adamax(groups, lr=1e-3),
+    "adadelta": lambda groups: torch.optim.Adadelta(groups),
+    "rprop": lambda groups: torch.optim.Rprop(groups, lr=1e-3),
+    "asgd": lambda groups: torch.optim.ASGD(groups, lr=1e-3),
+}
 
 
 def compare(
@@ -127,6 +146,55 @@ def test_adamw_native_bitwise(name, nvme_dir):
 def test_other_optimizers_bitwise(opt_kind, nvme_dir):
     rt, _ = compare("llama", opt_kind, nvme_dir)
     assert rt.blockwise.updater.native == (opt_kind != "rmsprop")
+    assert rt.blockwise.updater.state_in_tiers
+
+
+@pytest.mark.parametrize("opt_kind", sorted(TORCH_STEPPED))
+def test_torch_optimizers_keep_their_state_in_the_tiers(opt_kind, nvme_dir):
+    """Torch's own step (fused AdamW as a transformers Trainer builds it, foreach Adam, RMSprop,
+    Adagrad, ...) gives torch's results bit for bit with its state tensors on NVMe, not in
+    ``optimizer.state``; state_dict() inside and opt.state after leaving are torch's."""
+    rt, report = compare("llama", opt_kind, nvme_dir)
+    updater = rt.blockwise.updater
+    assert updater.state_in_tiers and not updater.native
+    first_kind = next(iter(updater.state_kinds))
+    assert report.total.bytes_by_kind[f"{first_kind} dram->nvme"] > 0  # state really lives on NVMe
+
+
+def test_torch_stepped_state_loads_inside_and_continues(nvme_dir):
+    """Fused AdamW: two plain steps, the state loaded inside the context (into the tiers), two more
+    steps there: equal to four plain steps; and with the state held before entering (imported)."""
+    build, batches_fn, loss_fn = CASES["llama"]
+    data = batches_fn(4)
+    reference = build()
+    ours, ours2 = copy.deepcopy(reference), copy.deepcopy(reference)
+    ref_opt = make_opt("adamw_fused", reference.parameters())
+    ref = run(reference, ref_opt, data, loss_fn)
+
+    plain_opt = make_opt("adamw_fused", ours.parameters())
+    run(ours, plain_opt, data[:2], loss_fn)
+    saved = copy.deepcopy(plain_opt.state_dict())
+    opt = make_opt("adamw_fused", ours.parameters())
+    with tierrt.offload(
+        ours, tiers=[tierrt.dram(streaming_budget(ours)), tierrt.nvme(nvme_dir)], optimizer=opt
+    ):
+        opt.load_state_dict(saved)
+        assert not any(
+            isinstance(v, torch.Tensor) and v.dim() for e in opt.state.original.values() for v in e.values()
+        )
+        rest = run(ours, opt, data[2:], loss_fn)
+    assert all(torch.equal(a, b) for a, b in zip(ref[2:], rest))
+    assert all(torch.equal(a, b) for a, b in zip(reference.parameters(), ours.parameters()))
+    assert_state_equal(ref_opt.state_dict(), opt.state_dict())
+
+    held = make_opt("adamw_fused", ours2.parameters())  # steps taken before entering: imported
+    run(ours2, held, data[:2], loss_fn)
+    with tierrt.offload(
+        ours2, tiers=[tierrt.dram(streaming_budget(ours2)), tierrt.nvme(nvme_dir)], optimizer=held
+    ):
+        rest2 = run(ours2, held, data[2:], loss_fn)
+    assert all(torch.equal(a, b) for a, b in zip(ref[2:], rest2))
+    assert all(torch.equal(a, b) for a, b in zip(reference.parameters(), ours2.parameters()))
 
 
 def test_scheduler_clipping_and_accumulation(nvme_dir):

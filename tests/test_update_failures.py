@@ -190,27 +190,65 @@ def test_exception_inside_the_update_rolls_the_step_back(deferred, overlap, nvme
     assert_same(reference, model, "after leaving")
 
 
-def test_exception_in_the_torch_optimizer_leaves_a_usable_runtime(nvme_dir):
-    """The torch optimizer stepped block by block (no native kernel) raises in its step: its
-    exception comes out unchanged, with a note, and training goes on afterwards (such a step cannot
-    be rolled back; as with torch, the blocks updated before the error keep their new values)."""
+def _fail_third_torch_step(updater):
+    """Make torch's own step (as the torch updater calls it) raise on its third call."""
+    raw = updater._raw_step
+    calls = 0
+
+    def failing(optimizer):
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise KeyError("not today")
+        return raw(optimizer)
+
+    updater._raw_step = failing
+    return raw
+
+
+def test_exception_in_the_torch_optimizer_rolls_the_step_back(nvme_dir):
+    """Torch's own AdamW step (native_optimizer=False: its state tensors in the tiers) raises for a
+    block of step 3: like the native kernels' failure, the step is rolled back (every parameter and
+    the optimizer state hold step 2's values) and redoing the batches trains exactly as torch."""
     batches = models.mlp_batches(4)
+    after_two, after_two_opt = plain_after(2, batches)
+    reference, _ = plain_after(4, batches)
     model = models.mlp()
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
     with offload(model, opt, nvme_dir, native_optimizer=False) as rt:
+        assert rt.blockwise.updater.state_in_tiers
+        train(model, opt, batches[:2])
+        opt.state_dict()  # step 2's deferred updates run now: the calls counted are step 3's
+        updater = rt.blockwise.updater
+        raw = _fail_third_torch_step(updater)
+        with pytest.raises(KeyError, match="not today") as error:
+            train(model, opt, batches[2:3])
+            models.mlp_loss(model, batches[3])
+        notes = "\n".join(error.value.__notes__)
+        assert "Step 3" in notes and "rolled back" in notes, notes
+        updater._raw_step = raw
+        opt.zero_grad()
+        del error  # its traceback's frames view blocks' buffers
+        assert_same(after_two, model, "after the rollback")
+        assert_state_equal(after_two_opt.state_dict(), opt.state_dict())
+        train(model, opt, batches[2:])
+        assert_runtime_clean(rt)
+    assert_same(reference, model, "after leaving")
+
+
+def test_exception_in_an_optimizer_with_state_in_memory_leaves_a_usable_runtime(nvme_dir):
+    """An optimizer whose state tierrt does not know (torch's Adafactor: factored state) is stepped
+    by torch with its state in ``optimizer.state``; it raises in its step: its exception comes out
+    unchanged, with a note, and training goes on afterwards (such a step cannot be rolled back; as
+    with torch, the blocks updated before the error keep their new values)."""
+    batches = models.mlp_batches(4)
+    model = models.mlp()
+    opt = torch.optim.Adafactor(model.parameters(), lr=LR)
+    with offload(model, opt, nvme_dir) as rt:
+        assert not rt.blockwise.updater.state_in_tiers
         train(model, opt, batches[:2])
         updater = rt.blockwise.updater
-        raw = updater._raw_step
-        calls = 0
-
-        def failing(optimizer):
-            nonlocal calls
-            calls += 1
-            if calls == 3:
-                raise KeyError("not today")
-            return raw(optimizer)
-
-        updater._raw_step = failing
+        raw = _fail_third_torch_step(updater)
         with pytest.raises(KeyError, match="not today") as error:
             train(model, opt, batches[2:3])
             models.mlp_loss(model, batches[3])

@@ -97,7 +97,9 @@ def offload(
             tierrt.nvme("/mnt/nvme0/x")]``; ``None`` picks :func:`default_tiers`.
         optimizer: a torch optimizer built over ``model.parameters()``; its ``step()`` and
             ``zero_grad()`` then work on the offloaded parameters, Adam/AdamW/SGD on tierrt's
-            kernels with their state in the tiers. An optimizer not passed here (e.g. created inside
+            kernels with their state in the tiers, torch's other optimizers (and fused / foreach
+            Adam, AdamW, SGD) stepped by torch block by block, their state in the tiers too. An
+            optimizer not passed here (e.g. created inside
             the context, as a transformers ``Trainer`` wrapped by ``offload()`` does) is *adopted*
             at its first ``step()`` (see :mod:`tierrt.adopt`): it steps the offloaded parameters with
             torch's own arithmetic, block by block, but its state stays in process memory outside
@@ -127,8 +129,9 @@ def offload(
             the device they came from. Default: yes, except for parameters that came from the meta
             device (they stay there; save them with :meth:`Runtime.save` first).
         native_optimizer: run Adam/AdamW/SGD on tierrt's kernels with their state in the tiers
-            (default: when the optimizer's options allow; ``True`` insists, ``False`` keeps the torch
-            optimizer, stepped block by block with its state in DRAM).
+            (default: when the optimizer's options allow; ``True`` insists, ``False`` keeps torch's
+            arithmetic: its step, block by block, with the state tensors of torch's optimizers in the
+            tiers, any other optimizer's in ``optimizer.state``).
         deferred_step: ``optimizer.step()`` returns once the update pipeline is started; each block's
             update completes at the latest when the block is next used (same results, less I/O).
         overlap_backward: when the loop runs one backward per ``optimizer.step()`` (learned from the
@@ -445,6 +448,7 @@ class Runtime:
                 speculate=self.overlap_backward
                 and blockwise is not None
                 and blockwise.updater.transactional
+                and blockwise.updater.thread_safe
                 and "nvme" in budgets,
             )
             return partition, placement, blockwise
@@ -761,6 +765,7 @@ class Runtime:
             optimizer,
             self.partition.block_of_param,
             native=False,
+            state_in_tiers=False,  # the tiers were planned without its state
             deferred=self.deferred_step,
             on_step_end=self._on_step_end,
         )

@@ -7,7 +7,11 @@ passed to :func:`tierrt.offload` are replaced (on that object only, restored on 
   and optimizer state live in the tiers, each block's update is one SIMD pass, and the results are
   those of torch's own optimizer bit for bit. ``state_dict()`` / ``load_state_dict()`` speak torch's
   format, so a state saved from tierrt loads into a plain torch optimizer and back.
-- Any other per-parameter optimizer is stepped block by block with its state in DRAM.
+- Any other of torch's per-parameter optimizers (and Adam/AdamW/SGD with ``fused=True`` or
+  ``foreach=True``, as a transformers ``Trainer`` builds AdamW) is stepped block by block with
+  torch's own arithmetic, its state tensors homed in the tiers all the same.
+- An optimizer tierrt does not know (a third-party class) is stepped block by block with its
+  state in ``optimizer.state`` (process memory).
 - LBFGS (which needs every parameter at once) is refused.
 
 Hyperparameters live in ``param_groups`` as usual (LR schedulers keep working); step hooks run once
@@ -52,6 +56,7 @@ class BlockwiseOptimizer:
         block_of_param: dict[int, int],
         *,
         native: bool | None = None,
+        state_in_tiers: bool = True,
         deferred: bool = True,
         on_step_end: Callable[[], None] | None = None,
     ) -> None:
@@ -65,7 +70,7 @@ class BlockwiseOptimizer:
         self.on_step_end = on_step_end
         self.deferred = deferred
         self.names: dict[int, str] = {}  # id(param) -> its name in the model, for messages
-        self.updater: Updater = choose_updater(optimizer, native)
+        self.updater: Updater = choose_updater(optimizer, native, state_in_tiers)
         self.pipeline: Pipeline | None = None
         self.store: TensorStore | None = None
         self.grads: GradientStore | None = None
@@ -112,9 +117,10 @@ class BlockwiseOptimizer:
         return self._slots[id(param)]
 
     def holds_state_of(self, param: torch.Tensor) -> bool:
-        """Whether ``param``'s optimizer state lives in the tiers (native updater, offloaded, required
-        grad on entry); any other parameter's state stays in ``optimizer.state``."""
-        return self.updater.native and bool(self.updater.state_kinds) and id(param) in self._slots
+        """Whether ``param``'s optimizer state lives in the tiers (an updater that keeps it there,
+        offloaded, required grad on entry); any other parameter's state stays in
+        ``optimizer.state``."""
+        return self.updater.state_in_tiers and bool(self.updater.state_kinds) and id(param) in self._slots
 
     # ---- state that exists before entering --------------------------------------------------------
     def check_existing_state(self) -> None:
@@ -179,7 +185,7 @@ class BlockwiseOptimizer:
         for name in _PATCHED:
             self._saved_attrs[name] = opt.__dict__.get(name, _MISSING)
         self._previous = dict(self._saved_attrs)
-        if self.updater.native and self.updater.state_kinds:
+        if self.updater.state_in_tiers and self.updater.state_kinds:
             from .state import TieredState
 
             # opt.state shows the state kept in the tiers (read on access), as torch's would hold it
@@ -425,7 +431,7 @@ class BlockwiseOptimizer:
         assert self.updates is not None
         self.updates.apply_all()
         opt = self.optimizer
-        if not self.updater.native:
+        if not self.updater.state_in_tiers:
             return type(opt).state_dict(opt)
         from .state import native_state_dict
 
@@ -436,7 +442,7 @@ class BlockwiseOptimizer:
         self.updates.apply_all()
         self.updates.commit()
         opt = self.optimizer
-        if not self.updater.native:
+        if not self.updater.state_in_tiers:
             type(opt).load_state_dict(opt, state_dict)
             return
         from .state import load_native_state_dict
@@ -453,7 +459,7 @@ class BlockwiseOptimizer:
     def export_state(self) -> None:
         """On exit: put the native state into ``optimizer.state`` in torch's format, on each
         parameter's device, so the optimizer keeps working on the restored model."""
-        if not self.updater.native:
+        if not self.updater.state_in_tiers:
             return
         sd = self.state_dict()
         opt = self.optimizer

@@ -1,6 +1,8 @@
 """Optimizer state in torch's own format, read from and written to the tiers.
 
-Three ways in and one way out, all in the format of ``torch.optim.Adam/AdamW/SGD.state_dict()``:
+Three ways in and one way out, all in the format of the optimizer's own ``state_dict()`` (for any
+updater that keeps the state in the tiers: the native Adam/AdamW/SGD, or torch's step with its
+state tensors homed there):
 
 - :func:`check_torch_state` / :func:`import_torch_state`: on entering ``tierrt.offload()``, the
   state the optimizer already holds (steps taken before, ``load_state_dict`` of a checkpoint, an
@@ -95,7 +97,7 @@ def check_torch_state(
     """Before anything moves: the state ``optimizer.state`` holds for every parameter whose state
     will live in the tiers (``will_hold``) can be continued natively (see :func:`check_entry`)."""
     opt = bw.optimizer
-    if not bw.updater.native:
+    if not bw.updater.state_in_tiers:
         return
     for p, group in zip(_params(opt), _groups_of(opt)):
         entry = opt.state.get(p)
@@ -154,11 +156,11 @@ def import_torch_state(bw: BlockwiseOptimizer) -> list[torch.nn.Parameter]:
     tiers there (checked by :func:`check_torch_state` before). Returns those parameters; the caller
     drops their torch-side state once the runtime is up (:func:`release_torch_state`)."""
     opt = bw.optimizer
-    if not bw.updater.native:
+    if not bw.updater.state_in_tiers:
         return []
     entries = {p: opt.state[p] for p in _params(opt) if opt.state.get(p) and bw.holds_state_of(p)}
     extra = {key for entry in entries.values() for key in entry} - {"step", *bw.updater.state_kinds}
-    if extra:
+    if extra and bw.updater.native:  # torch's own step keeps them (with its step counter)
         log.warning(
             "tierrt: optimizer state keys %s are not used by the native %s and are dropped",
             ", ".join(sorted(extra)),

@@ -6,8 +6,12 @@ Two kinds of updater:
   (:mod:`tierrt.optim.kernels`) over fp32 master weights and optimizer state homed in the tiers
   ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer" kinds), writing compute-dtype
   weights in the same pass. Their results equal torch.optim.Adam/AdamW/SGD bit for bit.
-- :class:`TorchUpdater` runs the user's own torch optimizer on just the block's parameters, its
-  state kept by the optimizer in DRAM: any per-parameter optimizer works.
+- :class:`TieredTorchUpdater` runs the user's own torch optimizer (any of torch's per-parameter
+  optimizers, in any mode: ``fused=True`` or ``foreach=True`` AdamW as a transformers ``Trainer``
+  builds it, RMSprop, Adagrad, NAdam, ...) on just the block's parameters, with torch's own
+  arithmetic, its per-parameter state tensors homed in the tiers like the native kinds.
+- :class:`TorchUpdater` runs any other per-parameter optimizer the same way, its state kept by the
+  optimizer in process memory.
 
 Hyperparameters come from a :class:`HyperSnapshot` taken when ``optimizer.step()`` was called, so an
 LR scheduler stepping right after does not change an update that runs later.
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import numbers
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -34,6 +39,7 @@ __all__ = [
     "HyperSnapshot",
     "Updater",
     "TorchUpdater",
+    "TieredTorchUpdater",
     "NativeAdamUpdater",
     "NativeSGDUpdater",
     "choose_updater",
@@ -80,9 +86,14 @@ class HyperSnapshot:
 class Updater:
     """What one optimizer needs per block: which state kinds, and how to apply one step."""
 
-    #: kinds of optimizer state homed in the tiers, with their dtype (trainable slots only)
-    state_kinds: dict[str, torch.dtype] = {}
+    #: kinds of optimizer state homed in the tiers, with their dtype (trainable slots only; None:
+    #: each parameter's own dtype, as torch's ``zeros_like(p)`` state)
+    state_kinds: dict[str, torch.dtype | None] = {}
+    #: runs on tierrt's kernels (not torch's step)
     native = False
+    #: the state of the offloaded parameters lives in the tiers, read and written in torch's format
+    #: (``state_dict``, ``load_state_dict``, ``optimizer.state``) by :mod:`tierrt.optim.state`
+    state_in_tiers = False
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
         self.optimizer = optimizer
@@ -134,6 +145,10 @@ class Updater:
 
     #: whether a step can be undone (its counters snapshotted, its state written copy-on-write)
     transactional = False
+    #: whether :meth:`apply` may run on a worker thread while the model runs backward (speculative
+    #: updates): it touches nothing but the buffers it is given. Torch's own step is not: it reads
+    #: and writes the parameters' ``.data``, ``.grad`` and the optimizer's ``state``.
+    thread_safe = False
 
     def snapshot(self) -> Any:
         """Counters a step changes outside the tiers (undone by :meth:`restore` on rollback)."""
@@ -142,7 +157,7 @@ class Updater:
     def restore(self, snapshot: Any) -> None:
         pass
 
-    # ---- torch's per-parameter state format (native updaters) -------------------------------------
+    # ---- torch's per-parameter state format (updaters with the state in the tiers) ---------------
     def state_keys(self, group: dict[str, Any]) -> list[str]:
         """The state kinds torch keeps per parameter of ``group`` (tensors shaped like it)."""
         return []
@@ -277,10 +292,173 @@ class TorchUpdater(Updater):
         return {}
 
 
+def _adam_keys(group: dict[str, Any]) -> list[str]:
+    return ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if group.get("amsgrad", False) else [])
+
+
+def _sgd_keys(group: dict[str, Any]) -> list[str]:
+    return ["momentum_buffer"] if float(group.get("momentum", 0.0)) != 0.0 else []
+
+
+def _rmsprop_keys(group: dict[str, Any]) -> list[str]:
+    keys = ["square_avg"]
+    if float(group.get("momentum", 0.0)) > 0.0:
+        keys.append("momentum_buffer")
+    if group.get("centered", False):
+        keys.append("grad_avg")
+    return keys
+
+
+#: The state tensors (shaped like the parameter) each of torch's per-parameter optimizers keeps per
+#: parameter, given its param group's options; every one also keeps a ``step`` counter but SGD.
+_TORCH_STATE_KEYS: dict[type, Callable[[dict[str, Any]], list[str]]] = {
+    torch.optim.Adam: _adam_keys,
+    torch.optim.AdamW: _adam_keys,
+    torch.optim.SGD: _sgd_keys,
+    torch.optim.RMSprop: _rmsprop_keys,
+    torch.optim.Adagrad: lambda group: ["sum"],
+    torch.optim.Adamax: lambda group: ["exp_avg", "exp_inf"],
+    torch.optim.NAdam: lambda group: ["exp_avg", "exp_avg_sq"],
+    torch.optim.RAdam: lambda group: ["exp_avg", "exp_avg_sq"],
+    torch.optim.Adadelta: lambda group: ["square_avg", "acc_delta"],
+    torch.optim.Rprop: lambda group: ["prev", "step_size"],
+    torch.optim.ASGD: lambda group: ["ax"],
+}
+
+
+def torch_state_keys(optimizer: torch.optim.Optimizer) -> Callable[[dict[str, Any]], list[str]] | None:
+    """The per-group state keys of ``optimizer``'s class when tierrt knows them (torch's own
+    optimizers, matched by exact type: a subclass may keep other state), else None."""
+    return _TORCH_STATE_KEYS.get(type(optimizer))
+
+
+class TieredTorchUpdater(TorchUpdater):
+    """The user's torch optimizer stepped block by block with torch's own arithmetic (any mode:
+    ``fused``, ``foreach``, single-tensor), its per-parameter state tensors homed in the tiers.
+
+    For one block's update, ``optimizer.state`` is swapped for a dict holding just that block's
+    parameters, their state tensors viewing the block's DRAM copies of the state kinds: torch's step
+    updates them in place (a tensor it creates or replaces, as on a parameter's first step, is
+    copied in). The rest of an entry (``step`` and other scalars) is kept here, per parameter."""
+
+    state_in_tiers = True
+    transactional = True
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        super().__init__(optimizer)
+        keys_of = torch_state_keys(optimizer)
+        assert keys_of is not None, "choose_updater picks this updater for known optimizers only"
+        self._keys_of = keys_of
+        self._has_step = not isinstance(optimizer, torch.optim.SGD)
+        kinds = dict.fromkeys(key for group in optimizer.param_groups for key in keys_of(group))
+        self.state_kinds = {kind: None for kind in kinds}
+        self.counters: dict[int, dict[str, Any]] = {}  # id(param) -> its entry's other values
+
+    def describe(self) -> str:
+        return f"torch {type(self.optimizer).__name__} (state in the tiers, stepped block by block)"
+
+    def has_state(self, param: torch.nn.Parameter) -> bool:
+        return id(param) in self.counters
+
+    def state_keys(self, group: dict[str, Any]) -> list[str]:
+        return self._keys_of(group)
+
+    def required_keys(self, group: dict[str, Any]) -> list[str]:
+        return (["step"] if self._has_step else []) + self._keys_of(group)
+
+    def counters_of(self, param: torch.nn.Parameter) -> dict[str, Any]:
+        return _copied(self.counters[id(param)])
+
+    def load_counters(self, param: torch.nn.Parameter, entry: dict[str, Any]) -> None:
+        self.counters[id(param)] = _copied({k: v for k, v in entry.items() if k not in self.state_kinds})
+
+    def forget_counters(self) -> None:
+        self.counters.clear()
+
+    def snapshot(self) -> Any:
+        return {key: _copied(entry) for key, entry in self.counters.items()}
+
+    def restore(self, snapshot: Any) -> None:
+        self.counters = {key: _copied(entry) for key, entry in snapshot.items()}
+
+    def advance(self, changes: dict[int, Any]) -> None:
+        self.counters.update(changes)
+
+    def refuses_group(self, group: dict[str, Any]) -> str | None:
+        missing = [key for key in self._keys_of(group) if key not in self.state_kinds]
+        if missing:
+            return (
+                f"the new group's options need {', '.join(missing)}, which no group needed on entering, "
+                "so the tiers hold no room for it"
+            )
+        return None
+
+    def apply(
+        self,
+        store: TensorStore,
+        bs: BlockState,
+        wkind: str,
+        slots: list[int],
+        hyper: HyperSnapshot,
+        muls: dict[int, list[float]],
+        buffers: dict[str, Any] | None = None,
+        advance: bool = True,
+        sources: dict[str, Any] | None = None,
+    ) -> dict[int, Any]:
+        views = {kind: _views(store, bs, kind, buffers) for kind in self.state_kinds if kind in bs.kinds}
+        opt = self.optimizer
+        block_state: defaultdict[torch.Tensor, dict[str, Any]] = defaultdict(dict)
+        for slot_index in slots:
+            param = bs.spec.slots[slot_index].param
+            if id(param) not in self.counters:
+                continue  # its first step: torch creates the state (copied into the tiers below)
+            entry = _copied(self.counters[id(param)])
+            group = opt.param_groups[self.group_of[id(param)]]
+            for kind in self._keys_of(group):
+                entry[kind] = views[kind][slot_index]
+            block_state[param] = entry
+        own_state = opt.__dict__.get("state", _NO_STATE)
+        opt.state = block_state
+        try:
+            super().apply(store, bs, wkind, slots, hyper, muls, buffers, advance=False, sources=sources)
+        finally:
+            if own_state is _NO_STATE:
+                del opt.state
+            else:
+                opt.state = own_state
+        changes: dict[int, Any] = {}
+        for slot_index in slots:
+            param = bs.spec.slots[slot_index].param
+            entry = block_state.get(param)
+            if not entry:
+                continue  # no gradient reached torch's step for it (it keeps its state as it was)
+            for kind in self.state_kinds:
+                value = entry.get(kind)
+                if value is None:
+                    continue
+                view = views[kind][slot_index]
+                if value is not view:  # created (first step) or replaced by torch's step
+                    view.copy_(value)
+            changes[id(param)] = {k: v for k, v in entry.items() if k not in self.state_kinds}
+        if advance:
+            self.advance(changes)
+        return changes
+
+
+_NO_STATE = object()
+
+
+def _copied(entry: dict[str, Any]) -> dict[str, Any]:
+    """A state entry's non-kind values, tensors cloned (torch's step updates ``step`` in place)."""
+    return {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in entry.items()}
+
+
 class NativeAdamUpdater(Updater):
     """torch.optim.Adam / AdamW arithmetic on tierrt's kernels, state in the tiers."""
 
     native = True
+    state_in_tiers = True
+    thread_safe = True
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
         super().__init__(optimizer)
@@ -418,6 +596,8 @@ class NativeSGDUpdater(Updater):
     """torch.optim.SGD arithmetic on tierrt's kernels, momentum buffers in the tiers."""
 
     native = True
+    state_in_tiers = True
+    thread_safe = True
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
         super().__init__(optimizer)
@@ -581,25 +761,42 @@ def step_count(value: Any) -> int:
     return int(number)
 
 
-def choose_updater(optimizer: torch.optim.Optimizer, native: bool | None) -> Updater:
-    """The native updater for Adam, AdamW and SGD with options it implements; else the torch one.
+def choose_updater(
+    optimizer: torch.optim.Optimizer, native: bool | None, state_in_tiers: bool = True
+) -> Updater:
+    """The native updater for Adam, AdamW and SGD with options it implements; else torch's own
+    optimizer, with its state in the tiers when tierrt knows its state (torch's optimizers, any
+    mode), in process memory otherwise.
 
-    ``native=True`` insists (a clear error says why not), ``False`` always uses the torch optimizer.
+    ``native=True`` insists (a clear error says why not), ``False`` always steps with torch's
+    arithmetic. ``state_in_tiers=False`` (an optimizer adopted after the tiers were planned without
+    its state) steps with torch's arithmetic, its state in ``optimizer.state``.
     """
-    reason = _native_refusal(optimizer)
-    if native is False:
+    if not state_in_tiers:
         return TorchUpdater(optimizer)
-    if reason is not None:
-        if native:
-            raise ConfigError(f"native optimizer step unavailable: {reason}")
+    reason = native_refusal(optimizer)
+    if native is not False and reason is None:
+        if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+            return NativeAdamUpdater(optimizer)
+        return NativeSGDUpdater(optimizer)
+    if native:
+        raise ConfigError(f"native optimizer step unavailable: {reason}")
+    if native is None:
         log.info("tierrt: %s; stepping the torch optimizer block by block instead", reason)
-        return TorchUpdater(optimizer)
-    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
-        return NativeAdamUpdater(optimizer)
-    return NativeSGDUpdater(optimizer)
+    return torch_updater(optimizer)
 
 
-def _native_refusal(optimizer: torch.optim.Optimizer) -> str | None:
+def torch_updater(optimizer: torch.optim.Optimizer) -> Updater:
+    """Torch's own step, block by block: its state in the tiers when tierrt knows the optimizer's
+    state tensors (and they are there to keep), else in ``optimizer.state``."""
+    keys_of = torch_state_keys(optimizer)
+    if keys_of is not None and any(keys_of(group) for group in optimizer.param_groups):
+        return TieredTorchUpdater(optimizer)
+    return TorchUpdater(optimizer)
+
+
+def native_refusal(optimizer: torch.optim.Optimizer) -> str | None:
+    """Why tierrt's kernels cannot step ``optimizer`` (None when they can)."""
     if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD):
         return f"{type(optimizer).__name__} has no native kernel (Adam, AdamW and SGD do)"
     for group in optimizer.param_groups:
