@@ -191,14 +191,16 @@ def test_exception_inside_the_update_rolls_the_step_back(deferred, overlap, nvme
 
 
 def _fail_third_torch_step(updater):
-    """Make torch's own step (as the torch updater calls it) raise on its third call."""
+    """Make torch's own step (as the torch updater calls it) raise from its third call on (a
+    speculative update during backward that fails is discarded; the block's own update in step()
+    then fails too), until the caller puts the returned step back."""
     raw = updater._raw_step
     calls = 0
 
     def failing(optimizer):
         nonlocal calls
         calls += 1
-        if calls == 3:
+        if calls >= 3:
             raise KeyError("not today")
         return raw(optimizer)
 

@@ -772,19 +772,15 @@ def probe_direct_io(directory: str) -> bool | None:
         return None
     name = os.path.join(directory, f".tierrt-odirect-{uuid.uuid4().hex[:12]}")
     try:
-        fd = os.open(name, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_DIRECT, 0o600)
-    except OSError as err:
-        with contextlib.suppress(OSError):
-            os.unlink(name)
-        if err.errno == _errno.EINVAL:
-            return False
-        return None
-    try:
+        try:
+            fd = os.open(name, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_DIRECT, 0o600)
+        except OSError as err:
+            return False if err.errno == _errno.EINVAL else None
         os.close(fd)
-    finally:
+        return True
+    finally:  # also when a signal (Ctrl-C) lands between the open and here
         with contextlib.suppress(OSError):
             os.unlink(name)
-    return True
 
 
 def storage_info(

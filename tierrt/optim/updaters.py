@@ -336,13 +336,18 @@ class TieredTorchUpdater(TorchUpdater):
     """The user's torch optimizer stepped block by block with torch's own arithmetic (any mode:
     ``fused``, ``foreach``, single-tensor), its per-parameter state tensors homed in the tiers.
 
-    For one block's update, ``optimizer.state`` is swapped for a dict holding just that block's
-    parameters, their state tensors viewing the block's DRAM copies of the state kinds: torch's step
-    updates them in place (a tensor it creates or replaces, as on a parameter's first step, is
-    copied in). The rest of an entry (``step`` and other scalars) is kept here, per parameter."""
+    A block's update runs torch's step on a *stepper*: a shallow copy of the optimizer whose param
+    groups hold stand-ins for the block's parameters (the views of their DRAM weights, with the
+    gradients as ``.grad``) under the step's hyperparameters, and whose ``state`` holds their state
+    tensors as views of the block's DRAM copies of the state kinds. Torch's step updates them in
+    place (a tensor it creates or replaces, as on a parameter's first step, is copied in). Nothing
+    the user holds is touched (not the parameters, not ``optimizer.state``), so the update may run
+    on a worker thread during backward as the native kernels do. The rest of a state entry
+    (``step`` and other scalars) is kept here, per parameter."""
 
     state_in_tiers = True
     transactional = True
+    thread_safe = True
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
         super().__init__(optimizer)
@@ -405,33 +410,48 @@ class TieredTorchUpdater(TorchUpdater):
         advance: bool = True,
         sources: dict[str, Any] | None = None,
     ) -> dict[int, Any]:
+        weights = _views(store, bs, wkind, buffers)
+        for slot_index, source in _weights_in(store, bs, wkind, slots, weights, sources).items():
+            if slot_index in slots:  # torch's optimizers step in place: copy the inputs first
+                weights[slot_index].copy_(source)
+        grads = _views(store, bs, "grad", buffers)
         views = {kind: _views(store, bs, kind, buffers) for kind in self.state_kinds if kind in bs.kinds}
-        opt = self.optimizer
+        groups: dict[int, dict[str, Any]] = {}
         block_state: defaultdict[torch.Tensor, dict[str, Any]] = defaultdict(dict)
+        standins: dict[int, torch.Tensor] = {}
         for slot_index in slots:
             param = bs.spec.slots[slot_index].param
-            if id(param) not in self.counters:
-                continue  # its first step: torch creates the state (copied into the tiers below)
-            entry = _copied(self.counters[id(param)])
-            group = opt.param_groups[self.group_of[id(param)]]
-            for kind in self._keys_of(group):
-                entry[kind] = views[kind][slot_index]
-            block_state[param] = entry
-        own_state = opt.__dict__.get("state", _NO_STATE)
-        opt.state = block_state
+            index = self.group_of[id(param)]
+            standin = standins[slot_index] = weights[slot_index]
+            grad, last = _scaled(grads[slot_index], muls.get(slot_index, []))
+            standin.grad = grad * last if last != 1.0 else grad
+            group = groups.setdefault(index, {**hyper.groups[index], "params": []})
+            group["params"].append(standin)
+            if id(param) in self.counters:  # else its first step: torch creates the state
+                entry = _copied(self.counters[id(param)])
+                for kind in self._keys_of(group):
+                    entry[kind] = views[kind][slot_index]
+                block_state[standin] = entry
+        stepper = object.__new__(type(self.optimizer))
+        stepper.__dict__.update(self.optimizer.__dict__)
+        stepper.param_groups = list(groups.values())
+        stepper.state = block_state
         try:
-            super().apply(store, bs, wkind, slots, hyper, muls, buffers, advance=False, sources=sources)
+            with torch.no_grad():
+                self._raw_step(stepper)
         finally:
-            if own_state is _NO_STATE:
-                del opt.state
-            else:
-                opt.state = own_state
+            for standin in standins.values():
+                standin.grad = None
+        if wkind == "master":  # the compute-dtype copy follows the updated master weights
+            out = _views(store, bs, "weight", buffers)
+            with torch.no_grad():
+                for slot_index in slots:
+                    out[slot_index].copy_(weights[slot_index])
         changes: dict[int, Any] = {}
-        for slot_index in slots:
-            param = bs.spec.slots[slot_index].param
-            entry = block_state.get(param)
+        for slot_index, standin in standins.items():
+            entry = block_state.get(standin)
             if not entry:
-                continue  # no gradient reached torch's step for it (it keeps its state as it was)
+                continue  # torch's step made no state for it (it keeps its state as it was)
             for kind in self.state_kinds:
                 value = entry.get(kind)
                 if value is None:
@@ -439,13 +459,12 @@ class TieredTorchUpdater(TorchUpdater):
                 view = views[kind][slot_index]
                 if value is not view:  # created (first step) or replaced by torch's step
                     view.copy_(value)
-            changes[id(param)] = {k: v for k, v in entry.items() if k not in self.state_kinds}
+            changes[id(bs.spec.slots[slot_index].param)] = {
+                k: v for k, v in entry.items() if k not in self.state_kinds
+            }
         if advance:
             self.advance(changes)
         return changes
-
-
-_NO_STATE = object()
 
 
 def _copied(entry: dict[str, Any]) -> dict[str, Any]:
