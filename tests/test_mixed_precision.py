@@ -16,12 +16,17 @@ def tiers(model, nvme_dir, compute_dtype=None):
     return [tierrt.dram(streaming_budget(model, compute_dtype=compute_dtype)), tierrt.nvme(nvme_dir)]
 
 
-@pytest.mark.parametrize("native", [None, False], ids=["native_kernel", "torch_stepped"])
-def test_bf16_compute_with_fp32_master_weights(native, nvme_dir):
+@pytest.mark.parametrize(
+    ("native", "fused"),
+    [(None, False), (False, False), (None, True)],
+    ids=["native_kernel", "torch_stepped", "torch_fused"],
+)
+def test_bf16_compute_with_fp32_master_weights(native, fused, nvme_dir):
     """compute_dtype=bf16 equals, bit for bit, the recipe it implements: a bf16 copy of the model's
     parameters computes, its bf16 gradients are accumulated in fp32, AdamW updates fp32 master weights and the
     bf16 copy is refreshed from them. Also when torch's AdamW is stepped block by block (the optimizer
-    tierrt steps without its kernels, e.g. one created inside the context)."""
+    tierrt steps without its kernels, e.g. one created inside the context), and with torch's fused
+    AdamW (its state in the tiers too)."""
     reference = models.llama()
     ours = copy.deepcopy(reference)
     data = models.token_batches(3)
@@ -30,7 +35,7 @@ def test_bf16_compute_with_fp32_master_weights(native, nvme_dir):
     compute = copy.deepcopy(reference)
     for p in compute.parameters():  # parameters only: buffers (rotary frequencies) keep their dtype
         p.data = p.data.to(torch.bfloat16)
-    ref_opt = torch.optim.AdamW(master, lr=1e-3, weight_decay=0.01)
+    ref_opt = torch.optim.AdamW(master, lr=1e-3, weight_decay=0.01, fused=fused)
     ref_losses = []
     for ids in data:
         loss = models.lm_loss(compute, ids)
@@ -45,7 +50,7 @@ def test_bf16_compute_with_fp32_master_weights(native, nvme_dir):
                 p.copy_(m)
         ref_losses.append(loss.detach().clone())
 
-    opt = torch.optim.AdamW(ours.parameters(), lr=1e-3, weight_decay=0.01)
+    opt = torch.optim.AdamW(ours.parameters(), lr=1e-3, weight_decay=0.01, fused=fused)
     with tierrt.offload(
         ours,
         tiers=tiers(ours, nvme_dir, torch.bfloat16),
@@ -61,7 +66,8 @@ def test_bf16_compute_with_fp32_master_weights(native, nvme_dir):
             opt.step()
             opt.zero_grad()
             losses.append(loss.detach().clone())
-        assert rt.blockwise.updater.native == (native is None)
+        assert rt.blockwise.updater.native == (native is None and not fused)
+        assert rt.blockwise.updater.state_in_tiers
     for a, b in zip(ref_losses, losses):
         assert torch.equal(a, b)
     for (name, _), m, p in zip(reference.named_parameters(), master, ours.parameters()):
