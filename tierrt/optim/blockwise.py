@@ -463,13 +463,23 @@ class BlockwiseOptimizer:
             return
         sd = self.state_dict()
         opt = self.optimizer
-        params = [p for group in opt.param_groups for p in group["params"]]
+        params = [(p, group) for group in opt.param_groups for p in group["params"]]
         for index, state in sd["state"].items():
-            p = params[index]
-            opt.state[p] = {
-                k: (v.to(p.device) if isinstance(v, torch.Tensor) and v.dim() > 0 else v)
-                for k, v in state.items()
-            }
+            p, group = params[index]
+            opt.state[p] = {k: _as_torch_holds(p, group, k, v) for k, v in state.items()}
+
+
+def _as_torch_holds(param: torch.Tensor, group: dict[str, Any], key: str, value: Any) -> Any:
+    """A state value where torch's optimizer keeps it: tensors shaped like the parameter on its
+    device; ``step`` where it is, except with ``fused`` or ``capturable`` (fp32 on the parameter's
+    device, as torch's ``load_state_dict`` puts it)."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    if key == "step":
+        if group.get("fused", False) or group.get("capturable", False):
+            return value.to(dtype=torch.float32, device=param.device)
+        return value
+    return value.to(param.device) if value.dim() > 0 else value
 
 
 def _group_tensors(param_group: dict[str, Any]) -> list[Any]:
