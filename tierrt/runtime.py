@@ -363,7 +363,9 @@ class Runtime:
             store = TensorStore(host_tiers, nvme_store, gpu_store)
         except BaseException:
             if nvme_store is not None:
-                nvme_store.close()
+                nvme_store.close()  # and its engine
+            elif engine is not None:
+                engine.close()
             raise
         self.store = store
         self.engine = engine
