@@ -54,3 +54,29 @@ def test_kept_runtimes_hold_no_descriptors_or_threads(backend, nvme_dir):
     assert set(os.listdir("/proc/self/task")) - tasks == set()
     assert all(rt.closed for rt in kept)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_nested_offload_of_the_same_model_says_so(nvme_dir):
+    model = models.mlp(0, width=64, depth=4)
+    before = [p.detach().clone() for p in model.parameters()]
+    tiers = [tierrt.dram("160KiB"), tierrt.nvme(nvme_dir)]
+    with tierrt.offload(model, tiers=tiers):
+        with pytest.raises(tierrt.HookError, match="Sequential is already offloaded by an active"):
+            with tierrt.offload(model, tiers=tiers):
+                pass
+        with torch.no_grad():
+            model(torch.randn(2, 64))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    with tierrt.offload(model, tiers=tiers):  # the model can be offloaded again
+        pass
+
+
+def test_span_log_keeps_the_latest_spans_within_its_limit():
+    from tierrt.scheduler.transfer import Span, SpanLog
+
+    log = SpanLog(limit=100)
+    for i in range(1000):  # a long run: the log's memory stops growing at its limit
+        log.add(Span(f"step {i}", "transfer", "nvme->dram", float(i), i + 0.5, 4096))
+    spans = log.snapshot()
+    assert len(spans) == 100 and log.dropped == 900
+    assert [s.name for s in spans] == [f"step {i}" for i in range(900, 1000)]  # a trace shows the latest

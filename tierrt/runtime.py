@@ -270,6 +270,12 @@ class Runtime:
             for name, p in model.named_parameters():
                 owner = _OWNERS.get(id(p))
                 if owner is not None and owner() is not None and owner() is not self:
+                    if owner().model is model:  # type: ignore[union-attr]
+                        raise HookError(
+                            f"{type(model).__name__} is already offloaded by an active tierrt.offload() "
+                            "(a nested offload() of the same model, or a runtime started and not closed): "
+                            "use the runtime that holds it, or leave its with-block (rt.close()) first"
+                        )
                     raise HookError(
                         f"parameter {name} is already offloaded by another active tierrt.offload() "
                         "(a parameter shared between two offloaded models); offload the models together "
