@@ -4,6 +4,8 @@ its context, also while the Runtime object is kept (for its report, say)."""
 from __future__ import annotations
 
 import os
+import signal
+import threading
 
 import models
 import pytest
@@ -80,3 +82,84 @@ def test_span_log_keeps_the_latest_spans_within_its_limit():
     spans = log.snapshot()
     assert len(spans) == 100 and log.dropped == 900
     assert [s.name for s in spans] == [f"step {i}" for i in range(900, 1000)]  # a trace shows the latest
+
+
+# ---- Ctrl-C ------------------------------------------------------------------------------------
+# SIGINT is raised (signal.raise_signal, as a Ctrl-C would arrive) at a chosen point inside tierrt;
+# the model must come back with the weights of a whole step (before or after it), never a mix, and
+# a new context on it must train on exactly like the plain run.
+
+
+def _plain_states(steps: int) -> list[dict[str, torch.Tensor]]:
+    """The plain run's weights (and AdamW's step count) after 0, 1, ... ``steps`` steps."""
+    model = models.mlp(0, width=64, depth=4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    states = [{k: v.clone() for k, v in model.state_dict().items()}]
+    for i in range(steps):
+        _one_step(model, opt, i)
+        states.append({k: v.clone() for k, v in model.state_dict().items()})
+    return states
+
+
+def _one_step(model: torch.nn.Module, opt: torch.optim.Optimizer, i: int) -> None:
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(i))
+    model(x).square().mean().backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def _which_step(model: torch.nn.Module, states: list[dict[str, torch.Tensor]]) -> int | None:
+    now = model.state_dict()
+    return next((k for k, s in enumerate(states) if all(torch.equal(now[n], s[n]) for n in s)), None)
+
+
+def _interrupt_on_call(monkeypatch: pytest.MonkeyPatch, owner: object, name: str, call: int) -> list[int]:
+    """Make the ``call``-th call of ``owner.name`` on the main thread (the one signals interrupt)
+    raise SIGINT in the middle (after it started)."""
+    original = getattr(owner, name)
+    calls = [0]
+
+    def wrapper(*args: object, **kwargs: object) -> object:
+        calls[0] += threading.current_thread() is threading.main_thread()
+        if calls[0] == call:
+            signal.raise_signal(signal.SIGINT)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, wrapper)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        ("tierrt.optim.updaters.NativeAdamUpdater", "apply", 3),  # one block's update
+        ("tierrt.scheduler.speculation.Speculator", "commit", 3),  # step() recording the blocks
+        ("tierrt.hooks.HookSet", "install", 1),  # entering
+        ("tierrt.runtime.Runtime", "_restore_slot", 3),  # leaving
+    ],
+    ids=["update", "record", "enter", "exit"],
+)
+def test_ctrl_c_leaves_a_whole_step_and_a_usable_model(where, monkeypatch, nvme_dir):
+    import importlib
+
+    states = _plain_states(5)
+    module_name, class_name = where[0].rsplit(".", 1)
+    owner = getattr(importlib.import_module(module_name), class_name)
+    model = models.mlp(0, width=64, depth=4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    tiers = [tierrt.dram("160KiB"), tierrt.nvme(nvme_dir)]
+    done = 0
+    _interrupt_on_call(monkeypatch, owner, where[1], where[2])
+    with pytest.raises(KeyboardInterrupt):
+        with tierrt.offload(model, tiers=tiers, optimizer=opt):
+            for i in range(3):
+                _one_step(model, opt, i)
+                done = i + 1
+    monkeypatch.undo()
+    k = _which_step(model, states)
+    assert k in (done, done + 1), f"the weights are not those of step {done} or {done + 1}"
+    opt.zero_grad()
+    with tierrt.offload(model, tiers=tiers, optimizer=opt):  # the model can be offloaded again
+        for i in range(k, k + 2):
+            _one_step(model, opt, i)
+    assert _which_step(model, states) == k + 2
