@@ -163,3 +163,12 @@ def test_ctrl_c_leaves_a_whole_step_and_a_usable_model(where, monkeypatch, nvme_
         for i in range(k, k + 2):
             _one_step(model, opt, i)
     assert _which_step(model, states) == k + 2
+
+
+def test_report_and_trace_before_entering(tmp_path):
+    import json
+
+    rt = tierrt.offload(models.mlp(0, width=64, depth=4), tiers=[tierrt.dram("160KiB")])
+    assert rt.report().total.steps == 0
+    trace = json.loads(open(rt.trace(tmp_path / "t.json")).read())  # it raised AttributeError
+    assert [e["ph"] for e in trace["traceEvents"]] == ["M"]

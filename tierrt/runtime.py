@@ -236,6 +236,9 @@ class Runtime:
         # id(state dict being filled) -> {id(param): (weak reference to its value, block versions)}
         self._state_dict_reads: tuple[int, dict[int, tuple[weakref.ref, tuple[int, ...]]]] = (0, {})
         self.loader: StateDictLoader | None = None
+        from tierrt.scheduler.transfer import SpanLog
+
+        self.spans = SpanLog()  # transfers and waits, for trace() (empty until entered)
 
     # ---- context manager -------------------------------------------------------------------------
     def __enter__(self) -> Runtime:
@@ -269,7 +272,6 @@ class Runtime:
         if self.closed:
             raise HookError("this tierrt runtime was closed; call tierrt.offload() again")
         from tierrt.scheduler.pipeline import Pipeline
-        from tierrt.scheduler.transfer import SpanLog
 
         model = self.model
         params = list(dict.fromkeys(model.parameters()))
@@ -384,8 +386,7 @@ class Runtime:
             raise
         self.store = store
         self.engine = engine
-        spans = SpanLog()
-        self.spans = spans
+        spans = self.spans
         try:
             self._build_blocks(store, partition, placement)
             self.pipeline = Pipeline(store, compute, compute_device, placement.depth, self.counters, spans)
