@@ -176,6 +176,12 @@ class UringEngine final : public Engine {
       wake_ring();
       thread_.join();
     }
+    // The ring went with the thread; the eventfd that woke it goes now (a closed engine kept
+    // referenced, e.g. by a runtime kept for its report, holds no descriptor).
+    if (efd_ >= 0) {
+      ::close(efd_);
+      efd_ = -1;
+    }
   }
 
  private:

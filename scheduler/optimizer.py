@@ -15,12 +15,14 @@ is the same result as updating every block inside ``step()``, in a different ord
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from tierrt.errors import TierCapacityError, noted, restated
+from tierrt.interrupts import HeldInterrupts
 from tierrt.optim.updaters import HyperSnapshot, Updater
 from tierrt.sizes import format_size
 
@@ -209,34 +211,38 @@ class OptimizerPipeline:
         failure: Exception | None = None
         for kind in kinds:
             bs.kinds[kind].pins += 1
-        try:
-            self._stage_inputs(bs, kinds)
-            self.prefetch_next(index)
-            if self.pending.get(index) is not update:
-                return  # rolled back while its inputs were read (a failed write of the open step)
-            del self.pending[index]  # from here on the update changes state: it is no longer pending
-            self.order.remove(index)
-            if wkind == "weight" and bs.attached and pipeline.compute != "dram":
-                pipeline.detach(bs)
+        with contextlib.ExitStack() as held:
             try:
-                self.updater.apply(pipeline.store, bs, wkind, update.slots, update.hyper, update.muls)
-            except Exception as error:  # noqa: BLE001 - handled below, once the pins are released
-                failure = error
-        finally:
-            for kind in kinds:
-                bs.kinds[kind].pins -= 1
-        if failure is not None:
-            try:
-                raise self._update_failed(bs, failure)
+                self._stage_inputs(bs, kinds)
+                self.prefetch_next(index)
+                if self.pending.get(index) is not update:
+                    return  # rolled back while its inputs were read (a failed write of the open step)
+                # From here on the update changes state: Ctrl-C waits until the block is updated and
+                # accounted for (stopped half way, it was left neither before nor after the update).
+                held.enter_context(HeldInterrupts(f"updating block {bs.name}"))
+                del self.pending[index]  # it is no longer pending
+                self.order.remove(index)
+                if wkind == "weight" and bs.attached and pipeline.compute != "dram":
+                    pipeline.detach(bs)
+                try:
+                    self.updater.apply(pipeline.store, bs, wkind, update.slots, update.hyper, update.muls)
+                except Exception as error:  # noqa: BLE001 - handled below, once the pins are released
+                    failure = error
             finally:
-                failure = None  # no cycle (error -> traceback -> this frame -> error) to wait for gc
-        self._after_update(bs, wkind, kinds)
-        end = time.perf_counter()
-        pipeline.counters.optimizer_seconds += end - start
-        pipeline.spans.add(Span(f"update {bs.name}", "optimizer", "optimizer", start, end))
-        zero = self.zero_after.pop(index, None)
-        if zero is not None:
-            self.grads.zero_block(bs, zero)
+                for kind in kinds:
+                    bs.kinds[kind].pins -= 1
+            if failure is not None:
+                try:
+                    raise self._update_failed(bs, failure)
+                finally:
+                    failure = None  # no cycle (error -> traceback -> this frame -> error) to wait for gc
+            self._after_update(bs, wkind, kinds)
+            end = time.perf_counter()
+            pipeline.counters.optimizer_seconds += end - start
+            pipeline.spans.add(Span(f"update {bs.name}", "optimizer", "optimizer", start, end))
+            zero = self.zero_after.pop(index, None)
+            if zero is not None:
+                self.grads.zero_block(bs, zero)
 
     def _update_failed(self, bs: BlockState, error: Exception) -> Exception:
         """Block ``bs``'s update raised ``error`` after it stopped being pending. Every other

@@ -12,6 +12,7 @@ transfer changes nothing but its own error, which the reaping thread raises.
 from __future__ import annotations
 
 import atexit
+import collections
 import queue
 import threading
 import time
@@ -26,7 +27,7 @@ __all__ = ["Transfer", "TransferShare", "TransferWorker", "Span", "SpanLog"]
 Step = Callable[[], Any]
 
 
-@dataclass
+@dataclass(slots=True)
 class Span:
     """One timed interval, for reports and Chrome traces."""
 
@@ -39,12 +40,14 @@ class Span:
 
 
 class SpanLog:
-    """A bounded list of spans, thread-safe. ``enabled=False`` keeps nothing."""
+    """The last ``limit`` spans, thread-safe; older ones are dropped (counted in ``dropped``), so a
+    long run's log stops growing after a few hundred steps and a trace shows its latest steps.
+    ``enabled=False`` keeps nothing."""
 
-    def __init__(self, limit: int = 200_000) -> None:
+    def __init__(self, limit: int = 50_000) -> None:
         self.enabled = True
         self.limit = limit
-        self._spans: list[Span] = []
+        self._spans: collections.deque[Span] = collections.deque(maxlen=limit)
         self._lock = threading.Lock()
         self.dropped = 0
 
@@ -52,10 +55,9 @@ class SpanLog:
         if not self.enabled:
             return
         with self._lock:
-            if len(self._spans) < self.limit:
-                self._spans.append(span)
-            else:
-                self.dropped += 1
+            if len(self._spans) == self.limit:
+                self.dropped += 1  # the oldest span falls out
+            self._spans.append(span)
 
     def snapshot(self) -> list[Span]:
         with self._lock:

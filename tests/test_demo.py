@@ -21,3 +21,34 @@ def test_demo_trains_and_reports(tmp_path):
     assert float(match.group(2)) < float(match.group(1))
     assert "nvme->dram" in out and "prefetch hits" in out
     assert re.search(r"training state [\d.]+\w+ = [\d.]+x the DRAM budget", out), out
+
+
+def test_demo_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
+    """Each refused before training (they raised tracebacks: ZeroDivisionError for --steps 0 and
+    --heads 0, a torch shape error for --width 100 --heads 8, a TypeError for --steps -3, a raw
+    ConfigError for --dram 64parsecs, a TierPathError for --trace after the whole run)."""
+    small = ["--steps", "1", "--layers", "1", "--width", "64", "--heads", "2", "--seq", "16"]
+    cases = [
+        (["--steps", "0"], "--steps"),
+        (["--steps", "-3"], "--steps"),
+        (["--heads", "0"], "--heads"),
+        (["--batch", "0"], "--batch"),
+        (["--lr", "nan"], "--lr"),
+        (["--dram", "64parsecs"], "parsecs"),
+        (["--dram", "0"], "--dram"),
+        (["--width", "100", "--heads", "8"], "multiple of --heads"),
+        (["--seq", "10000000"], "--seq"),
+        (["--trace", str(tmp_path / "missing" / "t.json")], "--trace"),
+        ([*small, "--dram", "1KiB"], "dram budget 1KiB"),
+    ]
+    from tierrt.cli import main
+
+    for args, words in cases:
+        try:
+            status = main(["demo", *args])
+        except SystemExit as exit:  # argparse's usage error
+            status = exit.code
+        stderr = capsys.readouterr().err
+        errors = [line for line in stderr.splitlines() if "error" in line]
+        assert status == 2, (args, stderr)
+        assert len(errors) == 1 and words in errors[0], (args, stderr)

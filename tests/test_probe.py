@@ -195,6 +195,16 @@ def test_bad_sizes_and_json_dir(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+def test_outputs_that_are_directories_and_empty_choices(tmp_path: Path) -> None:
+    # each refused before anything is measured (an existing directory as --json failed with a raw
+    # IsADirectoryError after the run; "--links ," saved an empty profile over the default one)
+    assert_bad_input(probe(*QUICK, "--path", str(tmp_path), "--json", str(tmp_path)), "--json", "directory")
+    assert_bad_input(probe(*QUICK, "--links", "dram", "--plot", str(tmp_path)), "--plot", "directory")
+    assert_bad_input(probe(*QUICK, "--links", ","), "--links")
+    assert_bad_input(probe(*QUICK, "--path", str(tmp_path), "--queue-depths", "1,x"), "--queue-depths")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_plot_without_matplotlib(tmp_path: Path) -> None:
     # a matplotlib that cannot be imported, first on the path
     blocker = tmp_path / "block" / "matplotlib"

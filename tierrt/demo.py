@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 import tempfile
 import time
 from typing import Any
@@ -97,36 +98,103 @@ def batches(corpus: torch.Tensor, batch: int, seq: int, seed: int) -> Any:
         yield chunk[:, :-1], chunk[:, 1:]
 
 
+def _count(text: str) -> int:
+    """An argparse type: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
+def _rate(text: str) -> float:
+    """An argparse type: a finite number > 0 (a learning rate)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
+    return value
+
+
+def _size(text: str) -> int:
+    """An argparse type: a size such as 96MiB (a malformed one is a one-line usage error)."""
+    from .errors import ConfigError
+    from .sizes import parse_size
+
+    try:
+        value = parse_size(text, what="a size")
+    except ConfigError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    if value == 0:
+        raise argparse.ArgumentTypeError("the DRAM budget must be above 0")
+    return value
+
+
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(prog="tierrt demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dram", default="96MiB", help="DRAM budget (default: 96MiB)")
+    parser.add_argument("--dram", default="96MiB", type=_size, help="DRAM budget (default: 96MiB)")
     parser.add_argument("--nvme", default=None, help="directory for swap files (default: a temporary one)")
-    parser.add_argument("--steps", type=int, default=40, help="training steps (default: 40)")
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--width", type=int, default=512)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=128, help="tokens per sequence (default: 128)")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=_count, default=40, help="training steps (default: 40)")
+    parser.add_argument("--layers", type=_count, default=8, help="transformer blocks (default: 8)")
+    parser.add_argument(
+        "--width", type=_count, default=512, help="model width, a multiple of --heads (default: 512)"
+    )
+    parser.add_argument("--heads", type=_count, default=8, help="attention heads (default: 8)")
+    parser.add_argument("--seq", type=_count, default=128, help="tokens per sequence (default: 128)")
+    parser.add_argument("--batch", type=_count, default=4, help="sequences per step (default: 4)")
+    parser.add_argument("--lr", type=_rate, default=1e-3, help="AdamW learning rate (default: 1e-3)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the model and the batches (default: 0)")
     parser.add_argument("--no-gpu", action="store_true", help="do not use a GPU even if there is one")
     parser.add_argument("--trace", default=None, help="write a Chrome/Perfetto trace to this file")
     return parser
 
 
+def _check(args: argparse.Namespace, corpus: torch.Tensor) -> None:
+    """What the parser cannot check alone; a ConfigError / TierPathError names the flag."""
+    import tierrt
+
+    if args.width % args.heads:
+        raise tierrt.ConfigError(f"--width {args.width} is not a multiple of --heads {args.heads}")
+    if args.seq >= corpus.numel() - 1:
+        raise tierrt.ConfigError(f"--seq {args.seq} is longer than the corpus ({corpus.numel()} bytes)")
+    if args.trace is not None:
+        parent = os.path.dirname(os.path.abspath(args.trace))
+        if not os.path.isdir(parent):
+            raise tierrt.TierPathError(
+                f"--trace {args.trace}: the directory {parent} does not exist", path=parent
+            )
+
+
 def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) -> int:
+    """Run the demo. Exit status: 0 the loss went down, 1 it did not, 2 bad input (one line on
+    stderr: a flag's value, a budget too small for the model, an unusable path)."""
+    from .errors import ConfigError, TierCapacityError, TierPathError
+
+    args = args or build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except (ConfigError, TierCapacityError, TierPathError) as error:
+        print(f"tierrt demo: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     import tierrt
 
-    args = args or build_parser().parse_args(argv)
+    corpus = load_corpus()
+    _check(args, corpus)
     torch.manual_seed(args.seed)
     model = TinyGPT(args.layers, args.width, args.heads, context=max(args.seq, 16))
     params = sum(p.numel() for p in model.parameters())
-    budget = tierrt.parse_size(args.dram, what="--dram")
+    budget = args.dram if isinstance(args.dram, int) else tierrt.parse_size(args.dram, what="--dram")
     state = params * 4 * 4  # fp32 weights, gradients, Adam m and v
     use_gpu = torch.cuda.is_available() and not args.no_gpu
-    corpus = load_corpus()
     print(
         f"tierrt demo: a {args.layers}-layer GPT ({params / 1e6:.1f}M parameters) on "
         f"{corpus.numel() / 1e6:.2f}MB of Python documentation"

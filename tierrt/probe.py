@@ -1070,10 +1070,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             import matplotlib  # noqa: F401
         except ImportError:
             return _fail("--plot needs matplotlib, which is not installed (pip install matplotlib)")
-        if not Path(args.plot).expanduser().resolve().parent.is_dir():
-            return _fail(f"--plot {args.plot}: its directory does not exist")
-    if args.json and not Path(args.json).expanduser().resolve().parent.is_dir():
-        return _fail(f"--json {args.json}: its directory does not exist")
+    for flag, output in (("--plot", args.plot), ("--json", args.json)):
+        if not output:
+            continue
+        if not Path(output).expanduser().resolve().parent.is_dir():
+            return _fail(f"{flag} {output}: its directory does not exist")
+        if Path(output).expanduser().is_dir():
+            return _fail(f"{flag} {output}: is a directory; give a file name")
+    links = [x.strip() for x in args.links.split(",") if x.strip()]
+    if not links:
+        return _fail(f"--links {args.links!r}: name at least one of dram, nvme, gpu, kvikio")
+    try:
+        queue_depths = [int(q) for q in args.queue_depths.split(",")] if args.queue_depths else None
+    except ValueError:
+        return _fail(f"--queue-depths {args.queue_depths}: expected whole numbers separated by commas")
     try:
         profile = run_probe(
             path=args.path,
@@ -1082,8 +1092,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             dram_size=args.dram_size,
             gpu_size=args.gpu_size,
             block_sizes=args.block_sizes.split(",") if args.block_sizes else None,
-            queue_depths=[int(q) for q in args.queue_depths.split(",")] if args.queue_depths else None,
-            links=[x.strip() for x in args.links.split(",") if x.strip()],
+            queue_depths=queue_depths,
+            links=links,
             backend=args.backend,
             progress=False if args.no_progress else None,
         )
@@ -1091,8 +1101,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("tierrt-probe: interrupted; test files removed", file=sys.stderr)
         return 130
     except (ProbeError, ConfigError) as err:
-        return _fail(str(err))
-    except ValueError as err:  # a malformed --queue-depths
         return _fail(str(err))
     print(_header(profile))
     print(profile.table())

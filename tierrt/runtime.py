@@ -38,6 +38,7 @@ from .blocks import BlockSelector, Partition, partition_model
 from .errors import ConfigError, HookError, TierCapacityError, restated
 from .grads import GradientStore
 from .hooks import HookSet
+from .interrupts import HeldInterrupts
 from .loading import LoadPatch, StateDictLoader
 from .optim.blockwise import BlockwiseOptimizer
 from .optim.wrappers import unwrap_optimizer
@@ -238,15 +239,26 @@ class Runtime:
         # id(state dict being filled) -> {id(param): (weak reference to its value, block versions)}
         self._state_dict_reads: tuple[int, dict[int, tuple[weakref.ref, tuple[int, ...]]]] = (0, {})
         self.loader: StateDictLoader | None = None
+        from tierrt.scheduler.transfer import SpanLog
+
+        self.spans = SpanLog()  # transfers and waits, for trace() (empty until entered)
 
     # ---- context manager -------------------------------------------------------------------------
     def __enter__(self) -> Runtime:
-        self.start()
+        already = self.active
+        try:
+            self.start()
+        except BaseException:
+            if self.active and not already:  # an interrupt held while entering, raised once entered:
+                self.close()  # no with-block will call __exit__, so the model is given back here
+            raise
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
         try:
             self.close()
+        except KeyboardInterrupt:  # held while the model was given back: it is back
+            raise
         except BaseException as close_error:
             # Parameters whose values are lost must not pass unnoticed behind the block's own error
             # (that error stays attached as the context of this one).
@@ -263,7 +275,6 @@ class Runtime:
         if self.closed:
             raise HookError("this tierrt runtime was closed; call tierrt.offload() again")
         from tierrt.scheduler.pipeline import Pipeline
-        from tierrt.scheduler.transfer import SpanLog
 
         model = self.model
         params = list(dict.fromkeys(model.parameters()))
@@ -273,6 +284,12 @@ class Runtime:
             for name, p in model.named_parameters():
                 owner = _OWNERS.get(id(p))
                 if owner is not None and owner() is not None and owner() is not self:
+                    if owner().model is model:  # type: ignore[union-attr]
+                        raise HookError(
+                            f"{type(model).__name__} is already offloaded by an active tierrt.offload() "
+                            "(a nested offload() of the same model, or a runtime started and not closed): "
+                            "use the runtime that holds it, or leave its with-block (rt.close()) first"
+                        )
                     raise HookError(
                         f"parameter {name} is already offloaded by another active tierrt.offload() "
                         "(a parameter shared between two offloaded models); offload the models together "
@@ -366,22 +383,43 @@ class Runtime:
             store = TensorStore(host_tiers, nvme_store, gpu_store)
         except BaseException:
             if nvme_store is not None:
-                nvme_store.close()
+                nvme_store.close()  # and its engine
+            elif engine is not None:
+                engine.close()
             raise
         self.store = store
         self.engine = engine
-        spans = SpanLog()
-        self.spans = spans
+        spans = self.spans
         try:
             self._build_blocks(store, partition, placement)
             self.pipeline = Pipeline(store, compute, compute_device, placement.depth, self.counters, spans)
             self.pipeline.update_reserve = placement.update_reserve
             self._place(store, partition, placement, compute_device)
             imported = self._import_optimizer_state(blockwise)
-            self._let_go(store, compute_device)
         except BaseException:
-            self._unplace_after_failure()
+            self._unplace_after_failure()  # Ctrl-C included: the parameters still hold their values
             raise
+        # From here on the parameters view the tiers: Ctrl-C waits until the runtime is whole (and
+        # __enter__ then closes it again).
+        with HeldInterrupts("entering the tierrt context"):
+            try:
+                self._let_go(store, compute_device)
+            except BaseException:
+                self._unplace_after_failure()
+                raise
+            self._install(model, params, store, partition, blockwise, imported, compute_device)
+
+    def _install(
+        self,
+        model: nn.Module,
+        params: list[nn.Parameter],
+        store: TensorStore,
+        partition: Partition,
+        blockwise: BlockwiseOptimizer | None,
+        imported: Any,
+        compute_device: torch.device,
+    ) -> None:
+        """The rest of :meth:`start`, once the parameters view the tiers: owners, hooks, patches."""
         with _OWNERS_LOCK:
             for p in params:
                 _OWNERS[id(p)] = weakref.ref(self)
@@ -974,12 +1012,18 @@ class Runtime:
 
     # ---- close -----------------------------------------------------------------------------------
     def close(self) -> None:
-        """Give the model back (trained values, original devices) and free every tier."""
+        """Give the model back (trained values, original devices) and free every tier. A Ctrl-C
+        meanwhile is raised once the model is back (stopping half way would leave it neither
+        offloaded nor whole)."""
         if self.closed:
             return
         if not self.active:
             self.closed = True
             return
+        with HeldInterrupts("giving the model back"):
+            self._give_back()
+
+    def _give_back(self) -> None:
         errors: list[BaseException] = []
         # Giving the model back must not fail for want of DRAM room (memory still viewed by tensors
         # kept from inside the context): what does not fit in the arena goes outside the budget.

@@ -285,10 +285,15 @@ class NvmeTierStore:
         return stats
 
     def close(self) -> None:
+        """Close the swap files and the I/O engine made for them (its thread, ring and eventfd go
+        now, not when the last reference to a runtime kept for its report goes)."""
         try:
             self.fileset.close(remove=True)
         finally:
-            self._remove_created()
+            try:
+                self.engine.close()
+            finally:
+                self._remove_created()
 
 
 class _CheckedRead:

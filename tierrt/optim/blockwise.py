@@ -30,6 +30,7 @@ import torch
 
 from ..errors import ConfigError, HookError
 from ..hooks import unfrozen_error
+from ..interrupts import HeldInterrupts
 from .updaters import HyperSnapshot, Updater, choose_updater
 
 if TYPE_CHECKING:
@@ -371,7 +372,10 @@ class BlockwiseOptimizer:
         into the tiers first, so the update uses them as torch's step would."""
         assert self.updates is not None and self.grads is not None
         self.grads.take_assigned()
-        self.updates.record(self.managed_blocks, HyperSnapshot.take(self.optimizer))
+        # A step is a transaction: Ctrl-C waits until every block has its update recorded (or
+        # committed), so the model is never left with some blocks stepped and others not.
+        with HeldInterrupts("recording the optimizer step"):
+            self.updates.record(self.managed_blocks, HyperSnapshot.take(self.optimizer))
 
     def _step_unmanaged(self) -> None:
         """Parameters of the optimizer outside the offloaded model step plainly."""
