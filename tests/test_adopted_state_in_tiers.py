@@ -84,10 +84,12 @@ def test_adopted_optimizer_is_placed_at_its_zero_grad(nvme_dir, caplog):
     assert_state_equal(ref_opt.state_dict(), opt.state_dict())
 
 
-def test_transformers_trainer_optimizer_state_in_the_tiers(nvme_dir, tmp_path, caplog):
+@pytest.mark.parametrize("eval_on_entry", [False, True], ids=["train_mode", "from_pretrained_eval_mode"])
+def test_transformers_trainer_optimizer_state_in_the_tiers(eval_on_entry, nvme_dir, tmp_path, caplog):
     """(c) ``with offload(model, tiers=...): trainer.train()`` with ``optim="adamw_torch"``: the
     Trainer's ``model.zero_grad()`` before its first step places the model with the optimizer it
-    built; logs and weights equal the plain Trainer's."""
+    built (for a model entered in eval mode, in the same one pass that gives gradients room); logs
+    and weights equal the plain Trainer's."""
     pytest.importorskip("accelerate")
     transformers = pytest.importorskip("transformers")
     transformers.logging.set_verbosity_error()
@@ -96,11 +98,13 @@ def test_transformers_trainer_optimizer_state_in_the_tiers(nvme_dir, tmp_path, c
     ref_trainer, ref_logs = _trainer(transformers, reference, tmp_path / "plain")
     ref_trainer.train()
     our_trainer, logs = _trainer(transformers, ours, tmp_path / "tierrt")
+    if eval_on_entry:
+        ours.eval()
     with caplog.at_level(logging.WARNING, logger="tierrt"):
         with tierrt.offload(ours, tiers=tiers(ours, nvme_dir)) as rt:
             our_trainer.train()
             assert state_in_tiers(rt)
-    assert caplog.text.count(PLACED) == 1 and "adopted" not in caplog.text
+    assert caplog.text.count("placing the model again") == 1 and "adopted" not in caplog.text
     assert len(logs.logs) == 3 and logs.logs == ref_logs.logs
     for (name, a), b in zip(reference.named_parameters(), ours.parameters(), strict=True):
         assert torch.equal(a, b), name

@@ -851,7 +851,9 @@ class Runtime:
         model's parameters (called from ``optimizer.step()`` by :mod:`tierrt.adopt`), as
         ``offload(optimizer=...)`` would have, from the step in progress on. Its updates are torch's
         own, applied block by block; its state stays in the optimizer (process memory), since the
-        tiers were planned without it. Raises HookError / ConfigError when it cannot be adopted."""
+        tiers were planned without it, until a safe point places the model again with it when the
+        tiers can hold that state (:meth:`after_zero_grad`). Raises HookError / ConfigError when it
+        cannot be adopted."""
         name = type(optimizer).__name__
         advice = (
             "pass the optimizer to tierrt.offload(model, ..., optimizer=opt) (with a transformers "
