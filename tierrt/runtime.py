@@ -40,7 +40,7 @@ from .grads import GradientStore
 from .hooks import HookSet
 from .loading import LoadPatch, StateDictLoader
 from .optim.blockwise import BlockwiseOptimizer
-from .optim.updaters import native_refusal
+from .optim.updaters import native_refusal, torch_state_in_tiers
 from .optim.wrappers import unwrap_optimizer
 from .placement import Placement, plan_placement
 from .report import Counters, Report, write_chrome_trace
@@ -106,8 +106,8 @@ def offload(
             torch's own arithmetic, block by block, its state in process memory; at the first
             ``zero_grad()`` that leaves no gradients (a ``Trainer`` calls ``model.zero_grad()``
             before its first step), the model is placed again with it (one pass over the weights, a
-            warning says so) when its state can live in the tiers (Adam/AdamW/SGD with options
-            tierrt's kernels implement), and it goes on as if passed here. Passing it here skips
+            warning says so) when its state can live in the tiers (torch's own optimizers, any mode,
+            as above), and it goes on as if passed here. Passing it here skips
             that pass: ``opt = AdamW(model.parameters()); Trainer(..., optimizers=(opt, None))`` and
             ``offload(model, ..., optimizer=opt)``. An optimizer that cannot be adopted (a second
             one, ``native_optimizer=True``, a model entered in eval mode) raises from ``step()``.
@@ -607,9 +607,12 @@ class Runtime:
 
     def _tiers_can_hold_state_of(self, optimizer: torch.optim.Optimizer) -> bool:
         """Whether placing the model again with ``optimizer`` would home its state in the tiers (as
-        passing it to ``offload()`` would): its options allow tierrt's native kernels and
-        ``native_optimizer`` is not False."""
-        return self.native_optimizer is not False and native_refusal(optimizer) is None
+        passing it to ``offload()`` would): tierrt's native kernels step it (its options allow them,
+        ``native_optimizer`` is not False), or torch's own step keeps its state tensors there (torch's
+        optimizers, any mode, unless ``native_optimizer=True`` would refuse them)."""
+        if self.native_optimizer is not False and native_refusal(optimizer) is None:
+            return True
+        return self.native_optimizer is not True and torch_state_in_tiers(optimizer)
 
     def _place_again_with(self, optimizer: torch.optim.Optimizer, occasion: str) -> None:
         """Place the model again with ``optimizer`` as the one tierrt steps (its state, also what
