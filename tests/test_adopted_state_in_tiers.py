@@ -25,29 +25,45 @@ PLACED = "placing the model again with"
 
 
 def state_in_tiers(rt: tierrt.Runtime) -> bool:
-    """Whether ``rt`` steps its optimizer natively with Adam's state kinds in every trained block."""
+    """Whether ``rt``'s optimizer keeps its state in the tiers: its state kinds in every trained block."""
     blockwise = rt.blockwise
-    if blockwise is None or not blockwise.updater.native:
+    if blockwise is None or not blockwise.updater.state_in_tiers or not blockwise.state_kinds:
         return False
     trained = [bs for bs in rt.blocks if "grad" in bs.kinds]
-    return bool(trained) and all({"exp_avg", "exp_avg_sq"} <= set(bs.kinds) for bs in trained)
+    return bool(trained) and all(set(blockwise.state_kinds) <= set(bs.kinds) for bs in trained)
 
 
-def test_optimizer_built_inside_before_the_first_forward_has_its_state_in_the_tiers(nvme_dir, caplog):
-    """(a) AdamW built inside, ``model.zero_grad()`` before the loop (as a Trainer does): one pass
-    places the model with it, and its state is in the tiers from the first step on."""
+def build(kind: str, params) -> torch.optim.Optimizer:
+    """``make_opt``'s optimizers, plus AdamW fused (a Trainer's default) and a subclass of AdamW."""
+    if kind == "adamw_fused":
+        return torch.optim.AdamW(params, lr=2e-3, weight_decay=0.05, fused=True)
+    if kind == "adamw_subclass":
+        return MyAdamW(params, lr=2e-3, weight_decay=0.05)
+    return make_opt(kind, params)
+
+
+class MyAdamW(torch.optim.AdamW):
+    """A class tierrt does not know (a subclass may keep other state): stays adopted in memory."""
+
+
+@pytest.mark.parametrize("kind", ["adamw", "adamw_fused", "rmsprop"])
+def test_optimizer_built_inside_before_the_first_forward_has_its_state_in_the_tiers(kind, nvme_dir, caplog):
+    """(a) An optimizer built inside, ``model.zero_grad()`` before the loop (as a Trainer does): one
+    pass places the model with it, and its state is in the tiers from the first step on (AdamW on
+    tierrt's kernels; fused AdamW and RMSprop stepped by torch, their state tensors in the tiers)."""
     reference = models.llama()
     ours = copy.deepcopy(reference)
     data = models.token_batches(4)
-    ref_opt = make_opt("adamw", reference.parameters())
+    ref_opt = build(kind, reference.parameters())
     ref_values = loop(reference, ref_opt, data)
 
     with caplog.at_level(logging.WARNING, logger="tierrt"):
         with tierrt.offload(ours, tiers=tiers(ours, nvme_dir)) as rt:
-            opt = make_opt("adamw", ours.parameters())
+            opt = build(kind, ours.parameters())
             assert rt.optimizer is None  # noted, nothing done in __init__
             ours.zero_grad()
             assert rt.optimizer is opt and state_in_tiers(rt)
+            assert rt.blockwise.updater.native == (kind == "adamw")
             values = loop(ours, opt, data)
             assert rt.report().total.bytes_by_link["nvme->dram"] > 0
     assert caplog.text.count(PLACED) == 1 and "adopted" not in caplog.text
@@ -84,33 +100,38 @@ def test_adopted_optimizer_is_placed_at_its_zero_grad(nvme_dir, caplog):
     assert_state_equal(ref_opt.state_dict(), opt.state_dict())
 
 
-@pytest.mark.parametrize("eval_on_entry", [False, True], ids=["train_mode", "from_pretrained_eval_mode"])
-def test_transformers_trainer_optimizer_state_in_the_tiers(eval_on_entry, nvme_dir, tmp_path, caplog):
-    """(c) ``with offload(model, tiers=...): trainer.train()`` with ``optim="adamw_torch"``: the
-    Trainer's ``model.zero_grad()`` before its first step places the model with the optimizer it
-    built (for a model entered in eval mode, in the same one pass that gives gradients room); logs
-    and weights equal the plain Trainer's."""
+@pytest.mark.parametrize(
+    ("optim", "eval_on_entry"),
+    [("adamw_torch", False), ("adamw_torch", True), ("adamw_torch_fused", False)],
+    ids=["adamw_torch", "adamw_torch_from_pretrained_eval_mode", "adamw_torch_fused_default"],
+)
+def test_transformers_trainer_optimizer_state_in_the_tiers(optim, eval_on_entry, nvme_dir, tmp_path, caplog):
+    """(c) ``with offload(model, tiers=...): trainer.train()``: the Trainer's ``model.zero_grad()``
+    before its first step places the model with the optimizer it built (for a model entered in eval
+    mode, in the same one pass that gives gradients room), on tierrt's kernels for
+    ``optim="adamw_torch"``, stepped by torch for the default fused AdamW; logs and weights equal
+    the plain Trainer's."""
     pytest.importorskip("accelerate")
     transformers = pytest.importorskip("transformers")
     transformers.logging.set_verbosity_error()
     reference = models.llama()
     ours = copy.deepcopy(reference)
-    ref_trainer, ref_logs = _trainer(transformers, reference, tmp_path / "plain")
+    ref_trainer, ref_logs = _trainer(transformers, reference, tmp_path / "plain", optim)
     ref_trainer.train()
-    our_trainer, logs = _trainer(transformers, ours, tmp_path / "tierrt")
+    our_trainer, logs = _trainer(transformers, ours, tmp_path / "tierrt", optim)
     if eval_on_entry:
         ours.eval()
     with caplog.at_level(logging.WARNING, logger="tierrt"):
         with tierrt.offload(ours, tiers=tiers(ours, nvme_dir)) as rt:
             our_trainer.train()
-            assert state_in_tiers(rt)
+            assert state_in_tiers(rt) and rt.blockwise.updater.native == (optim == "adamw_torch")
     assert caplog.text.count("placing the model again") == 1 and "adopted" not in caplog.text
     assert len(logs.logs) == 3 and logs.logs == ref_logs.logs
     for (name, a), b in zip(reference.named_parameters(), ours.parameters(), strict=True):
         assert torch.equal(a, b), name
 
 
-def _trainer(transformers, model, out):
+def _trainer(transformers, model, out, optim):
     class Tokens(torch.utils.data.Dataset):
         def __init__(self) -> None:
             self.ids = models.token_batches(6, batch=1)
@@ -137,7 +158,7 @@ def _trainer(transformers, model, out):
         learning_rate=1e-3,
         warmup_steps=1,
         max_grad_norm=1.0,
-        optim="adamw_torch",
+        optim=optim,
         use_cpu=True,
         report_to=[],
         save_strategy="no",
@@ -172,7 +193,7 @@ def test_state_that_does_not_fit_stays_adopted_in_memory(nvme_dir, caplog):
             ours.zero_grad()
             assert rt.optimizer is None and rt.active
             values = loop(ours, opt, data)
-            assert rt.optimizer is opt and not rt.blockwise.updater.native
+            assert rt.optimizer is opt and not rt.blockwise.updater.state_in_tiers
     assert "could not be placed with AdamW's state" in caplog.text and "nvme budget" in caplog.text
     assert caplog.text.count(PLACED) == 1  # tried once, not at every zero_grad
     assert_same(reference, ours, ref_values, values)
@@ -279,22 +300,38 @@ def test_zero_grad_inside_a_closure_is_not_a_safe_point(nvme_dir):
     assert_state_equal(ref_opt.state_dict(), opt.state_dict())
 
 
-@pytest.mark.parametrize("case", ["native_optimizer_false", "foreach", "rmsprop"])
-def test_no_placement_when_it_would_not_help(case, nvme_dir, caplog):
-    """Options tierrt's kernels do not implement (or ``native_optimizer=False``): placing again
-    would not move the state into the tiers, so the optimizer stays adopted, as before."""
-    model = models.llama()
-    kwargs = {"native_optimizer": False} if case == "native_optimizer_false" else {}
+def test_no_placement_when_it_would_not_help(nvme_dir, caplog):
+    """An optimizer class tierrt does not know (a subclass may keep other state): placing again
+    would not move its state into the tiers, so it stays adopted in memory, as before, bitwise."""
+    reference = models.llama()
+    ours = copy.deepcopy(reference)
+    data = models.token_batches(3)
+    ref_opt = build("adamw_subclass", reference.parameters())
+    ref_values = loop(reference, ref_opt, data)
     with caplog.at_level(logging.WARNING, logger="tierrt"):
-        with tierrt.offload(model, tiers=tiers(model, nvme_dir), **kwargs) as rt:
-            if case == "rmsprop":
-                opt = make_opt("rmsprop", model.parameters())
-            else:
-                opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=case == "foreach")
-            model.zero_grad()
-            loop(model, opt, models.token_batches(2))
-            assert rt.optimizer is opt and not rt.blockwise.updater.native
+        with tierrt.offload(ours, tiers=tiers(ours, nvme_dir)) as rt:
+            opt = build("adamw_subclass", ours.parameters())
+            ours.zero_grad()
+            values = loop(ours, opt, data)
+            assert rt.optimizer is opt and not rt.blockwise.updater.state_in_tiers
     assert PLACED not in caplog.text and "no update overlaps backward" in caplog.text
+    assert_same(reference, ours, ref_values, values)
+
+
+def test_native_optimizer_false_places_torch_arithmetic_with_state_in_the_tiers(nvme_dir):
+    """``native_optimizer=False``: the optimizer built inside is placed with torch's own step, its
+    state tensors in the tiers."""
+    reference = models.llama()
+    ours = copy.deepcopy(reference)
+    data = models.token_batches(3)
+    ref_opt = make_opt("adamw", reference.parameters())
+    ref_values = loop(reference, ref_opt, data)
+    with tierrt.offload(ours, tiers=tiers(ours, nvme_dir), native_optimizer=False) as rt:
+        opt = make_opt("adamw", ours.parameters())
+        values = loop(ours, opt, data)
+        assert state_in_tiers(rt) and not rt.blockwise.updater.native
+    assert_same(reference, ours, ref_values, values)
+    assert_state_equal(ref_opt.state_dict(), opt.state_dict())
 
 
 def test_optimizer_of_another_model_is_not_noted(nvme_dir):
