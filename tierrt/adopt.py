@@ -1,15 +1,31 @@
-"""Optimizers that :func:`tierrt.offload` was not given: adopted at their first ``step()``.
+"""Optimizers that :func:`tierrt.offload` was not given: noted when built, placed or adopted.
 
 Offloaded parameters have no ``.grad`` (their gradients live in the tiers), so a torch optimizer that
 tierrt does not know would step nothing and the model would silently not train. That is what
 happens when ``offload()`` wraps a loop that builds its own optimizer, e.g. a transformers
-``Trainer``'s ``train()``. While a runtime is active, a global optimizer step pre-hook
-(``torch.optim.optimizer.register_optimizer_step_pre_hook``) watches every ``step()``: an unknown
-optimizer whose parameters include offloaded ones is *adopted* by the runtime that owns them, as if
-it had been passed as ``offload(optimizer=...)``, and its very first step already updates the
-offloaded parameters. It is stepped by torch, block by block (its own state stays in the optimizer,
-in process memory, outside the tiers' budgets: the placement was made without it), which gives
-torch's results bit for bit. Cases tierrt cannot adopt raise :class:`~tierrt.errors.HookError` (or
+``Trainer``'s ``train()``. While a runtime is active, tierrt watches such optimizers in three ways:
+
+- ``torch.optim.Optimizer.__init__`` is wrapped: an optimizer built over parameters an active
+  runtime offloads is *noted* by that runtime (a weak reference; the most recent one counts).
+  Nothing else happens there (a subclass's ``__init__`` goes on after the base class's).
+- A global optimizer step pre-hook (``torch.optim.optimizer.register_optimizer_step_pre_hook``)
+  watches every ``step()``: an unknown optimizer whose parameters include offloaded ones is
+  *adopted* by the runtime that owns them, and its very first step already updates the offloaded
+  parameters. It is stepped by torch, block by block, which gives torch's results bit for bit; its
+  state stays in the optimizer, in process memory, for now (the placement was made without it).
+- At a *safe point* — a ``zero_grad(set_to_none=True)`` (the model's, the optimizer's, or that of
+  an optimizer tierrt adopted) after which no gradient is held, outside forward and backward — the
+  runtime places the model again with a noted or adopted optimizer whose state its tiers can hold
+  (torch's own optimizers, in any mode, e.g. the ``Trainer``'s fused AdamW; Adam, AdamW and SGD on
+  tierrt's kernels when their options allow; not a class tierrt does not know, such as a
+  third-party optimizer or a subclass): one pass over the weights, after
+  which the optimizer is stepped as if it had been passed to ``offload(optimizer=...)``, its state
+  (also what the adopted steps made) homed in the tiers under their budgets. A ``Trainer`` calls
+  ``model.zero_grad()`` before its first step, so its optimizer's state is in the tiers from the
+  first step on. When the state does not fit the budgets, the model is placed again without it and
+  the optimizer stays adopted with its state in memory (a warning says why).
+
+Cases tierrt cannot adopt raise :class:`~tierrt.errors.HookError` (or
 :class:`~tierrt.errors.ConfigError`) from ``step()``, naming the fix, instead of training nothing.
 
 ``zero_grad()`` of such an optimizer, also before its first ``step()`` (a ``Trainer`` clears the
@@ -18,10 +34,14 @@ clears ``p.grad`` of the others: while a runtime is active ``torch.optim.Optimiz
 wrapped to do so for an optimizer that holds offloaded parameters (an optimizer class that
 overrides ``zero_grad`` without calling ``Optimizer.zero_grad`` is not covered until adopted).
 
+Passing the optimizer to ``offload()`` skips the extra pass over the weights:
+``offload(model, ..., optimizer=opt)``, with a ``Trainer`` also ``Trainer(optimizers=(opt, None))``.
+
 Example::
 
     with tierrt.offload(model, tiers=tiers) as rt:
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)   # created inside: adopted at step()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)   # created inside: noted
+        model.zero_grad()                                      # safe point: placed with opt
         for batch in loader:
             model(**batch).loss.backward()
             opt.step()
@@ -49,11 +69,12 @@ __all__ = ["OptimizerAdoption"]
 
 
 _ORIGINAL_ZERO_GRAD = torch.optim.Optimizer.zero_grad
+_ORIGINAL_INIT = torch.optim.Optimizer.__init__
 
 
 class OptimizerAdoption:
     """Installs the global step pre-hook that adopts unknown optimizers, and the wrapped
-    ``Optimizer.zero_grad``, while a runtime is active."""
+    ``Optimizer.__init__`` and ``Optimizer.zero_grad``, while a runtime is active."""
 
     active: list[Runtime] = []
     _handle: Any = None
@@ -64,12 +85,14 @@ class OptimizerAdoption:
         if cls._handle is None:
             cls._handle = register_optimizer_step_pre_hook(_adopt_unknown)
         _ZERO_GRAD_PATCH.install(runtime)
+        _INIT_PATCH.install(runtime)
 
     @classmethod
     def remove(cls, runtime: Runtime) -> None:
         if runtime in cls.active:
             cls.active.remove(runtime)
         _ZERO_GRAD_PATCH.remove(runtime)
+        _INIT_PATCH.remove(runtime)
         if not cls.active and cls._handle is not None:
             cls._handle.remove()
             cls._handle = None
@@ -79,15 +102,35 @@ class OptimizerAdoption:
 def _zero_grad(self: torch.optim.Optimizer, set_to_none: bool = True) -> None:
     """``Optimizer.zero_grad`` while a runtime is active: an optimizer whose ``zero_grad`` tierrt
     has not taken over (one not adopted yet) also clears the gradients in the tiers of the
-    offloaded parameters it holds."""
+    offloaded parameters it holds; then each such runtime is at a safe point to place its model again
+    with a noted optimizer (:meth:`~tierrt.runtime.Runtime.after_zero_grad`)."""
     params = [p for group in self.param_groups for p in group["params"]]
-    for runtime in list(OptimizerAdoption.active):
-        if runtime.optimizer is not self and any(runtime.owns(p) for p in params):
-            runtime.zero_grads(set_to_none)
+    owners = [
+        runtime
+        for runtime in list(OptimizerAdoption.active)
+        if runtime.optimizer is not self and any(runtime.owns(p) for p in params)
+    ]
+    for runtime in owners:
+        runtime.zero_grads(set_to_none)
     _ORIGINAL_ZERO_GRAD(self, set_to_none)
+    for runtime in owners:
+        runtime.after_zero_grad(set_to_none)
+
+
+@functools.wraps(_ORIGINAL_INIT)
+def _init(self: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> None:
+    """``Optimizer.__init__`` while a runtime is active: an optimizer built over parameters a runtime
+    offloads is noted by it (placed with at the runtime's next safe point, see the module's
+    docstring). Nothing more happens here: a subclass's ``__init__`` goes on after this returns."""
+    _ORIGINAL_INIT(self, *args, **kwargs)
+    params = [p for group in getattr(self, "param_groups", ()) for p in group.get("params", ())]
+    for runtime in list(OptimizerAdoption.active):
+        if any(runtime.owns(p) for p in params):
+            runtime.note_optimizer(self)
 
 
 _ZERO_GRAD_PATCH = AttributePatch((torch.optim.Optimizer, "zero_grad", _zero_grad))
+_INIT_PATCH = AttributePatch((torch.optim.Optimizer, "__init__", _init))
 
 
 def _adopt_unknown(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:

@@ -67,6 +67,12 @@ class GradientStore:
     def has_any(self) -> bool:
         return any(self.present.values())
 
+    def cleared(self) -> bool:
+        """Whether no gradient is held once the pending updates have run: every block still holding
+        gradients has them cleared (set to None) by a ``zero_grad()`` waiting for its update."""
+        waiting = self.updates.zero_after if self.updates is not None else {}
+        return all(not present or waiting.get(index) is True for index, present in self.present.items())
+
     def accumulate(self, bs: BlockState, slot: ParamSlot, grad: torch.Tensor) -> None:
         """Add ``grad`` (a parameter's fresh gradient) into the block's gradient buffer."""
         self._write(bs, slot, grad, replace=False)

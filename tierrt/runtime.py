@@ -41,6 +41,7 @@ from .hooks import HookSet
 from .interrupts import HeldInterrupts
 from .loading import LoadPatch, StateDictLoader
 from .optim.blockwise import BlockwiseOptimizer
+from .optim.updaters import native_refusal, torch_state_in_tiers
 from .optim.wrappers import unwrap_optimizer
 from .placement import Placement, plan_placement
 from .report import Counters, Report, write_chrome_trace
@@ -103,9 +104,12 @@ def offload(
             optimizer not passed here (e.g. created inside
             the context, as a transformers ``Trainer`` wrapped by ``offload()`` does) is *adopted*
             at its first ``step()`` (see :mod:`tierrt.adopt`): it steps the offloaded parameters with
-            torch's own arithmetic, block by block, but its state stays in process memory outside
-            the budgets. Passing it here is better:
-            ``opt = AdamW(model.parameters()); Trainer(..., optimizers=(opt, None))`` and
+            torch's own arithmetic, block by block, its state in process memory; at the first
+            ``zero_grad()`` that leaves no gradients (a ``Trainer`` calls ``model.zero_grad()``
+            before its first step), the model is placed again with it (one pass over the weights, a
+            warning says so) when its state can live in the tiers (torch's own optimizers, any mode,
+            as above), and it goes on as if passed here. Passing it here skips
+            that pass: ``opt = AdamW(model.parameters()); Trainer(..., optimizers=(opt, None))`` and
             ``offload(model, ..., optimizer=opt)``. An optimizer that cannot be adopted (a second
             one, ``native_optimizer=True``, a model entered in eval mode) raises from ``step()``.
             A wrapper that delegates to a torch optimizer (accelerate's ``AcceleratedOptimizer``
@@ -235,6 +239,13 @@ class Runtime:
         self._patched_methods: dict[str, tuple[Any, Any]] = {}
         self._train_requested = False  # model.train() inside a context entered in eval mode
         self._adopted = False  # self.optimizer was adopted (not passed to offload())
+        # the BlockwiseOptimizer the placement was planned with (None: planned without an optimizer)
+        self._planned_blockwise: BlockwiseOptimizer | None = None
+        # the optimizer most recently built inside the context over the model's parameters (tierrt.adopt)
+        self._noted: weakref.ref[torch.optim.Optimizer] | None = None
+        # optimizers whose state did not fit the tiers: adopted with their state in memory, not retried
+        self._kept_in_memory: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
+        self._placing_again = False
         self._state_dict_handles: list[Any] = []
         # id(state dict being filled) -> {id(param): (weak reference to its value, block versions)}
         self._state_dict_reads: tuple[int, dict[int, tuple[weakref.ref, tuple[int, ...]]]] = (0, {})
@@ -435,6 +446,7 @@ class Runtime:
                 blockwise.release_imported(imported)  # the tiers hold that state now
                 _trim_heap()
             self.blockwise = blockwise
+        self._planned_blockwise = blockwise
         self._slot_index = {id(slot.param): (bs, slot.index) for bs in store.blocks for slot in bs.spec.slots}
         self._patch_model()
         from .clip import ClipPatch
@@ -550,23 +562,130 @@ class Runtime:
             return
         if self.hooks is not None and self.hooks.in_forward():
             return
-        meta = any(device.type == "meta" for device, _ in self._originals.values())
-        if meta or self.restore_on_exit is False:
+        why_not = self._why_not_placeable_again()
+        if why_not is not None:
             log.warning(
                 "tierrt: model.train() inside a context entered in eval mode, but the model cannot be "
                 "placed again (%s): it has no room for gradients; call model.train() before entering",
-                "parameters from the meta device" if meta else "restore=False",
+                why_not,
             )
+            return
+        self._train_requested = True
+        optimizer = self._optimizer_to_place()
+        if optimizer is not None:  # one pass for both: room for gradients and the optimizer's state
+            self._place_again_with(optimizer, "model.train() inside a context entered in eval mode")
             return
         log.warning(
             "tierrt: model.train() inside a context entered in eval mode (no optimizer given): "
             "placing the model again with room for gradients (one pass over its weights). Call "
             "model.train() before tierrt.offload(), or pass optimizer=, to skip this"
         )
-        self._train_requested = True
-        self.close()
-        self.closed = False
-        self.start()
+        self._place_again()
+
+    def _why_not_placeable_again(self) -> str | None:
+        """Why the model cannot be given back and placed again (its values would not come back:
+        parameters from the meta device, ``restore=False``), or None when it can."""
+        if any(device.type == "meta" for device, _ in self._originals.values()):
+            return "parameters from the meta device"
+        if self.restore_on_exit is False:
+            return "restore=False"
+        return None
+
+    def _place_again(self) -> None:
+        """Give the model back and place it again (one pass over its weights) with the optimizer and
+        training mode set now. The values come from the parameters (given back by ``close()``), not
+        from a ``weights=`` checkpoint."""
+        self._placing_again = True
+        try:
+            self.close()
+            self.closed = False
+            self.blockwise = None
+            self.weights_source = None
+            self.start()
+        finally:
+            self._placing_again = False
+
+    # ---- optimizers built inside the context (see tierrt.adopt) ------------------------------------
+    def note_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """``optimizer`` was just built over parameters this runtime offloads: remember it (weakly;
+        the most recent one counts), to place the model again with it at the next safe point."""
+        self._noted = weakref.ref(optimizer)
+
+    def after_zero_grad(self, set_to_none: bool) -> None:
+        """A ``zero_grad()`` of the model, of an optimizer over its parameters, or of the optimizer
+        tierrt steps has run. When it left no gradient in the tiers and no forward, backward or step
+        is running, this is a safe point: place the model again with an optimizer whose state the
+        tiers can hold and do not hold yet (:meth:`_optimizer_to_place`)."""
+        if not set_to_none or not self.active or self._placing_again:
+            return
+        if self.hooks is not None and self.hooks.in_forward():
+            return
+        if self.blockwise is not None and self.blockwise.stepping:
+            return
+        optimizer = self._optimizer_to_place()
+        if optimizer is None or (self.grads is not None and not self.grads.cleared()):
+            return
+        self._place_again_with(optimizer, "zero_grad() left no gradients")
+
+    def _optimizer_to_place(self) -> torch.optim.Optimizer | None:
+        """The optimizer to place the model again with: the adopted one when the placement was not
+        planned with it (its state is in process memory), else, when tierrt steps no optimizer yet,
+        the one noted last. None when there is none, or placing again would not help or is not
+        possible."""
+        if self.optimizer is not None:
+            adopted_in_memory = self._adopted and self.blockwise is not self._planned_blockwise
+            candidate = self.optimizer if adopted_in_memory else None
+        else:
+            candidate = self._noted() if self._noted is not None else None
+        if candidate is None or candidate in self._kept_in_memory:
+            return None
+        if not self._tiers_can_hold_state_of(candidate) or self._why_not_placeable_again() is not None:
+            return None
+        return candidate
+
+    def _tiers_can_hold_state_of(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Whether placing the model again with ``optimizer`` would home its state in the tiers (as
+        passing it to ``offload()`` would): tierrt's native kernels step it (its options allow them,
+        ``native_optimizer`` is not False), or torch's own step keeps its state tensors there (torch's
+        optimizers, any mode, unless ``native_optimizer=True`` would refuse them)."""
+        if self.native_optimizer is not False and native_refusal(optimizer) is None:
+            return True
+        return self.native_optimizer is not True and torch_state_in_tiers(optimizer)
+
+    def _place_again_with(self, optimizer: torch.optim.Optimizer, occasion: str) -> None:
+        """Place the model again with ``optimizer`` as the one tierrt steps (its state, also what
+        torch made in adopted steps, goes into the tiers). When that fails (its state does not fit
+        the budgets: passing it to ``offload()`` would have failed the same way), place the model
+        again without it: it is adopted at its next ``step()`` with its state in memory, and not
+        tried again."""
+        name = type(optimizer).__name__
+        log.warning(
+            "tierrt: %s: placing the model again with %s, which was not passed to tierrt.offload(), so "
+            "that its state lives in the tiers under their budgets and its steps run on tierrt's kernels "
+            "(one pass over the model's weights). Pass it to tierrt.offload(model, ..., optimizer=opt) "
+            "(with a transformers Trainer: build opt first, Trainer(..., optimizers=(opt, None))) to "
+            "skip this",
+            occasion,
+            name,
+        )
+        self._noted = None
+        self.optimizer, self._adopted = optimizer, True
+        try:
+            self._place_again()
+        except Exception as error:  # noqa: BLE001 - any failure to place with it: place without it
+            if self.active or self.closed:
+                raise  # failed giving the model back, not placing it: nothing to fall back to
+            self._kept_in_memory.add(optimizer)
+            self.optimizer, self._adopted = None, False
+            log.warning(
+                "tierrt: the model could not be placed with %s's state in the tiers (%s); it is placed "
+                "again without it, and %s is adopted at its next step() with its state in process "
+                "memory, outside the tiers' budgets",
+                name,
+                error,
+                name,
+            )
+            self._place_again()
 
     def _check_sources(self, model: nn.Module, compute_device: torch.device) -> None:
         """Every parameter must have a value: in memory, or in the ``weights`` checkpoint."""
@@ -773,7 +892,9 @@ class Runtime:
         model's parameters (called from ``optimizer.step()`` by :mod:`tierrt.adopt`), as
         ``offload(optimizer=...)`` would have, from the step in progress on. Its updates are torch's
         own, applied block by block; its state stays in the optimizer (process memory), since the
-        tiers were planned without it. Raises HookError / ConfigError when it cannot be adopted."""
+        tiers were planned without it, until a safe point places the model again with it when the
+        tiers can hold that state (:meth:`after_zero_grad`). Raises HookError / ConfigError when it
+        cannot be adopted."""
         name = type(optimizer).__name__
         advice = (
             "pass the optimizer to tierrt.offload(model, ..., optimizer=opt) (with a transformers "
@@ -812,10 +933,17 @@ class Runtime:
         blockwise.take_over_step_in_progress()
         self.optimizer, self.blockwise = optimizer, blockwise
         self._adopted = True
+        if self._optimizer_to_place() is optimizer:
+            later = (
+                "until the next zero_grad() that leaves no gradients, where tierrt places the model "
+                "again with it (one pass over the weights); %s to skip that pass"
+            )
+        else:
+            later = "and no update overlaps backward; %s to keep its state in the tiers"
         log.warning(
             "tierrt: adopted %s, which was not passed to tierrt.offload(): it now steps the offloaded "
-            "parameters block by block (torch's arithmetic), but its state lives in process memory "
-            "outside the tiers' budgets and no update overlaps backward; %s to keep its state in the tiers",
+            "parameters block by block (torch's arithmetic), with its state in process memory outside "
+            f"the tiers' budgets {later}",
             name,
             advice,
         )
@@ -823,12 +951,14 @@ class Runtime:
     def _let_go_of_adopted(self, successor: str) -> None:
         """Another optimizer steps the model after one adopted earlier (a second ``Trainer``, a new
         training phase): the earlier one's pending updates are applied, it is handed back to torch
-        (its state is in its own ``state``, as adopted optimizers keep it), and the new one is
-        adopted in its place. Stepping the earlier one again adopts it back."""
+        with its state in its own ``state`` in torch's format (read from the tiers when the model
+        was placed with it), and the new one is adopted in its place. Stepping the earlier one
+        again adopts it back."""
         assert self.blockwise is not None and self.optimizer is not None
         previous = type(self.optimizer).__name__
         self.blockwise.finish()
         self.blockwise.remove()
+        self.blockwise.export_state()  # state kept in the tiers: into optimizer.state (close()'s order)
         self.optimizer, self.blockwise, self._adopted = None, None, False
         log.info(
             "tierrt: %s steps the model now; %s, adopted earlier, is handed back to torch",
@@ -842,6 +972,7 @@ class Runtime:
         blockwise.attach(self.pipeline, self.store, self.grads)
         assert blockwise.updates is not None
         blockwise.updates.speculator.allowed = self.overlap_backward
+        blockwise.on_zero_grad = self.after_zero_grad
         if not getattr(self, "_step_atomic", False):
             blockwise.updates.transactional = False
         blockwise.install()
@@ -874,6 +1005,9 @@ class Runtime:
             if grads is not None:
                 grads.zero(set_to_none)  # also gradients assigned by hand to offloaded parameters
             type(module_self).zero_grad(module_self, set_to_none)
+            rt = runtime()
+            if rt is not None:
+                rt.after_zero_grad(set_to_none)  # a safe point to place with a noted optimizer
 
         def train(module_self: nn.Module, mode: bool = True) -> nn.Module:
             rt = runtime()

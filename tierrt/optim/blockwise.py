@@ -69,6 +69,8 @@ class BlockwiseOptimizer:
         self.optimizer = optimizer
         self.block_of_param = block_of_param
         self.on_step_end = on_step_end
+        # called at the end of zero_grad(set_to_none): the runtime's safe point (see tierrt.adopt)
+        self.on_zero_grad: Callable[[bool], None] | None = None
         self.deferred = deferred
         self.names: dict[int, str] = {}  # id(param) -> its name in the model, for messages
         self.updater: Updater = choose_updater(optimizer, native, state_in_tiers)
@@ -80,6 +82,7 @@ class BlockwiseOptimizer:
         # step pre-hooks recording a step that torch's own step() runs (record_in_torch_step)
         self._torch_step_hooks: list[Any] = []
         self._in_own_step = False
+        self._in_closure = False  # a closure runs inside torch's own step() (record_in_torch_step)
         self._installed = False
         self._previous: dict[str, Any] = {}  # the optimizer's own attributes that install() replaced
         # id(param) -> (block, slot) of every offloaded parameter with a gradient buffer (it required
@@ -255,6 +258,12 @@ class BlockwiseOptimizer:
         """Whether tierrt's ``step()`` (installed on the optimizer) is running."""
         return self._in_own_step
 
+    @property
+    def stepping(self) -> bool:
+        """Whether a ``step()`` of the optimizer is running (tierrt's, or the closure of torch's own
+        step): a ``zero_grad()`` inside a closure is not a point to place the model again at."""
+        return self._in_own_step or self._in_closure
+
     def record_in_torch_step(self) -> None:
         """Torch's own ``step()`` of the optimizer is starting, not tierrt's: the optimizer was just
         adopted, or its step was reached through a bound method taken before tierrt replaced it (a
@@ -279,8 +288,12 @@ class BlockwiseOptimizer:
             result = None
             closure = args[1] if len(args) > 1 else kwargs.get("closure")
             if closure is not None:
-                with torch.enable_grad():
-                    loss = closure()
+                self._in_closure = True
+                try:
+                    with torch.enable_grad():
+                        loss = closure()
+                finally:
+                    self._in_closure = False
 
                 def evaluated() -> Any:
                     return loss
@@ -327,6 +340,8 @@ class BlockwiseOptimizer:
                     else:
                         p.grad.requires_grad_(False)
                     p.grad.zero_()
+        if self.on_zero_grad is not None:
+            self.on_zero_grad(set_to_none)
 
     # ---- step ------------------------------------------------------------------------------------
     def step(self, closure: Callable[[], Any] | None = None) -> Any:

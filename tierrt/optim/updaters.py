@@ -43,6 +43,8 @@ __all__ = [
     "NativeAdamUpdater",
     "NativeSGDUpdater",
     "choose_updater",
+    "native_refusal",
+    "torch_state_in_tiers",
     "step_count",
 ]
 
@@ -808,10 +810,16 @@ def choose_updater(
 def torch_updater(optimizer: torch.optim.Optimizer) -> Updater:
     """Torch's own step, block by block: its state in the tiers when tierrt knows the optimizer's
     state tensors (and they are there to keep), else in ``optimizer.state``."""
-    keys_of = torch_state_keys(optimizer)
-    if keys_of is not None and any(keys_of(group) for group in optimizer.param_groups):
+    if torch_state_in_tiers(optimizer):
         return TieredTorchUpdater(optimizer)
     return TorchUpdater(optimizer)
+
+
+def torch_state_in_tiers(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether torch's own step of ``optimizer`` can keep its state in the tiers: tierrt knows the
+    state tensors of its class, and some param group has some."""
+    keys_of = torch_state_keys(optimizer)
+    return keys_of is not None and any(keys_of(group) for group in optimizer.param_groups)
 
 
 def native_refusal(optimizer: torch.optim.Optimizer) -> str | None:
