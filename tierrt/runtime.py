@@ -661,7 +661,7 @@ class Runtime:
         name = type(optimizer).__name__
         log.warning(
             "tierrt: %s: placing the model again with %s, which was not passed to tierrt.offload(), so "
-            "that its state lives in the tiers under their budgets and its steps run on tierrt's kernels "
+            "that its state lives in the tiers under their budgets and its updates overlap backward "
             "(one pass over the model's weights). Pass it to tierrt.offload(model, ..., optimizer=opt) "
             "(with a transformers Trainer: build opt first, Trainer(..., optimizers=(opt, None))) to "
             "skip this",
