@@ -431,6 +431,7 @@ class Runtime:
                     self.optimizer,
                     partition.block_of_param,
                     native=self.native_optimizer,
+                    compute_dtype=self.compute_dtype,
                     deferred=self.deferred_step,
                     on_step_end=self._on_step_end,
                 )

@@ -52,6 +52,7 @@ class BlockwiseOptimizer:
         block_of_param: dict[int, int],
         *,
         native: bool | None = None,
+        compute_dtype: torch.dtype | None = None,
         deferred: bool = True,
         on_step_end: Callable[[], None] | None = None,
     ) -> None:
@@ -65,7 +66,7 @@ class BlockwiseOptimizer:
         self.on_step_end = on_step_end
         self.deferred = deferred
         self.names: dict[int, str] = {}  # id(param) -> its name in the model, for messages
-        self.updater: Updater = choose_updater(optimizer, native)
+        self.updater: Updater = choose_updater(optimizer, native, compute_dtype)
         self.pipeline: Pipeline | None = None
         self.store: TensorStore | None = None
         self.grads: GradientStore | None = None

@@ -581,12 +581,20 @@ def step_count(value: Any) -> int:
     return int(number)
 
 
-def choose_updater(optimizer: torch.optim.Optimizer, native: bool | None) -> Updater:
+def choose_updater(
+    optimizer: torch.optim.Optimizer, native: bool | None, compute_dtype: torch.dtype | None = None
+) -> Updater:
     """The native updater for Adam, AdamW and SGD with options it implements; else the torch one.
 
     ``native=True`` insists (a clear error says why not), ``False`` always uses the torch optimizer.
+    ``compute_dtype`` is the dtype the kernel would write the computing weights in (``offload(
+    compute_dtype=)``); the kernel writes fp32, bf16 and fp16 only.
     """
+    from .kernels import OUT_DTYPES
+
     reason = _native_refusal(optimizer)
+    if reason is None and compute_dtype is not None and compute_dtype not in OUT_DTYPES:
+        reason = f"compute_dtype={compute_dtype} (the native kernel writes fp32, bf16 or fp16 weights)"
     if native is False:
         return TorchUpdater(optimizer)
     if reason is not None:
