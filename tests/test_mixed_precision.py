@@ -175,3 +175,18 @@ def test_compute_dtype_the_kernel_cannot_write_steps_with_torch(nvme_dir):
         ):
             pass
     assert all(torch.equal(m, p) for m, p in zip(master, ours.parameters()))
+
+
+def test_grad_scaler_refuses_fp16_parameters_as_torch_does(nvme_dir):
+    """torch's GradScaler raises ValueError for fp16 gradients (unscaling them in fp16 overflows); the
+    offloaded ones too, instead of stepping to inf/NaN weights. Nothing is stepped."""
+    model = models.llama(layers=2).half()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    with tierrt.offload(model, tiers=tiers(model, nvme_dir), optimizer=opt):
+        scaler.scale(models.lm_loss(model, models.token_batches(1)[0])).backward()
+        with pytest.raises(ValueError, match="Attempting to unscale FP16 gradients") as info:
+            scaler.step(opt)
+        assert isinstance(info.value, tierrt.ConfigError) and "compute_dtype" in str(info.value)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

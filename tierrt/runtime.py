@@ -1234,6 +1234,11 @@ class Runtime:
             return value
         return value.to(device)
 
+    def name_of(self, param: torch.Tensor) -> str:
+        """``param``'s name in the model (for messages)."""
+        names = self._aliases.get(id(param))
+        return names[0] if names else f"a parameter of shape {list(param.shape)}"
+
     def named_grads(self) -> Iterator[tuple[str, torch.Tensor]]:
         """``(name, gradient copy)`` for every offloaded parameter that holds a gradient now, one
         at a time (each copy is made when its turn comes), like iterating ``named_parameters()``
