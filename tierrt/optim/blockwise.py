@@ -228,7 +228,9 @@ class BlockwiseOptimizer:
             ("load_state_dict", load_state_dict),
             ("add_param_group", add_param_group),
         ):
-            setattr(opt, name, types.MethodType(fn, opt))
+            # torch.compile(opt.step) inside the context runs tierrt's step as it is, outside the
+            # graph (dynamo cannot trace the block pipeline; it would fail inside it)
+            setattr(opt, name, types.MethodType(torch.compiler.disable(fn), opt))
 
     def _replaced(self, name: str) -> Callable[..., Any]:
         """The optimizer's method ``name`` as it was before :meth:`install`."""
