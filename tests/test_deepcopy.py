@@ -235,9 +235,9 @@ def test_model_passed_to_a_spawned_process_gets_the_current_values(nvme_dir):
         child.start()
         got = results.get(timeout=120)
         child.join(60)
-    assert child.exitcode == 0 and torch.equal(got, expected)
+    assert child.exitcode == 0 and got == expected.item()  # fp32 -> Python float is exact
 
 
 def _loss_in_child(model, ids, results) -> None:
     with torch.no_grad():
-        results.put(models.lm_loss(model, ids))
+        results.put(models.lm_loss(model, ids).item())  # not a tensor: shared memory dies with the child
