@@ -211,3 +211,33 @@ def test_torch_save_of_parameters_mid_run(nvme_dir):
     for key, value in ref["params"].items():
         assert type(ours["params"][key]) is type(value) and torch.equal(ours["params"][key], value), key
     assert torch.equal(ours["head_data"], ref["head_data"])
+
+
+def test_model_passed_to_a_spawned_process_gets_the_current_values(nvme_dir):
+    """multiprocessing "spawn" pickles a Process's arguments: an offloaded model goes as its plain
+    copy (current values), and that copy lives until the process has its tensors' descriptors
+    (freed at once, it failed with "ValueError: bad value(s) in fds_to_keep")."""
+    import multiprocessing
+
+    model = models.llama(layers=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ids = models.token_batches(2)
+    with tierrt.offload(
+        model, tiers=[tierrt.dram(streaming_budget(model)), tierrt.nvme(nvme_dir)], optimizer=opt
+    ):
+        models.lm_loss(model, ids[0]).backward()
+        opt.step()
+        with torch.no_grad():
+            expected = models.lm_loss(model, ids[1])
+        ctx = multiprocessing.get_context("spawn")
+        results = ctx.Queue()
+        child = ctx.Process(target=_loss_in_child, args=(model, ids[1], results))
+        child.start()
+        got = results.get(timeout=120)
+        child.join(60)
+    assert child.exitcode == 0 and got == expected.item()  # fp32 -> Python float is exact
+
+
+def _loss_in_child(model, ids, results) -> None:
+    with torch.no_grad():
+        results.put(models.lm_loss(model, ids).item())  # not a tensor: shared memory dies with the child

@@ -132,3 +132,67 @@ def test_autocast_over_frozen_fp32_weights_warns(nvme_dir, caplog):
     warnings = [r.getMessage() for r in caplog.records if "autocast" in r.getMessage()]
     assert len(warnings) == 1, warnings
     assert "compute_dtype=torch.bfloat16" in warnings[0] and "frozen fp32" in warnings[0]
+
+
+def test_compute_dtype_the_kernel_cannot_write_steps_with_torch(nvme_dir):
+    """compute_dtype=float64 (the native kernel writes fp32/bf16/fp16 weights only): AdamW is stepped
+    by torch block by block, equal to the recipe, instead of failing (and rolling back) at step 1."""
+    reference = models.llama(layers=2)
+    ours = copy.deepcopy(reference)
+    data = models.token_batches(2)
+    master = [p.detach().clone().requires_grad_() for p in reference.parameters()]
+    compute = copy.deepcopy(reference).double()
+    ref_opt = torch.optim.AdamW(master, lr=1e-3)
+    ref_losses = []
+    for ids in data:
+        loss = models.lm_loss(compute, ids)
+        loss.backward()
+        for m, p in zip(master, compute.parameters()):
+            m.grad, p.grad = p.grad.float(), None
+        ref_opt.step()
+        ref_opt.zero_grad()
+        with torch.no_grad():
+            for m, p in zip(master, compute.parameters()):
+                p.copy_(m)
+        ref_losses.append(loss.detach().clone())
+
+    opt = torch.optim.AdamW(ours.parameters(), lr=1e-3)
+    with tierrt.offload(
+        ours, tiers=tiers(ours, nvme_dir, torch.float64), optimizer=opt, compute_dtype=torch.float64
+    ) as rt:
+        assert not rt.blockwise.updater.native
+        losses = []
+        for ids in data:
+            loss = models.lm_loss(ours, ids)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.detach().clone())
+    assert all(torch.equal(a, b) for a, b in zip(ref_losses, losses))
+    for m, p in zip(master, ours.parameters()):
+        assert p.dtype == torch.float32 and torch.equal(m, p)
+    with pytest.raises(tierrt.ConfigError, match="compute_dtype=torch.float64"):  # before anything moves
+        with tierrt.offload(
+            ours,
+            tiers=tiers(ours, nvme_dir),
+            optimizer=opt,
+            compute_dtype=torch.float64,
+            native_optimizer=True,
+        ):
+            pass
+    assert all(torch.equal(m, p) for m, p in zip(master, ours.parameters()))
+
+
+def test_grad_scaler_refuses_fp16_parameters_as_torch_does(nvme_dir):
+    """torch's GradScaler raises ValueError for fp16 gradients (unscaling them in fp16 overflows); the
+    offloaded ones too, instead of stepping to inf/NaN weights. Nothing is stepped."""
+    model = models.llama(layers=2).half()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    with tierrt.offload(model, tiers=tiers(model, nvme_dir), optimizer=opt):
+        scaler.scale(models.lm_loss(model, models.token_batches(1)[0])).backward()
+        with pytest.raises(ValueError, match="Attempting to unscale FP16 gradients") as info:
+            scaler.step(opt)
+        assert isinstance(info.value, tierrt.ConfigError) and "compute_dtype" in str(info.value)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

@@ -9,9 +9,12 @@ and trains bit for bit like plain torch.
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 
 import models
+import pytest
 import torch
 from test_offload_numerics import streaming_budget
 
@@ -78,3 +81,41 @@ def test_entering_inside_the_worker_thread_trains_like_plain(nvme_dir):
     assert _in_thread(run) is None
     for (name, a), b in zip(reference.named_parameters(), model.parameters()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_forward_in_a_forked_child_raises_clearly(nvme_dir):
+    """A child forked while the context is active (os.fork, multiprocessing's "fork") has neither
+    the tiers' memory nor their I/O threads: its forward raises HookError (it used to wait forever
+    for a fetch no thread would do); the parent trains on."""
+    model = models.llama(layers=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ids = models.token_batches(1)[0]
+    with tierrt.offload(
+        model, tiers=[tierrt.dram(streaming_budget(model)), tierrt.nvme(nvme_dir)], optimizer=opt
+    ):
+        models.lm_loss(model, ids).backward()
+        opt.step()
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: report what the forward did, never return into pytest
+            message = b"no error"
+            try:
+                signal.alarm(60)
+                with torch.no_grad():
+                    models.lm_loss(model, ids)
+            except tierrt.HookError as exc:
+                message = str(exc).encode()
+            except BaseException as exc:  # noqa: BLE001
+                message = repr(exc).encode()
+            finally:
+                os.write(write, message[:4000])
+                os._exit(0)
+        os.close(write)
+        with os.fdopen(read, "rb") as pipe:
+            message = pipe.read().decode()
+        os.waitpid(pid, 0)
+        assert "forked from process" in message and "spawn" in message, message
+        models.lm_loss(model, ids).backward()
+        opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -147,6 +147,13 @@ def _adopt_unknown(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> 
             "together as one module, or give each model its own optimizer"
         )
     (runtime,) = owners
+    if torch.compiler.is_compiling():
+        raise HookError(
+            f"torch.compile is tracing {type(optimizer).__name__}.step over offloaded parameters, "
+            "which tierrt steps itself outside any graph: call optimizer.step() uncompiled, or "
+            "compile it inside the tierrt.offload() context from an optimizer passed to "
+            "offload(optimizer=) (tierrt's step then runs uncompiled)"
+        )
     if runtime.optimizer is optimizer:
         blockwise = runtime.blockwise
         if blockwise is not None and not blockwise.in_own_step:

@@ -26,6 +26,7 @@ Example::
 from __future__ import annotations
 
 import copy
+import multiprocessing.context
 import weakref
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -60,7 +61,9 @@ class _PlainCopy:
 class _PlainPickle:
     """A module's instance-level ``__reduce_ex__`` while tierrt is active: ``torch.save(model)`` and
     ``pickle`` store the plain copy :class:`_PlainCopy` makes (tierrt's hooks lead to the runtime and
-    its arenas, which cannot be pickled, and the parameters hold placeholders)."""
+    its arenas, which cannot be pickled, and the parameters hold placeholders). So does
+    ``multiprocessing`` (a model passed to a "spawn" or "forkserver" process): the other process gets a
+    plain model with the current values, not memory shared with the offloaded one."""
 
     __slots__ = ("module",)
 
@@ -70,7 +73,14 @@ class _PlainPickle:
     def __call__(self, protocol: int) -> Any:
         module = self.module()
         assert module is not None  # it holds this object
-        return copy.deepcopy(module).__reduce_ex__(protocol)
+        plain = copy.deepcopy(module)
+        popen = multiprocessing.context.get_spawning_popen()
+        if popen is not None:
+            # A process being started ("spawn", "forkserver") receives the copy's tensors as file
+            # descriptors passed when it starts: the copy must live until then, as the model does
+            # in plain torch (freed, its descriptors would be closed: "bad value(s) in fds_to_keep")
+            popen.__dict__.setdefault("_tierrt_plain_copies", []).append(plain)
+        return plain.__reduce_ex__(protocol)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> None:
         return None

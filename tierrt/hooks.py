@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import threading
 import weakref
 from collections.abc import Callable
@@ -186,6 +187,7 @@ class HookSet:
         self._internal = 0  # > 0 while tierrt's own hooks run
         # The thread that entered the context: the only one whose forwards the hooks serve
         self._thread, self._thread_name = threading.get_ident(), threading.current_thread().name
+        self._pid = os.getpid()  # a child forked from it has neither the tiers' memory nor I/O threads
         # Hooked modules' instance-level forward wrappers (see _wrap_forward), and how many calls
         # through module(...) are running per module (id) while their forward runs
         self._wrapped: list[tuple[nn.Module, Any, Callable[..., Any]]] = []
@@ -297,7 +299,7 @@ class HookSet:
     def _root_pre(self, module: nn.Module, args: Any) -> None:
         if torch._C._current_graph_task_id() >= 0:
             return
-        if threading.get_ident() != self._thread:
+        if threading.get_ident() != self._thread or os.getpid() != self._pid:
             self._refuse_thread(module)
         if self.untrained and torch.is_grad_enabled():
             self.check_untrained()
@@ -326,6 +328,14 @@ class HookSet:
         """A forward on a thread other than the one that entered the context: its torch-function
         mode and saved-tensor hooks are that thread's, and the pipeline serves one thread, so the
         call could neither see offloaded values nor keep blocks consistent with the other thread's."""
+        if os.getpid() != self._pid:
+            raise HookError(
+                f"{type(module).__name__}'s forward ran in process {os.getpid()}, forked from process "
+                f"{self._pid}, which entered its tierrt.offload() context: a forked child (os.fork, "
+                "multiprocessing's 'fork', a DataLoader worker) has neither the tiers' memory nor their "
+                "I/O threads. Run the offloaded model in that process, or give the child a plain copy "
+                "(copy.deepcopy(model) made before forking, or a 'spawn' process given the model)"
+            )
         here = threading.current_thread().name
         raise HookError(
             f"{type(module).__name__}'s forward ran on thread {here!r}, but its tierrt.offload() context "
@@ -391,7 +401,7 @@ class HookSet:
             calls = self._calls.setdefault(id(module), [])
             acquired: list[BlockState] = []
             try:
-                if not in_backward and threading.get_ident() != self._thread:
+                if not in_backward and (threading.get_ident() != self._thread or os.getpid() != self._pid):
                     self._refuse_thread(module)
                 phase = "bwd" if in_backward else "fwd"
                 if in_backward:

@@ -484,6 +484,7 @@ class Runtime:
                     self.optimizer,
                     partition.block_of_param,
                     native=self.native_optimizer,
+                    compute_dtype=self.compute_dtype,
                     deferred=self.deferred_step,
                     on_step_end=self._on_step_end,
                 )
@@ -1415,6 +1416,11 @@ class Runtime:
         if value is None or device is None:
             return value
         return value.to(device)
+
+    def name_of(self, param: torch.Tensor) -> str:
+        """``param``'s name in the model (for messages)."""
+        names = self._aliases.get(id(param))
+        return names[0] if names else f"a parameter of shape {list(param.shape)}"
 
     def named_grads(self) -> Iterator[tuple[str, torch.Tensor]]:
         """``(name, gradient copy)`` for every offloaded parameter that holds a gradient now, one

@@ -58,6 +58,7 @@ class BlockwiseOptimizer:
         *,
         native: bool | None = None,
         state_in_tiers: bool = True,
+        compute_dtype: torch.dtype | None = None,
         deferred: bool = True,
         on_step_end: Callable[[], None] | None = None,
     ) -> None:
@@ -73,7 +74,7 @@ class BlockwiseOptimizer:
         self.on_zero_grad: Callable[[bool], None] | None = None
         self.deferred = deferred
         self.names: dict[int, str] = {}  # id(param) -> its name in the model, for messages
-        self.updater: Updater = choose_updater(optimizer, native, state_in_tiers)
+        self.updater: Updater = choose_updater(optimizer, native, state_in_tiers, compute_dtype)
         self.pipeline: Pipeline | None = None
         self.store: TensorStore | None = None
         self.grads: GradientStore | None = None
@@ -237,7 +238,9 @@ class BlockwiseOptimizer:
             ("load_state_dict", load_state_dict),
             ("add_param_group", add_param_group),
         ):
-            setattr(opt, name, types.MethodType(fn, opt))
+            # torch.compile(opt.step) inside the context runs tierrt's step as it is, outside the
+            # graph (dynamo cannot trace the block pipeline; it would fail inside it)
+            setattr(opt, name, types.MethodType(torch.compiler.disable(fn), opt))
 
     def _replaced(self, name: str) -> Callable[..., Any]:
         """The optimizer's method ``name`` as it was before :meth:`install`."""

@@ -52,6 +52,7 @@ from .. import _native
 from ..errors import ConfigError
 
 __all__ = [
+    "OUT_DTYPES",
     "GradStats",
     "adam_step_",
     "adamw_step_",
@@ -70,6 +71,7 @@ SqrtKind = Literal["torch", "ieee", "rsqrt14"]
 
 _GRAD_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _OUT_DTYPES = _GRAD_DTYPES
+OUT_DTYPES = frozenset(_OUT_DTYPES)  # the dtypes a kernel writes the computing weights in
 
 
 class GradStats(NamedTuple):

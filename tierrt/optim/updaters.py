@@ -783,7 +783,10 @@ def step_count(value: Any) -> int:
 
 
 def choose_updater(
-    optimizer: torch.optim.Optimizer, native: bool | None, state_in_tiers: bool = True
+    optimizer: torch.optim.Optimizer,
+    native: bool | None,
+    state_in_tiers: bool = True,
+    compute_dtype: torch.dtype | None = None,
 ) -> Updater:
     """The native updater for Adam, AdamW and SGD with options it implements; else torch's own
     optimizer, with its state in the tiers when tierrt knows its state (torch's optimizers, any
@@ -791,11 +794,17 @@ def choose_updater(
 
     ``native=True`` insists (a clear error says why not), ``False`` always steps with torch's
     arithmetic. ``state_in_tiers=False`` (an optimizer adopted after the tiers were planned without
-    its state) steps with torch's arithmetic, its state in ``optimizer.state``.
+    its state) steps with torch's arithmetic, its state in ``optimizer.state``. ``compute_dtype``
+    is the dtype the kernel would write the computing weights in (``offload(compute_dtype=)``); the
+    kernel writes fp32, bf16 and fp16 only.
     """
     if not state_in_tiers:
         return TorchUpdater(optimizer)
+    from .kernels import OUT_DTYPES
+
     reason = native_refusal(optimizer)
+    if reason is None and compute_dtype is not None and compute_dtype not in OUT_DTYPES:
+        reason = f"compute_dtype={compute_dtype} (the native kernel writes fp32, bf16 or fp16 weights)"
     if native is not False and reason is None:
         if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
             return NativeAdamUpdater(optimizer)
