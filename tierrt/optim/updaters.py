@@ -221,6 +221,40 @@ def _weights_in(
     return source
 
 
+def _weights_stepped_in_place(
+    store: TensorStore,
+    bs: BlockState,
+    wkind: str,
+    slots: list[int],
+    buffers: dict[str, Any] | None,
+    sources: dict[str, Any] | None,
+) -> dict[int, torch.Tensor]:
+    """Views of the weights torch's step updates in place; for an out-of-place update (``sources``)
+    the inputs are copied in first."""
+    weights = _views(store, bs, wkind, buffers)
+    for slot_index, source in _weights_in(store, bs, wkind, slots, weights, sources).items():
+        if slot_index in slots:
+            weights[slot_index].copy_(source)
+    return weights
+
+
+def _refresh_compute_weights(
+    store: TensorStore,
+    bs: BlockState,
+    wkind: str,
+    slots: list[int],
+    weights: dict[int, torch.Tensor],
+    buffers: dict[str, Any] | None,
+) -> None:
+    """After torch stepped the fp32 master weights, the compute-dtype copy follows them."""
+    if wkind != "master":
+        return
+    out = _views(store, bs, "weight", buffers)
+    with torch.no_grad():
+        for slot_index in slots:
+            out[slot_index].copy_(weights[slot_index])
+
+
 class TorchUpdater(Updater):
     """The user's torch optimizer, stepped for one block's parameters at a time."""
 
@@ -247,10 +281,7 @@ class TorchUpdater(Updater):
         advance: bool = True,
         sources: dict[str, Any] | None = None,
     ) -> dict[int, Any]:
-        weights = _views(store, bs, wkind, buffers)
-        for slot_index, source in _weights_in(store, bs, wkind, slots, weights, sources).items():
-            if slot_index in slots:  # torch's optimizers step in place: copy the inputs first
-                weights[slot_index].copy_(source)
+        weights = _weights_stepped_in_place(store, bs, wkind, slots, buffers, sources)
         grads = _views(store, bs, "grad", buffers)
         touched = []
         for slot_index in slots:
@@ -286,11 +317,7 @@ class TorchUpdater(Updater):
                 param.grad = None
             for p, grad in hidden:
                 p.grad = grad
-        if wkind == "master":  # the compute-dtype copy follows the updated master weights
-            out = _views(store, bs, "weight", buffers)
-            with torch.no_grad():
-                for slot_index in slots:
-                    out[slot_index].copy_(weights[slot_index])
+        _refresh_compute_weights(store, bs, wkind, slots, weights, buffers)
         return {}
 
 
@@ -412,10 +439,7 @@ class TieredTorchUpdater(TorchUpdater):
         advance: bool = True,
         sources: dict[str, Any] | None = None,
     ) -> dict[int, Any]:
-        weights = _views(store, bs, wkind, buffers)
-        for slot_index, source in _weights_in(store, bs, wkind, slots, weights, sources).items():
-            if slot_index in slots:  # torch's optimizers step in place: copy the inputs first
-                weights[slot_index].copy_(source)
+        weights = _weights_stepped_in_place(store, bs, wkind, slots, buffers, sources)
         grads = _views(store, bs, "grad", buffers)
         views = {kind: _views(store, bs, kind, buffers) for kind in self.state_kinds if kind in bs.kinds}
         groups: dict[int, dict[str, Any]] = {}
@@ -444,11 +468,7 @@ class TieredTorchUpdater(TorchUpdater):
         finally:
             for standin in standins.values():
                 standin.grad = None
-        if wkind == "master":  # the compute-dtype copy follows the updated master weights
-            out = _views(store, bs, "weight", buffers)
-            with torch.no_grad():
-                for slot_index in slots:
-                    out[slot_index].copy_(weights[slot_index])
+        _refresh_compute_weights(store, bs, wkind, slots, weights, buffers)
         changes: dict[int, Any] = {}
         for slot_index, standin in standins.items():
             entry = block_state.get(standin)
