@@ -162,3 +162,55 @@ def mlp_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torc
 
 def model_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in dict.fromkeys(model.parameters()))
+
+
+def tiny_trainer(model: nn.Module, output_dir: str, optimizer=None, **arguments):
+    """A transformers ``Trainer`` over six token sequences for 3 steps on the CPU (deterministic:
+    seed 0, no workers, no saving), logging every step. ``optimizer`` is passed as
+    ``optimizers=(optimizer, None)`` (None: the Trainer builds its own, ``arguments["optim"]``);
+    other ``arguments`` override the ``TrainingArguments``. Returns ``(trainer, logs)``, ``logs``
+    the list of ``(loss, grad_norm)`` logged."""
+    import transformers
+
+    class Tokens(torch.utils.data.Dataset):
+        def __init__(self) -> None:
+            self.ids = token_batches(6, batch=1)
+
+        def __len__(self) -> int:
+            return len(self.ids)
+
+        def __getitem__(self, i: int) -> dict:
+            return {"input_ids": self.ids[i][0], "labels": self.ids[i][0]}
+
+    logs: list = []
+
+    class Logs(transformers.TrainerCallback):
+        def on_log(self, args, state, control, **kw):
+            entry = kw.get("logs")
+            if entry and "loss" in entry:
+                logs.append((entry["loss"], entry.get("grad_norm")))
+
+    settings = dict(
+        output_dir=str(output_dir),
+        max_steps=3,
+        per_device_train_batch_size=2,
+        learning_rate=1e-3,
+        warmup_steps=1,
+        max_grad_norm=1.0,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    settings.update(arguments)
+    trainer = transformers.Trainer(
+        model=model,
+        args=transformers.TrainingArguments(**settings),
+        train_dataset=Tokens(),
+        callbacks=[Logs()],
+        optimizers=(optimizer, None),
+    )
+    return trainer, logs

@@ -116,9 +116,9 @@ def test_transformers_trainer_optimizer_state_in_the_tiers(optim, eval_on_entry,
     transformers.logging.set_verbosity_error()
     reference = models.llama()
     ours = copy.deepcopy(reference)
-    ref_trainer, ref_logs = _trainer(transformers, reference, tmp_path / "plain", optim)
+    ref_trainer, ref_logs = models.tiny_trainer(reference, tmp_path / "plain", optim=optim)
     ref_trainer.train()
-    our_trainer, logs = _trainer(transformers, ours, tmp_path / "tierrt", optim)
+    our_trainer, logs = models.tiny_trainer(ours, tmp_path / "tierrt", optim=optim)
     if eval_on_entry:
         ours.eval()
     with caplog.at_level(logging.WARNING, logger="tierrt"):
@@ -126,49 +126,9 @@ def test_transformers_trainer_optimizer_state_in_the_tiers(optim, eval_on_entry,
             our_trainer.train()
             assert state_in_tiers(rt) and rt.blockwise.updater.native == (optim == "adamw_torch")
     assert caplog.text.count("placing the model again") == 1 and "adopted" not in caplog.text
-    assert len(logs.logs) == 3 and logs.logs == ref_logs.logs
+    assert len(logs) == 3 and logs == ref_logs
     for (name, a), b in zip(reference.named_parameters(), ours.parameters(), strict=True):
         assert torch.equal(a, b), name
-
-
-def _trainer(transformers, model, out, optim):
-    class Tokens(torch.utils.data.Dataset):
-        def __init__(self) -> None:
-            self.ids = models.token_batches(6, batch=1)
-
-        def __len__(self) -> int:
-            return len(self.ids)
-
-        def __getitem__(self, i: int) -> dict:
-            return {"input_ids": self.ids[i][0], "labels": self.ids[i][0]}
-
-    class Logs(transformers.TrainerCallback):
-        def __init__(self) -> None:
-            self.logs: list = []
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            if logs and "loss" in logs:
-                self.logs.append((logs["loss"], logs.get("grad_norm")))
-
-    logs = Logs()
-    args = transformers.TrainingArguments(
-        output_dir=str(out),
-        max_steps=3,
-        per_device_train_batch_size=2,
-        learning_rate=1e-3,
-        warmup_steps=1,
-        max_grad_norm=1.0,
-        optim=optim,
-        use_cpu=True,
-        report_to=[],
-        save_strategy="no",
-        logging_steps=1,
-        seed=0,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-    )
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[logs])
-    return trainer, logs
 
 
 def test_state_that_does_not_fit_stays_adopted_in_memory(nvme_dir, caplog):

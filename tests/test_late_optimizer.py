@@ -208,53 +208,16 @@ def test_transformers_trainer_wrapped_by_offload_trains_like_plain(eval_on_entry
     transformers = pytest.importorskip("transformers")
     transformers.logging.set_verbosity_error()
 
-    class Tokens(torch.utils.data.Dataset):
-        def __init__(self) -> None:
-            self.ids = models.token_batches(6, batch=1)
-
-        def __len__(self) -> int:
-            return len(self.ids)
-
-        def __getitem__(self, i: int) -> dict:
-            return {"input_ids": self.ids[i][0], "labels": self.ids[i][0]}
-
-    class Logs(transformers.TrainerCallback):
-        def __init__(self) -> None:
-            self.logs: list = []
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            if logs and "loss" in logs:
-                self.logs.append((logs["loss"], logs.get("grad_norm")))
-
-    def trainer(model, name):
-        logs = Logs()
-        args = transformers.TrainingArguments(
-            output_dir=str(tmp_path / name),
-            max_steps=3,
-            per_device_train_batch_size=2,
-            learning_rate=1e-3,
-            warmup_steps=1,
-            max_grad_norm=1.0,
-            use_cpu=True,
-            report_to=[],
-            save_strategy="no",
-            logging_steps=1,
-            seed=0,
-            dataloader_num_workers=0,
-            disable_tqdm=True,
-        )
-        return transformers.Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[logs]), logs
-
     reference = models.llama()
     ours = copy.deepcopy(reference)
     if eval_on_entry:
         ours.eval()
-    ref_trainer, ref_logs = trainer(reference, "plain")
+    ref_trainer, ref_logs = models.tiny_trainer(reference, tmp_path / "plain")
     ref_trainer.train()
-    our_trainer, logs = trainer(ours, "tierrt")
+    our_trainer, logs = models.tiny_trainer(ours, tmp_path / "tierrt")
     with tierrt.offload(ours, tiers=tiers(ours, nvme_dir)):
         our_trainer.train()
-    assert len(logs.logs) == 3 and logs.logs == ref_logs.logs
+    assert len(logs) == 3 and logs == ref_logs
     for (name, a), b in zip(reference.named_parameters(), ours.parameters(), strict=True):
         assert torch.equal(a, b), name
     assert not torch.equal(next(reference.parameters()), next(models.llama().parameters()))
