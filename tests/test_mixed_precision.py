@@ -116,6 +116,43 @@ def test_autocast_with_grad_scaler(build, init_scale, nvme_dir):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("unscale", [False, True], ids=["unscaled_in_step", "unscale_first"])
+@pytest.mark.parametrize("init_scale", [2.0**10, 2.0**127], ids=["finite", "overflow"])
+def test_grad_scaler_with_fused_adamw(unscale, init_scale, nvme_dir):
+    """GradScaler with torch's fused AdamW (stepped by torch, state in the tiers): the scaler hands
+    the fused step ``grad_scale`` and ``found_inf`` for that call, and the step unscales (or skips
+    on overflow) inside itself. tierrt's deferred updates run after step() returned, with the values
+    of that call: equal to plain torch, also on overflow and after an explicit ``unscale_``."""
+    reference = models.llama()
+    ours = copy.deepcopy(reference)
+    data = models.token_batches(3)
+
+    def run(model, opt):
+        scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+        values = []
+        for ids in data:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = models.lm_loss(model, ids)
+            scaler.scale(loss).backward()
+            if unscale:
+                scaler.unscale_(opt)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+            values += [loss.detach().clone(), scaler.get_scale() * torch.ones(())]
+        return values
+
+    ref = run(reference, torch.optim.AdamW(reference.parameters(), lr=1e-3, fused=True))
+    opt = torch.optim.AdamW(ours.parameters(), lr=1e-3, fused=True)
+    with tierrt.offload(ours, tiers=tiers(ours, nvme_dir), optimizer=opt) as rt:
+        got = run(ours, opt)
+        assert rt.blockwise.updater.state_in_tiers and not rt.blockwise.updater.native
+    for i, (a, b) in enumerate(zip(ref, got)):
+        assert torch.equal(a, b) or (a.isnan().all() and b.isnan().all()), (i, a, b)
+    for a, b in zip(reference.parameters(), ours.parameters()):
+        assert torch.equal(a, b)
+
+
 def test_autocast_over_frozen_fp32_weights_warns(nvme_dir, caplog):
     """The casts of frozen fp32 weights cannot be recognised (no autograd history) and stay saved
     until backward: one warning names a weight and the remedy (compute_dtype)."""

@@ -23,7 +23,7 @@ import logging
 import numbers
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -34,6 +34,8 @@ if TYPE_CHECKING:
     from ..store import BlockState, TensorStore
 
 log = logging.getLogger("tierrt.optim")
+
+_ABSENT = object()
 
 __all__ = [
     "HyperSnapshot",
@@ -49,11 +51,18 @@ __all__ = [
 ]
 
 
+#: What ``GradScaler.step`` hands an optimizer that unscales inside its own step (torch's fused
+#: ones, ``_step_supports_amp_scaling``) as attributes, for that one ``step()`` call.
+AMP_ATTRIBUTES = ("grad_scale", "found_inf")
+
+
 @dataclass
 class HyperSnapshot:
-    """Hyperparameters of every param group at the time of ``step()`` (tensors cloned)."""
+    """Hyperparameters of every param group at the time of ``step()`` (tensors cloned), and the
+    GradScaler's ``grad_scale`` / ``found_inf`` the optimizer was given for that step."""
 
     groups: list[dict[str, Any]]
+    amp: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def take(cls, optimizer: torch.optim.Optimizer) -> HyperSnapshot:
@@ -65,9 +74,32 @@ class HyperSnapshot:
                     continue
                 values[key] = value.clone() if isinstance(value, torch.Tensor) else value
             groups.append(values)
-        return cls(groups)
+        amp = {
+            name: value.clone()
+            for name in AMP_ATTRIBUTES
+            if isinstance(value := optimizer.__dict__.get(name), torch.Tensor)
+        }
+        return cls(groups, amp)
+
+    def give_amp_to(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """Set (or clear) ``optimizer``'s GradScaler attributes to this step's; returns what they
+        were, for :meth:`take_amp_back`."""
+        previous = {name: optimizer.__dict__.pop(name, _ABSENT) for name in AMP_ATTRIBUTES}
+        optimizer.__dict__.update(self.amp)
+        return previous
+
+    @staticmethod
+    def take_amp_back(optimizer: torch.optim.Optimizer, previous: dict[str, Any]) -> None:
+        for name, value in previous.items():
+            optimizer.__dict__.pop(name, None)
+            if value is not _ABSENT:
+                optimizer.__dict__[name] = value
 
     def same_as(self, other: HyperSnapshot) -> bool:
+        if self.amp.keys() != other.amp.keys() or any(
+            not torch.equal(value, other.amp[name]) for name, value in self.amp.items()
+        ):
+            return False
         if len(self.groups) != len(other.groups):
             return False
         for a, b in zip(self.groups, other.groups):
@@ -308,8 +340,12 @@ class TorchUpdater(Updater):
                 p.grad = None
             for group, values in zip(opt.param_groups, hyper.groups):
                 group.update(values)
-            with torch.no_grad():
-                self._raw_step(opt)
+            amp = hyper.give_amp_to(opt)
+            try:
+                with torch.no_grad():
+                    self._raw_step(opt)
+            finally:
+                hyper.take_amp_back(opt, amp)
         finally:
             for group, values in zip(opt.param_groups, current):
                 group.update(values)
@@ -462,6 +498,7 @@ class TieredTorchUpdater(TorchUpdater):
         stepper.__dict__.update(self.optimizer.__dict__)
         stepper.param_groups = list(groups.values())
         stepper.state = block_state
+        hyper.give_amp_to(stepper)  # a fused step unscales (and skips on inf) inside, as in torch
         try:
             with torch.no_grad():
                 self._raw_step(stepper)
