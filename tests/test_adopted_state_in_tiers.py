@@ -301,3 +301,36 @@ def test_optimizer_of_another_model_is_not_noted(nvme_dir):
         torch.optim.AdamW(other.parameters())
         model.zero_grad()
         assert rt.optimizer is None and rt._noted is None
+
+
+@pytest.mark.parametrize("kind", ["adamw", "adagrad", "adamw_subclass"])
+def test_state_read_right_after_an_adopted_step_is_the_steps(kind, nvme_dir):
+    """``opt.state[p]`` read between ``step()`` and ``zero_grad()`` of an optimizer adopted with its
+    state in memory (built inside; a class tierrt does not know stays so) equals plain torch's at
+    that point: the step's pending block updates are applied before the state is read (it read
+    the state before the step: empty for Adam, the initial sum for Adagrad)."""
+    reference = models.llama()
+    ours = copy.deepcopy(reference)
+    data = models.token_batches(3)
+
+    def run(model: nn.Module, opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+        watched = [model.model.layers[0].mlp.up_proj.weight, model.lm_head.weight]
+        seen = []
+        for ids in data:
+            models.lm_loss(model, ids).backward()
+            opt.step()
+            seen += [value.clone() for p in watched for value in opt.state[p].values()]
+            seen.append(torch.tensor(len(opt.state)))
+            opt.zero_grad()
+        return seen
+
+    ref_opt = build(kind, reference.parameters())
+    ref_seen = run(reference, ref_opt)
+    with tierrt.offload(ours, tiers=tiers(ours, nvme_dir)):
+        opt = build(kind, ours.parameters())
+        seen = run(ours, opt)
+    assert len(seen) == len(ref_seen)
+    for i, (a, b) in enumerate(zip(ref_seen, seen)):
+        assert torch.equal(a, b), f"state value {i} differs"
+    assert_same(reference, ours, [], [])
+    assert_state_equal(ref_opt.state_dict(), opt.state_dict())

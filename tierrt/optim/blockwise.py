@@ -85,6 +85,7 @@ class BlockwiseOptimizer:
         self._in_own_step = False
         self._in_closure = False  # a closure runs inside torch's own step() (record_in_torch_step)
         self._installed = False
+        self.stepping_unmanaged = False  # torch's step() for parameters outside the model runs
         self._previous: dict[str, Any] = {}  # the optimizer's own attributes that install() replaced
         # id(param) -> (block, slot) of every offloaded parameter with a gradient buffer (it required
         # grad on entry); known once the blocks exist (bind)
@@ -190,12 +191,16 @@ class BlockwiseOptimizer:
         for name in _PATCHED:
             self._saved_attrs[name] = opt.__dict__.get(name, _MISSING)
         self._previous = dict(self._saved_attrs)
-        if self.updater.state_in_tiers and self.updater.state_kinds:
-            from .state import TieredState
+        from .state import CurrentState, TieredState
 
+        self._saved_attrs["state"] = opt.__dict__.get("state", _MISSING)
+        if self.updater.state_in_tiers and self.updater.state_kinds:
             # opt.state shows the state kept in the tiers (read on access), as torch's would hold it
-            self._saved_attrs["state"] = opt.__dict__.get("state", _MISSING)
             opt.state = TieredState(self, opt.state)
+        else:
+            # opt.state is the optimizer's own, read as the last step() left it (pending updates
+            # applied first)
+            opt.state = CurrentState(self, opt.state)
         self._installed = True
         owner = self
 
@@ -320,6 +325,11 @@ class BlockwiseOptimizer:
             self.updates.close()
         self._installed = False
         opt = self.optimizer
+        from .state import TieredState
+
+        if isinstance(opt.__dict__.get("state"), TieredState) and "state" in self._saved_attrs:
+            # the state as it is now (torch's load_state_dict may have replaced the one wrapped)
+            self._saved_attrs["state"] = opt.__dict__["state"].original
         for name, value in self._saved_attrs.items():
             if value is _MISSING:
                 opt.__dict__.pop(name, None)
@@ -398,6 +408,7 @@ class BlockwiseOptimizer:
     def _step_unmanaged(self) -> None:
         """Parameters of the optimizer outside the offloaded model step plainly."""
         opt = self.optimizer
+        self.stepping_unmanaged = True  # opt.state must not apply the updates just recorded
         raw = getattr(type(opt).step, "__wrapped__", type(opt).step)
         hidden: dict[torch.nn.Parameter, torch.Tensor | None] = {}
         managed = set(self.block_of_param)
@@ -409,6 +420,7 @@ class BlockwiseOptimizer:
         try:
             raw(opt)
         finally:
+            self.stepping_unmanaged = False
             for p, grad in hidden.items():
                 p.grad = grad
 
@@ -465,7 +477,11 @@ class BlockwiseOptimizer:
         self.updates.commit()
         opt = self.optimizer
         if not self.updater.state_in_tiers:
-            type(opt).load_state_dict(opt, state_dict)
+            from .state import CurrentState
+
+            type(opt).load_state_dict(opt, state_dict)  # replaces opt.state: show it as before
+            if self._installed and not isinstance(opt.__dict__.get("state"), CurrentState):
+                opt.state = CurrentState(self, opt.state)
             return
         from .state import load_native_state_dict
 

@@ -286,9 +286,12 @@ class TieredState(defaultdict):
 
     # entries in the tiers
     def _current(self) -> None:
-        """Apply pending updates: the state is read as the last ``step()`` left it."""
-        if self.bw.updates is not None:
-            self.bw.updates.apply_all()
+        """Apply pending updates: the state is read as the last ``step()`` left it. Not while an
+        update is being applied or the optimizer's own ``step`` runs (torch's step reads the state
+        it is updating)."""
+        bw = self.bw
+        if bw.updates is not None and not bw.updater.applying and not bw.stepping_unmanaged:
+            bw.updates.apply_all()
 
     def _tiered(self, p: Any) -> Entry | None:
         bw = self.bw
@@ -370,3 +373,21 @@ class TieredState(defaultdict):
 
     def __reduce__(self) -> Any:
         return (defaultdict, (dict,), None, None, iter(self.items()))
+
+
+class CurrentState(TieredState):
+    """``optimizer.state`` while tierrt steps the optimizer with its state in process memory (torch
+    stepping it block by block, e.g. an optimizer adopted inside the context, or one whose class
+    tierrt does not know): the optimizer's own ``state``, read as the last ``step()`` left it
+    (pending block updates are applied first), as torch's own optimizer would hold it."""
+
+    def _tiered(self, p: Any) -> Entry | None:
+        self._current()
+        return None
+
+    def _tiered_params(self) -> list[torch.nn.Parameter]:
+        self._current()
+        return []
+
+    def __repr__(self) -> str:
+        return f"CurrentState({len(self)} entries, pending updates applied on read)"

@@ -128,6 +128,9 @@ class Updater:
     #: the state of the offloaded parameters lives in the tiers, read and written in torch's format
     #: (``state_dict``, ``load_state_dict``, ``optimizer.state``) by :mod:`tierrt.optim.state`
     state_in_tiers = False
+    #: torch's step is running for one block (it reads ``optimizer.state``, which must not apply
+    #: pending updates then: see :class:`tierrt.optim.state.CurrentState`)
+    applying = False
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
         self.optimizer = optimizer
@@ -341,10 +344,12 @@ class TorchUpdater(Updater):
             for group, values in zip(opt.param_groups, hyper.groups):
                 group.update(values)
             amp = hyper.give_amp_to(opt)
+            self.applying = True
             try:
                 with torch.no_grad():
                     self._raw_step(opt)
             finally:
+                self.applying = False
                 hyper.take_amp_back(opt, amp)
         finally:
             for group, values in zip(opt.param_groups, current):
