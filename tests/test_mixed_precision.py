@@ -233,3 +233,36 @@ def test_grad_scaler_refuses_fp16_parameters_as_torch_does(nvme_dir):
             scaler.step(opt)
         assert isinstance(info.value, tierrt.ConfigError) and "compute_dtype" in str(info.value)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_adagrad_built_inside_under_bf16_keeps_its_sum_in_fp32(nvme_dir):
+    """Adagrad makes its ``sum`` in ``__init__`` over the parameters as they look inside the
+    context (bf16 under ``compute_dtype``); adopted at its first step, it accumulated that step
+    into a bf16 sum. Now it equals the fp32 master recipe (and Adagrad passed at entry) bit for bit."""
+    reference = models.llama()
+    ours = copy.deepcopy(reference)
+    data = models.token_batches(3)
+    master = [p.detach().clone() for p in reference.parameters()]
+    compute = copy.deepcopy(reference)
+    for p in compute.parameters():
+        p.data = p.data.to(torch.bfloat16)
+    ref_opt = torch.optim.Adagrad(master, lr=1e-2)
+    for ids in data:
+        models.lm_loss(compute, ids).backward()
+        for m, p in zip(master, compute.parameters()):
+            m.grad, p.grad = p.grad.float(), None
+        ref_opt.step()
+        ref_opt.zero_grad()
+        with torch.no_grad():
+            for m, p in zip(master, compute.parameters()):
+                p.copy_(m)
+    with tierrt.offload(ours, tiers=tiers(ours, nvme_dir, torch.bfloat16), compute_dtype=torch.bfloat16):
+        opt = torch.optim.Adagrad(ours.parameters(), lr=1e-2)
+        for ids in data:
+            models.lm_loss(ours, ids).backward()
+            opt.step()
+            opt.zero_grad()
+    for a, b in zip(master, ours.parameters(), strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(ref_opt.state.values(), (opt.state[p] for p in ours.parameters()), strict=True):
+        assert a["sum"].dtype == b["sum"].dtype == torch.float32 and torch.equal(a["sum"], b["sum"])

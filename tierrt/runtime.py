@@ -921,6 +921,7 @@ class Runtime:
                 f"optimizer known when the model is placed runs on tierrt's kernels; {advice}"
             )
         assert self.partition is not None and self.store is not None
+        self._state_in_master_dtype(optimizer)
         blockwise = BlockwiseOptimizer(
             optimizer,
             self.partition.block_of_param,
@@ -948,6 +949,28 @@ class Runtime:
             name,
             advice,
         )
+
+    def _state_in_master_dtype(self, optimizer: torch.optim.Optimizer) -> None:
+        """State an optimizer built inside the context made over the parameters as they look there
+        (``compute_dtype``, e.g. Adagrad's ``sum`` made in its ``__init__``) is held in the master
+        weights' dtype, as it would be over the parameters the optimizer steps (the master
+        weights): otherwise torch's first adopted step accumulates into a bf16 ``sum``."""
+        if self.compute_dtype is None or self.partition is None:
+            return
+        slots = {id(s.param): s for spec in self.partition.blocks for s in spec.slots}
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                slot = slots.get(id(p))
+                entry = optimizer.state.get(p)
+                if slot is None or not entry or slot.dtype == self.compute_dtype:
+                    continue
+                for key, value in entry.items():
+                    if (
+                        isinstance(value, torch.Tensor)
+                        and value.dtype == self.compute_dtype
+                        and value.shape == slot.shape
+                    ):
+                        entry[key] = value.to(slot.dtype)
 
     def _let_go_of_adopted(self, successor: str) -> None:
         """Another optimizer steps the model after one adopted earlier (a second ``Trainer``, a new
