@@ -16,6 +16,32 @@ def tiers(model, nvme_dir, compute_dtype=None):
     return [tierrt.dram(streaming_budget(model, compute_dtype=compute_dtype)), tierrt.nvme(nvme_dir)]
 
 
+def master_recipe(reference, data, make_opt, dtype, whole_model=False):
+    """What ``compute_dtype=dtype`` implements, by hand: a ``dtype`` copy of ``reference``'s parameters
+    computes (``whole_model``: buffers too), its gradients go to fp32 master weights, ``make_opt(master)``
+    steps them and the copy is refreshed. Returns (losses, master weights, the optimizer)."""
+    master = [p.detach().clone() for p in reference.parameters()]
+    compute = copy.deepcopy(reference)
+    if whole_model:
+        compute.to(dtype)
+    for p in compute.parameters():  # parameters only: buffers (rotary frequencies) keep their dtype
+        p.data = p.data.to(dtype)
+    opt = make_opt(master)
+    losses = []
+    for ids in data:
+        loss = models.lm_loss(compute, ids)
+        loss.backward()
+        for m, p in zip(master, compute.parameters()):
+            m.grad, p.grad = p.grad.float(), None
+        opt.step()
+        opt.zero_grad()
+        with torch.no_grad():
+            for m, p in zip(master, compute.parameters()):
+                p.copy_(m)
+        losses.append(loss.detach().clone())
+    return losses, master, opt
+
+
 @pytest.mark.parametrize(
     ("native", "fused"),
     [(None, False), (False, False), (None, True)],
@@ -31,24 +57,12 @@ def test_bf16_compute_with_fp32_master_weights(native, fused, nvme_dir):
     ours = copy.deepcopy(reference)
     data = models.token_batches(3)
 
-    master = [p.detach().clone() for p in reference.parameters()]
-    compute = copy.deepcopy(reference)
-    for p in compute.parameters():  # parameters only: buffers (rotary frequencies) keep their dtype
-        p.data = p.data.to(torch.bfloat16)
-    ref_opt = torch.optim.AdamW(master, lr=1e-3, weight_decay=0.01, fused=fused)
-    ref_losses = []
-    for ids in data:
-        loss = models.lm_loss(compute, ids)
-        loss.backward()
-        for m, p in zip(master, compute.parameters()):
-            m.grad = p.grad.float()
-            p.grad = None
-        ref_opt.step()
-        ref_opt.zero_grad()
-        with torch.no_grad():
-            for m, p in zip(master, compute.parameters()):
-                p.copy_(m)
-        ref_losses.append(loss.detach().clone())
+    ref_losses, master, _ = master_recipe(
+        reference,
+        data,
+        lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.01, fused=fused),
+        torch.bfloat16,
+    )
 
     opt = torch.optim.AdamW(ours.parameters(), lr=1e-3, weight_decay=0.01, fused=fused)
     with tierrt.offload(
@@ -177,21 +191,9 @@ def test_compute_dtype_the_kernel_cannot_write_steps_with_torch(nvme_dir):
     reference = models.llama(layers=2)
     ours = copy.deepcopy(reference)
     data = models.token_batches(2)
-    master = [p.detach().clone().requires_grad_() for p in reference.parameters()]
-    compute = copy.deepcopy(reference).double()
-    ref_opt = torch.optim.AdamW(master, lr=1e-3)
-    ref_losses = []
-    for ids in data:
-        loss = models.lm_loss(compute, ids)
-        loss.backward()
-        for m, p in zip(master, compute.parameters()):
-            m.grad, p.grad = p.grad.float(), None
-        ref_opt.step()
-        ref_opt.zero_grad()
-        with torch.no_grad():
-            for m, p in zip(master, compute.parameters()):
-                p.copy_(m)
-        ref_losses.append(loss.detach().clone())
+    ref_losses, master, _ = master_recipe(
+        reference, data, lambda ps: torch.optim.AdamW(ps, lr=1e-3), torch.float64, whole_model=True
+    )
 
     opt = torch.optim.AdamW(ours.parameters(), lr=1e-3)
     with tierrt.offload(
@@ -242,20 +244,9 @@ def test_adagrad_built_inside_under_bf16_keeps_its_sum_in_fp32(nvme_dir):
     reference = models.llama()
     ours = copy.deepcopy(reference)
     data = models.token_batches(3)
-    master = [p.detach().clone() for p in reference.parameters()]
-    compute = copy.deepcopy(reference)
-    for p in compute.parameters():
-        p.data = p.data.to(torch.bfloat16)
-    ref_opt = torch.optim.Adagrad(master, lr=1e-2)
-    for ids in data:
-        models.lm_loss(compute, ids).backward()
-        for m, p in zip(master, compute.parameters()):
-            m.grad, p.grad = p.grad.float(), None
-        ref_opt.step()
-        ref_opt.zero_grad()
-        with torch.no_grad():
-            for m, p in zip(master, compute.parameters()):
-                p.copy_(m)
+    _, master, ref_opt = master_recipe(
+        reference, data, lambda ps: torch.optim.Adagrad(ps, lr=1e-2), torch.bfloat16
+    )
     with tierrt.offload(ours, tiers=tiers(ours, nvme_dir, torch.bfloat16), compute_dtype=torch.bfloat16):
         opt = torch.optim.Adagrad(ours.parameters(), lr=1e-2)
         for ids in data:
