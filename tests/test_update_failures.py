@@ -239,7 +239,7 @@ def test_exception_in_the_torch_optimizer_rolls_the_step_back(nvme_dir):
 
 
 def test_exception_in_an_optimizer_with_state_in_memory_leaves_a_usable_runtime(nvme_dir):
-    """An optimizer whose state tierrt does not know (torch's Adafactor: factored state) is stepped
+    """An optimizer without state tensors shaped like the parameters (torch's Adafactor: factored) is stepped
     by torch with its state in ``optimizer.state``; it raises in its step: its exception comes out
     unchanged, with a note, and training goes on afterwards (such a step cannot be rolled back; as
     with torch, the blocks updated before the error keep their new values)."""

@@ -17,8 +17,8 @@ happens when ``offload()`` wraps a loop that builds its own optimizer, e.g. a tr
   an optimizer tierrt adopted) after which no gradient is held, outside forward and backward — the
   runtime places the model again with a noted or adopted optimizer whose state its tiers can hold
   (torch's own optimizers, in any mode, e.g. the ``Trainer``'s fused AdamW; Adam, AdamW and SGD on
-  tierrt's kernels when their options allow; not a class tierrt does not know, such as a
-  third-party optimizer or a subclass): one pass over the weights, after
+  tierrt's kernels when their options allow; a third-party optimizer or a subclass whose state
+  tensors a probe of its step learned, see :mod:`tierrt.optim.learning`): one pass over the weights, after
   which the optimizer is stepped as if it had been passed to ``offload(optimizer=...)``, its state
   (also what the adopted steps made) homed in the tiers under their budgets. A ``Trainer`` calls
   ``model.zero_grad()`` before its first step, so its optimizer's state is in the tiers from the

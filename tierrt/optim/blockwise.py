@@ -10,8 +10,11 @@ passed to :func:`tierrt.offload` are replaced (on that object only, restored on 
 - Any other of torch's per-parameter optimizers (and Adam/AdamW/SGD with ``fused=True`` or
   ``foreach=True``, as a transformers ``Trainer`` builds AdamW) is stepped block by block with
   torch's own arithmetic, its state tensors homed in the tiers all the same.
-- An optimizer tierrt does not know (a third-party class) is stepped block by block with its
-  state in ``optimizer.state`` (process memory).
+- Any other optimizer class (third-party, a subclass, transformers' Adafactor) is stepped block by
+  block with torch's arithmetic too: what it keeps per parameter is learned by a probe of its step
+  at entry (:mod:`tierrt.optim.learning`), which also refuses a step that block-by-block stepping
+  would change (one that couples parameters). Its state tensors shaped like the parameters live
+  in the tiers; with none (factored Adafactor), its state stays in ``optimizer.state``.
 - LBFGS (which needs every parameter at once) is refused.
 
 Hyperparameters live in ``param_groups`` as usual (LR schedulers keep working); step hooks run once

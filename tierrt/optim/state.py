@@ -377,9 +377,10 @@ class TieredState(defaultdict):
 
 class CurrentState(TieredState):
     """``optimizer.state`` while tierrt steps the optimizer with its state in process memory (torch
-    stepping it block by block, e.g. an optimizer adopted inside the context, or one whose class
-    tierrt does not know): the optimizer's own ``state``, read as the last ``step()`` left it
-    (pending block updates are applied first), as torch's own optimizer would hold it."""
+    stepping it block by block, e.g. an optimizer adopted inside the context, or one that keeps no
+    state tensor shaped like the parameters): the optimizer's own ``state``, read as the last
+    ``step()`` left it (pending block updates are applied first), as torch's own optimizer would
+    hold it."""
 
     def _tiered(self, p: Any) -> Entry | None:
         self._current()

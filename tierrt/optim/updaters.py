@@ -1,6 +1,6 @@
 """Per-block optimizer updates: the arithmetic of one step over one block's DRAM copies.
 
-Two kinds of updater:
+Three kinds of updater:
 
 - :class:`NativeAdamUpdater` / :class:`NativeSGDUpdater` run tierrt's SIMD kernels
   (:mod:`tierrt.optim.kernels`) over fp32 master weights and optimizer state homed in the tiers
@@ -10,8 +10,11 @@ Two kinds of updater:
   optimizers, in any mode: ``fused=True`` or ``foreach=True`` AdamW as a transformers ``Trainer``
   builds it, RMSprop, Adagrad, NAdam, ...) on just the block's parameters, with torch's own
   arithmetic, its per-parameter state tensors homed in the tiers like the native kinds.
-- :class:`TorchUpdater` runs any other per-parameter optimizer the same way, its state kept by the
-  optimizer in process memory.
+  Another class (third-party, a subclass) is stepped the same way, the state kinds learned by a
+  probe of its step (:mod:`tierrt.optim.learning`).
+- :class:`TorchUpdater` runs an optimizer without state tensors shaped like the parameters (or one
+  adopted without room for its state) the same way, its state kept by the optimizer in process
+  memory.
 
 Hyperparameters come from a :class:`HyperSnapshot` taken when ``optimizer.step()`` was called, so an
 LR scheduler stepping right after does not change an update that runs later.
@@ -28,7 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import ConfigError, HyperparameterError
+from ..errors import ConfigError, HookError, HyperparameterError
+from .learning import LearnedState, learned_state, make_stepper, raw_step
 
 if TYPE_CHECKING:
     from ..store import BlockState, TensorStore
@@ -295,8 +299,7 @@ class TorchUpdater(Updater):
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
         super().__init__(optimizer)
-        step = type(optimizer).step
-        self._raw_step: Callable[..., Any] = getattr(step, "__wrapped__", step)
+        self._raw_step: Callable[..., Any] = raw_step(optimizer)
 
     def describe(self) -> str:
         return f"torch {type(self.optimizer).__name__} (state in DRAM, stepped block by block)"
@@ -393,6 +396,7 @@ _TORCH_STATE_KEYS: dict[type, Callable[[dict[str, Any]], list[str]]] = {
     torch.optim.Adadelta: lambda group: ["square_avg", "acc_delta"],
     torch.optim.Rprop: lambda group: ["prev", "step_size"],
     torch.optim.ASGD: lambda group: ["ax"],
+    torch.optim.Muon: lambda group: ["momentum_buffer"],
 }
 
 
@@ -400,6 +404,55 @@ def torch_state_keys(optimizer: torch.optim.Optimizer) -> Callable[[dict[str, An
     """The per-group state keys of ``optimizer``'s class when tierrt knows them (torch's own
     optimizers, matched by exact type: a subclass may keep other state), else None."""
     return _TORCH_STATE_KEYS.get(type(optimizer))
+
+
+class StateKeys:
+    """Which state kinds (tensors shaped like the parameter, homed in the tiers) each param group of
+    an optimizer keeps: from tierrt's table for torch's own optimizers, else learned by probing its
+    step (:mod:`tierrt.optim.learning`)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+        self._table = torch_state_keys(optimizer)
+        self.learned: LearnedState | None = None if self._table is not None else learned_state(optimizer)
+        # the learned kinds, fixed once the tiers are planned with them
+        self._learned_kinds = self.learned.kinds() if self.learned is not None else {}
+
+    @property
+    def known(self) -> bool:
+        """tierrt's table knows the class (no probe was needed)."""
+        return self._table is not None
+
+    def of(self, index: int, group: dict[str, Any]) -> list[str]:
+        """The kinds param group ``index`` (whose values are ``group``) keeps."""
+        if self._table is not None:
+            return self._table(group)
+        assert self.learned is not None
+        return [key for key in self.learned.keys(index) if key in self._learned_kinds]
+
+    def of_group(self, group: dict[str, Any]) -> list[str]:
+        """The kinds of ``group``, one of the optimizer's param groups."""
+        index = next((i for i, g in enumerate(self.optimizer.param_groups) if g is group), None)
+        if index is None:  # not one of them (yet): the table's answer, or none learned
+            return self._table(group) if self._table is not None else []
+        return self.of(index, group)
+
+    def kinds(self) -> dict[str, torch.dtype | None]:
+        """Every group's kinds with their dtype (None: the parameter's own)."""
+        if self._table is not None:
+            keys = dict.fromkeys(key for group in self.optimizer.param_groups for key in self._table(group))
+            return {key: None for key in keys}
+        return dict(self._learned_kinds)
+
+    def stochastic(self) -> bool:
+        """A learned step draws random numbers."""
+        return self.learned is not None and any(f.stochastic for f in self.learned.groups.values())
+
+    def untried(self) -> str | None:
+        """Why some group's state could not be learned (its state stays in memory), or None."""
+        if self.learned is None:
+            return None
+        return next((f.unknown for f in self.learned.groups.values() if f.unknown), None)
 
 
 class TieredTorchUpdater(TorchUpdater):
@@ -419,27 +472,28 @@ class TieredTorchUpdater(TorchUpdater):
     transactional = True
     thread_safe = True
 
-    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, keys: StateKeys | None = None) -> None:
         super().__init__(optimizer)
-        keys_of = torch_state_keys(optimizer)
-        assert keys_of is not None, "choose_updater picks this updater for known optimizers only"
-        self._keys_of = keys_of
-        self._has_step = not isinstance(optimizer, torch.optim.SGD)
-        kinds = dict.fromkeys(key for group in optimizer.param_groups for key in keys_of(group))
-        self.state_kinds = {kind: None for kind in kinds}
+        self.keys = keys if keys is not None else StateKeys(optimizer)
+        # torch's own optimizers keep a step counter (SGD does not); a learned one: its kinds only
+        self._has_step = self.keys.known and not isinstance(optimizer, torch.optim.SGD)
+        self.state_kinds = self.keys.kinds()
+        # random draws on a worker thread would interleave with the model's own (dropout)
+        self.thread_safe = not self.keys.stochastic()
         self.counters: dict[int, dict[str, Any]] = {}  # id(param) -> its entry's other values
 
     def describe(self) -> str:
-        return f"torch {type(self.optimizer).__name__} (state in the tiers, stepped block by block)"
+        how = "" if self.keys.known else ", learned from a probe of its step"
+        return f"torch {type(self.optimizer).__name__} (state in the tiers{how}, stepped block by block)"
 
     def has_state(self, param: torch.nn.Parameter) -> bool:
         return id(param) in self.counters
 
     def state_keys(self, group: dict[str, Any]) -> list[str]:
-        return self._keys_of(group)
+        return self.keys.of_group(group)
 
     def required_keys(self, group: dict[str, Any]) -> list[str]:
-        return (["step"] if self._has_step else []) + self._keys_of(group)
+        return (["step"] if self._has_step else []) + self.keys.of_group(group)
 
     def counters_of(self, param: torch.nn.Parameter) -> dict[str, Any]:
         return _copied(self.counters[id(param)])
@@ -460,7 +514,7 @@ class TieredTorchUpdater(TorchUpdater):
         self.counters.update(changes)
 
     def refuses_group(self, group: dict[str, Any]) -> str | None:
-        missing = [key for key in self._keys_of(group) if key not in self.state_kinds]
+        missing = [key for key in self.keys.of_group(group) if key not in self.state_kinds]
         if missing:
             return (
                 f"the new group's options need {', '.join(missing)}, which no group needed on entering, "
@@ -496,13 +550,10 @@ class TieredTorchUpdater(TorchUpdater):
             group["params"].append(standin)
             if id(param) in self.counters:  # else its first step: torch creates the state
                 entry = _copied(self.counters[id(param)])
-                for kind in self._keys_of(group):
+                for kind in self.keys.of(index, group):
                     entry[kind] = views[kind][slot_index]
                 block_state[standin] = entry
-        stepper = object.__new__(type(self.optimizer))
-        stepper.__dict__.update(self.optimizer.__dict__)
-        stepper.param_groups = list(groups.values())
-        stepper.state = block_state
+        stepper = make_stepper(self.optimizer, list(groups.values()), block_state)
         hyper.give_amp_to(stepper)  # a fused step unscales (and skips on inf) inside, as in torch
         try:
             with torch.no_grad():
@@ -861,6 +912,8 @@ def choose_updater(
     kernel writes fp32, bf16 and fp16 only.
     """
     if not state_in_tiers:
+        if torch_state_keys(optimizer) is None:
+            learned_state(optimizer)  # refuses a step that block-by-block stepping would change
         return TorchUpdater(optimizer)
     from .kernels import OUT_DTYPES
 
@@ -879,18 +932,25 @@ def choose_updater(
 
 
 def torch_updater(optimizer: torch.optim.Optimizer) -> Updater:
-    """Torch's own step, block by block: its state in the tiers when tierrt knows the optimizer's
-    state tensors (and they are there to keep), else in ``optimizer.state``."""
-    if torch_state_in_tiers(optimizer):
-        return TieredTorchUpdater(optimizer)
+    """Torch's own step, block by block: its state in the tiers when it keeps state tensors shaped
+    like the parameters (known for torch's optimizers, learned by a probe for any other class),
+    else in ``optimizer.state``. Raises HookError for an optimizer whose results block-by-block
+    stepping would change (:mod:`tierrt.optim.learning`)."""
+    keys = StateKeys(optimizer)
+    if keys.kinds() and keys.untried() is None:
+        return TieredTorchUpdater(optimizer, keys)
     return TorchUpdater(optimizer)
 
 
 def torch_state_in_tiers(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether torch's own step of ``optimizer`` can keep its state in the tiers: tierrt knows the
-    state tensors of its class, and some param group has some."""
-    keys_of = torch_state_keys(optimizer)
-    return keys_of is not None and any(keys_of(group) for group in optimizer.param_groups)
+    """Whether torch's own step of ``optimizer`` can keep its state in the tiers: it keeps state
+    tensors shaped like the parameters (see :func:`torch_updater`). False for an optimizer that
+    block-by-block stepping cannot step at all (its adoption says why)."""
+    try:
+        keys = StateKeys(optimizer)
+    except HookError:
+        return False
+    return bool(keys.kinds()) and keys.untried() is None
 
 
 def native_refusal(optimizer: torch.optim.Optimizer) -> str | None:
