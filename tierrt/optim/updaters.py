@@ -513,6 +513,20 @@ class TieredTorchUpdater(TorchUpdater):
     def advance(self, changes: dict[int, Any]) -> None:
         self.counters.update(changes)
 
+    def check_hyper(self, hyper: HyperSnapshot) -> None:
+        """A group whose options now need a state kind no group needed on entering (``amsgrad``
+        switched on, ``centered`` RMSprop): the tiers hold no room for it."""
+        for index, values in enumerate(hyper.groups):
+            missing = [key for key in self.keys.of(index, values) if key not in self.state_kinds]
+            if missing:
+                raise HyperparameterError(
+                    f"param group {index}: its options now need {', '.join(missing)}, which no group "
+                    f"needed on entering tierrt.offload(), so the tiers hold no room for it. {_UNCHANGED} "
+                    "Set these options before entering",
+                    group=index,
+                    key=missing[0],
+                )
+
     def refuses_group(self, group: dict[str, Any]) -> str | None:
         missing = [key for key in self.keys.of_group(group) if key not in self.state_kinds]
         if missing:
