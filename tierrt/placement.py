@@ -43,6 +43,22 @@ class Placement:
     needed: dict[str, int] = field(default_factory=dict)  # tier -> bytes of homes
     # DRAM kept free by prefetching for one block's optimizer update during backward (speculation)
     update_reserve: int = 0
+    compute: str = "dram"
+    # with a GPU: DRAM that stages the blocks moving between the lower tiers and the GPU
+    staging: int = 0
+
+    def host_bytes(self, tier: str, budget: int) -> int:
+        """What host tier ``tier`` (with ``budget``) is made with: its homes, the working set (CPU
+        compute) or the staging (GPU compute) on DRAM, and headroom for buffers in flight (state
+        reads, copy-on-write), never above the budget. A model whose state fits well inside the
+        budget then takes what it needs, not the whole budget: the budget is a limit, not a
+        reservation."""
+        need = self.needed.get(tier, 0)
+        if tier == "dram":
+            need += self.working_set if self.compute == "dram" else self.staging
+        largest = max((k.layout.nbytes for kinds in self.kinds for k in kinds.values()), default=0)
+        headroom = 4 * largest + max(64 << 20, need // 4)
+        return min(budget, need + headroom)
 
     def describe(self) -> str:
         reserve = self.update_reserve
@@ -147,6 +163,7 @@ def plan_placement(
     free = {name: budgets[name] for name in order}
     needed = {name: 0 for name in budgets}
     homes: list[dict[str, str]] = [{} for _ in layouts]
+    staging = 0
     if compute != "dram":
         # DRAM stages what moves between NVMe and the GPU, and holds the optimizer's working blocks.
         staging = (depth_used + 1) * max_w + 2 * (max_g + max_m + max_s)
@@ -219,7 +236,16 @@ def plan_placement(
         {kind: KindPlan(layout, homes[i][kind]) for kind, layout in kinds.items()}
         for i, kinds in enumerate(layouts)
     ]
-    return Placement(plans, pinned, depth_used, working, {k: v for k, v in needed.items() if v}, reserve)
+    return Placement(
+        plans,
+        pinned,
+        depth_used,
+        working,
+        {k: v for k, v in needed.items() if v},
+        reserve,
+        compute=compute,
+        staging=0 if compute == "dram" else staging,
+    )
 
 
 def _count_fitting(sorted_sizes: list[int], room: int) -> int:

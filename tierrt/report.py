@@ -7,9 +7,12 @@
       nvme->dram       4.20GiB    50.4GiB      2.31
       dram->nvme       1.05GiB    12.6GiB      2.52
       compute waited on I/O: 0.21s (6.2%)   prefetch hits 44 / misses 0
-      tier   budget     in use     peak
-      dram   1GiB      812MiB    1GiB
-      nvme   9.2GiB    8.1GiB    8.3GiB
+      tier      budget  reserved    in use      peak
+      dram        1GiB      1GiB    812MiB      1GiB
+      nvme      9.2GiB    9.2GiB    8.1GiB    8.3GiB
+
+``reserved`` is what the tier holds: a host tier's arena (the budget, or less when the placement
+needs less), the NVMe tier's swap files.
 
 ``rt.trace("run.json")`` writes the spans as a Chrome/Perfetto trace (chrome://tracing, ui.perfetto.dev).
 """
@@ -148,10 +151,11 @@ class Report:
                     f"{counters.block_updates_in_backward} of {counters.block_updates} block updates "
                     "ran during backward"
                 )
-        lines.append(f"  {'tier':<8}{'budget':>10}{'in use':>10}{'peak':>10}")
+        lines.append(f"  {'tier':<8}{'budget':>10}{'reserved':>10}{'in use':>10}{'peak':>10}")
         for name, stats in self.tiers.items():
             lines.append(
                 f"  {name:<8}{format_size(stats.get('budget', 0)):>10}"
+                f"{format_size(stats.get('reserved', stats.get('budget', 0))):>10}"
                 f"{format_size(stats.get('in_use', 0)):>10}{format_size(stats.get('peak_in_use', 0)):>10}"
             )
         if self.native_overhead:

@@ -382,7 +382,7 @@ class Runtime(PlacingAgain):
                     name = "dram" if isinstance(spec, DramTier) else spec.name
                     budget = budgets[name]
                     assert budget is not None
-                    host_tiers[name] = HostTier(spec, budget)
+                    host_tiers[name] = HostTier(spec, budget, size=placement.host_bytes(name, budget))
             gpu_store = None
             if compute_spec is not None:
                 from .store import GpuTierStore
@@ -1363,6 +1363,7 @@ class Runtime(PlacingAgain):
                 stats = tier.stats()
                 tiers[name] = {
                     "budget": tier.budget,
+                    "reserved": tier.size,
                     "in_use": stats.get("in_use", 0),
                     "peak_in_use": stats.get("peak_in_use", 0),
                     "free": stats.get("free", 0),
@@ -1371,7 +1372,8 @@ class Runtime(PlacingAgain):
             if store.nvme is not None:
                 stats = store.nvme.stats()
                 tiers["nvme"] = {
-                    "budget": store.nvme.size,
+                    "budget": store.nvme.spec.budget or store.nvme.size,
+                    "reserved": store.nvme.size,
                     "in_use": stats.get("in_use", 0),
                     "peak_in_use": stats.get("peak_in_use", 0),
                     "free": stats.get("free", 0),
@@ -1382,7 +1384,7 @@ class Runtime(PlacingAgain):
     def _overhead(self) -> dict[str, int]:
         """The process's memory and what of it the arenas account for."""
         tiers = self.store.host_tiers.values() if self.store is not None else ()
-        arenas = sum(t.budget for t in tiers if t.arena is not None)  # a closed runtime holds none
+        arenas = sum(t.size for t in tiers if t.arena is not None)  # a closed runtime holds none
         return {"process RSS": psutil.Process().memory_info().rss, "host arenas": arenas}
 
     def trace(self, path: str | os.PathLike) -> str:

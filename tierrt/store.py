@@ -113,18 +113,22 @@ class HostBuffer:
 
 
 class HostTier:
-    """A DRAM or CXL tier: one arena under a hard budget."""
+    """A DRAM or CXL tier: one arena of ``size`` bytes (the budget, or what the placement needs
+    when that is less), reserved at creation."""
 
-    def __init__(self, spec: DramTier | CxlTier, budget: int, nodes: tuple[int, ...] = ()) -> None:
+    def __init__(
+        self, spec: DramTier | CxlTier, budget: int, nodes: tuple[int, ...] = (), size: int | None = None
+    ) -> None:
         self.spec = spec
         self.name = spec.name
         self.budget = budget
+        self.size = budget if size is None else min(size, budget)
         policy = getattr(spec, "policy", "default")
         nodes = nodes or spec.nodes
         if nodes and policy == "default":
             policy = "bind"
         self.arena = _native.HostArena(
-            budget,
+            self.size,
             nodes=list(nodes),
             policy=policy,
             hugepages=True,
@@ -137,7 +141,7 @@ class HostTier:
             log.info(
                 "%s arena of %s is not locked in memory (%s); it is still fully reserved",
                 self.name,
-                format_size(budget),
+                format_size(self.size),
                 getattr(self.arena, "lock_error", "mlock failed"),
             )
         self.registered_cuda = False
