@@ -27,6 +27,7 @@ import threading
 import time
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import psutil
@@ -56,6 +57,17 @@ __all__ = ["offload", "Runtime", "default_tiers"]
 # id(param) -> the Runtime offloading it (so a parameter cannot be offloaded twice)
 _OWNERS: dict[int, weakref.ReferenceType[Runtime]] = {}
 _OWNERS_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class NvmeSizing:
+    """The swap files a placement asks for: ``size`` bytes (0: no nvme tier needed), of which
+    ``step_bytes`` keep a step's previous optimizer state until the new one is home; ``atomic``
+    when that room is there."""
+
+    size: int
+    step_bytes: int
+    atomic: bool
 
 
 def default_tiers() -> list[TierSpec]:
@@ -285,8 +297,6 @@ class Runtime(PlacingAgain):
             raise HookError("this tierrt runtime is already active: enter it once")
         if self.closed:
             raise HookError("this tierrt runtime was closed; call tierrt.offload() again")
-        from tierrt.scheduler.pipeline import Pipeline
-
         model = self.model
         params = list(dict.fromkeys(model.parameters()))
         if not params:
@@ -330,83 +340,10 @@ class Runtime(PlacingAgain):
         log.info("tierrt placement: %s", placement.describe())
 
         # Create tiers: paths are checked (and swap files preallocated) before anything moves.
-        nvme_spec = next((t for t in self.tier_specs if isinstance(t, NvmeTier)), None)
-        nvme_store = None
-        engine = None
-        need_nvme = placement.needed.get("nvme", 0)
+        sizing = self._nvme_sizing(placement, blockwise)
+        store = self._make_store(sizing, budgets, compute_spec, compute_device, placement)
         try:
-            if need_nvme:
-                assert nvme_spec is not None
-                largest = max(k.layout.nbytes for kinds in placement.kinds for k in kinds.values())
-                minimal = need_nvme + 4 * largest + (64 << 20)  # headroom for copy-on-write writes
-                # A step keeps the previous step's optimizer state until the new one is home.
-                step_bytes = 0
-                if blockwise is not None and blockwise.updater.transactional:
-                    changed = {"weight", "master", *blockwise.state_kinds}
-                    step_bytes = sum(
-                        k.layout.nbytes
-                        for kinds in placement.kinds
-                        for name, k in kinds.items()
-                        if name in changed and k.home == "nvme"
-                    )
-                size = minimal + step_bytes
-                if nvme_spec.budget is not None:
-                    if nvme_spec.budget < minimal:
-                        raise TierCapacityError(
-                            f"nvme budget {format_size(nvme_spec.budget)} is below the "
-                            f"{format_size(minimal)} the placement needs there ({format_size(need_nvme)} of "
-                            "state plus room to write blocks copy-on-write)",
-                            tier="nvme",
-                            requested=minimal,
-                            budget=nvme_spec.budget,
-                        )
-                    size = nvme_spec.budget
-                else:
-                    free = min(shutil.disk_usage(_existing_ancestor(p)).free for p in nvme_spec.paths)
-                    if free * len(nvme_spec.paths) < size * 1.02 and step_bytes:
-                        size = minimal
-                self._step_atomic = step_bytes > 0 and size >= minimal + step_bytes
-                engine = _native.IOEngine(self.io_backend, self.queue_depth, 1 << 20)
-                nvme_store = NvmeTierStore(nvme_spec, size, engine)  # checks the paths first
-                if step_bytes and not self._step_atomic:
-                    log.warning(
-                        "tierrt: the nvme tier (%s) has no room to keep the previous step's optimizer "
-                        "state while writing the next (%s more); a failed write then loses "
-                        "step atomicity (each block stays whole)",
-                        format_size(size),
-                        format_size(step_bytes),
-                    )
-            host_tiers: dict[str, HostTier] = {}
-            for spec in self.tier_specs:
-                if isinstance(spec, (DramTier, CxlTier)):
-                    name = "dram" if isinstance(spec, DramTier) else spec.name
-                    budget = budgets[name]
-                    assert budget is not None
-                    host_tiers[name] = HostTier(spec, budget, size=placement.host_bytes(name, budget))
-            gpu_store = None
-            if compute_spec is not None:
-                from .store import GpuTierStore
-
-                gpu_budget = budgets[compute]
-                assert gpu_budget is not None
-                gpu_store = GpuTierStore(compute_spec, gpu_budget, compute_device)
-                host_tiers["dram"].register_cuda()
-            store = TensorStore(host_tiers, nvme_store, gpu_store)
-        except BaseException:
-            if nvme_store is not None:
-                nvme_store.close()  # and its engine
-            elif engine is not None:
-                engine.close()
-            raise
-        self.store = store
-        self.engine = engine
-        spans = self.spans
-        try:
-            self._build_blocks(store, partition, placement)
-            self.pipeline = Pipeline(store, compute, compute_device, placement.depth, self.counters, spans)
-            self.pipeline.update_reserve = placement.update_reserve
-            self._place(store, partition, placement, compute_device)
-            imported = self._import_optimizer_state(blockwise)
+            imported = self._fill(store, partition, placement, blockwise, compute_device)
         except BaseException:
             self._unplace_after_failure()  # Ctrl-C included: the parameters still hold their values
             raise
@@ -419,6 +356,136 @@ class Runtime(PlacingAgain):
                 self._unplace_after_failure()
                 raise
             self._install(model, params, store, partition, blockwise, imported, compute_device)
+
+    def _nvme_sizing(
+        self, placement: Placement, blockwise: BlockwiseOptimizer | None, reserved: int = 0
+    ) -> NvmeSizing:
+        """How large the swap files of ``placement`` are made: its NVMe homes, room to write blocks
+        copy-on-write, and (when the disk has room for it beside ``reserved`` bytes that something
+        else is about to take there) room to keep a step's previous optimizer state until the new
+        one is home. Raises TierCapacityError when an nvme budget is below the minimum."""
+        need_nvme = placement.needed.get("nvme", 0)
+        if not need_nvme:
+            return NvmeSizing(0, 0, False)
+        nvme_spec = next((t for t in self.tier_specs if isinstance(t, NvmeTier)), None)
+        assert nvme_spec is not None
+        largest = max(k.layout.nbytes for kinds in placement.kinds for k in kinds.values())
+        minimal = need_nvme + 4 * largest + (64 << 20)  # headroom for copy-on-write writes
+        # A step keeps the previous step's optimizer state until the new one is home.
+        step_bytes = 0
+        if blockwise is not None and blockwise.updater.transactional:
+            changed = {"weight", "master", *blockwise.state_kinds}
+            step_bytes = sum(
+                k.layout.nbytes
+                for kinds in placement.kinds
+                for name, k in kinds.items()
+                if name in changed and k.home == "nvme"
+            )
+        size = minimal + step_bytes
+        if nvme_spec.budget is not None:
+            if nvme_spec.budget < minimal:
+                raise TierCapacityError(
+                    f"nvme budget {format_size(nvme_spec.budget)} is below the "
+                    f"{format_size(minimal)} the placement needs there ({format_size(need_nvme)} of "
+                    "state plus room to write blocks copy-on-write)",
+                    tier="nvme",
+                    requested=minimal,
+                    budget=nvme_spec.budget,
+                )
+            size = nvme_spec.budget
+        else:
+            free = min(shutil.disk_usage(_existing_ancestor(p)).free for p in nvme_spec.paths)
+            if (free * len(nvme_spec.paths) - reserved) < size * 1.02 and step_bytes:
+                size = minimal
+        return NvmeSizing(size, step_bytes, step_bytes > 0 and size >= minimal + step_bytes)
+
+    def _make_store(
+        self,
+        sizing: NvmeSizing,
+        budgets: dict[str, int | None],
+        compute_spec: GpuTier | None,
+        compute_device: torch.device,
+        placement: Placement,
+        reuse: TensorStore | None = None,
+    ) -> TensorStore:
+        """A store for a new placement: swap files of ``sizing.size`` (paths checked, files
+        preallocated) and the host arenas and GPU tier of ``reuse`` (placing again: the arenas stay
+        reserved, under the same budgets) or new ones. Sets ``self.store``, ``self.engine`` and
+        ``self._step_atomic``; on failure what it made is freed again."""
+        nvme_spec = next((t for t in self.tier_specs if isinstance(t, NvmeTier)), None)
+        nvme_store = None
+        engine = None
+        try:
+            if sizing.size:
+                assert nvme_spec is not None
+                engine = _native.IOEngine(self.io_backend, self.queue_depth, 1 << 20)
+                nvme_store = NvmeTierStore(nvme_spec, sizing.size, engine)  # checks the paths first
+                if sizing.step_bytes and not sizing.atomic:
+                    log.warning(
+                        "tierrt: the nvme tier (%s) has no room to keep the previous step's optimizer "
+                        "state while writing the next (%s more); a failed write then loses "
+                        "step atomicity (each block stays whole)",
+                        format_size(sizing.size),
+                        format_size(sizing.step_bytes),
+                    )
+            if reuse is not None:
+                store = TensorStore(reuse.host_tiers, nvme_store, reuse.gpu)
+            else:
+                store = TensorStore(self._host_tiers(budgets, placement), nvme_store, None)
+                if compute_spec is not None:
+                    from .store import GpuTierStore
+
+                    gpu_budget = budgets[compute_spec.name]
+                    assert gpu_budget is not None
+                    store.gpu = GpuTierStore(compute_spec, gpu_budget, compute_device)
+                    store.host_tiers["dram"].register_cuda()
+        except BaseException:
+            if nvme_store is not None:
+                nvme_store.close()  # and its engine
+            elif engine is not None:
+                engine.close()
+            raise
+        self.store = store
+        self.engine = engine
+        self._step_atomic = sizing.atomic
+        return store
+
+    def _host_tiers(self, budgets: dict[str, int | None], placement: Placement) -> dict[str, HostTier]:
+        """A new arena for every DRAM and CXL tier, of what ``placement`` needs there (its budget
+        at most)."""
+        host_tiers: dict[str, HostTier] = {}
+        try:
+            for spec in self.tier_specs:
+                if isinstance(spec, (DramTier, CxlTier)):
+                    name = "dram" if isinstance(spec, DramTier) else spec.name
+                    budget = budgets[name]
+                    assert budget is not None
+                    host_tiers[name] = HostTier(spec, budget, size=placement.host_bytes(name, budget))
+        except BaseException:
+            for tier in host_tiers.values():
+                tier.close()
+            raise
+        return host_tiers
+
+    def _fill(
+        self,
+        store: TensorStore,
+        partition: Partition,
+        placement: Placement,
+        blockwise: BlockwiseOptimizer | None,
+        compute_device: torch.device,
+    ) -> list[nn.Parameter]:
+        """Give every block its homes in ``store``, make the pipeline over it, copy every value in
+        (:meth:`_place`) and import the optimizer's state. Returns the parameters whose optimizer
+        state was imported (see :meth:`_import_optimizer_state`)."""
+        from tierrt.scheduler.pipeline import Pipeline
+
+        self._build_blocks(store, partition, placement)
+        compute = store.gpu.name if store.gpu is not None else "dram"
+        self.pipeline = Pipeline(store, compute, compute_device, placement.depth, self.counters, self.spans)
+        self.pipeline.update_reserve = placement.update_reserve
+        self._place(store, partition, placement, compute_device)
+        return self._import_optimizer_state(blockwise)
 
     def _install(
         self,
@@ -949,36 +1016,8 @@ class Runtime(PlacingAgain):
         # Giving the model back must not fail for want of DRAM room (memory still viewed by tensors
         # kept from inside the context): what does not fit in the arena goes outside the budget.
         self.store.overflow = True  # type: ignore[union-attr]
-        try:
-            if self.blockwise is not None:
-                self.blockwise.finish()  # pending updates of the last step
-            self.pipeline.drain()
-        except BaseException as exc:  # noqa: BLE001
-            errors.append(exc)
-        try:
-            if self.grads is not None:  # p.grad = g by hand: given back with the others below
-                self.grads.take_assigned(drop=not self._restores_values())
-        except BaseException as exc:  # noqa: BLE001
-            errors.append(exc)
-        if self.hooks is not None:
-            self.hooks.remove()
-        if self.blockwise is not None:
-            self.blockwise.remove()
-        self._unpatch_model()
-        self._deepcopy_patch.remove()
-        from .clip import ClipPatch
-
-        ClipPatch.remove(self)
-        from .amp import AmpPatch
-
-        AmpPatch.remove(self)
-        from .averaging import AveragingPatch
-
-        AveragingPatch.remove(self)
-        LoadPatch.remove(self)
-        from .adopt import OptimizerAdoption
-
-        OptimizerAdoption.remove(self)
+        self._settle(errors, keep_assigned=self._restores_values())
+        self._take_down()
         for restore in (
             self._restore_buffers,
             self._export_optimizer_state,
@@ -1011,6 +1050,45 @@ class Runtime(PlacingAgain):
             for other in errors[1:]:
                 log.error("tierrt: while giving the model back: %s", other)
             raise errors[0]
+
+    def _settle(self, errors: list[BaseException], keep_assigned: bool) -> None:
+        """Apply the last step's pending updates, let every transfer land, and take gradients
+        assigned by hand into the tiers (dropped unless ``keep_assigned``). Failures are added to
+        ``errors``: what follows goes on regardless."""
+        try:
+            if self.blockwise is not None:
+                self.blockwise.finish()  # pending updates of the last step
+            self.pipeline.drain()
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+        try:
+            if self.grads is not None:  # p.grad = g by hand: given back with the others
+                self.grads.take_assigned(drop=not keep_assigned)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    def _take_down(self) -> None:
+        """Remove what :meth:`_install` put on the model, its optimizer and torch (hooks, method
+        patches, the optimizer's replaced methods); the values stay where they are, in the tiers."""
+        if self.hooks is not None:
+            self.hooks.remove()
+        if self.blockwise is not None:
+            self.blockwise.remove()
+        self._unpatch_model()
+        self._deepcopy_patch.remove()
+        from .clip import ClipPatch
+
+        ClipPatch.remove(self)
+        from .amp import AmpPatch
+
+        AmpPatch.remove(self)
+        from .averaging import AveragingPatch
+
+        AveragingPatch.remove(self)
+        LoadPatch.remove(self)
+        from .adopt import OptimizerAdoption
+
+        OptimizerAdoption.remove(self)
 
     def _move_buffers(self, model: nn.Module, compute_device: torch.device) -> None:
         """Buffers (BatchNorm statistics, rotary frequencies, masks) are not tiered: they move with
