@@ -12,24 +12,62 @@ leaving and reading; this one holds what changes a placement while the context i
   (:meth:`PlacingAgain.after_zero_grad`). A second optimizer takes over from an adopted one
   (:meth:`PlacingAgain._let_go_of_adopted`).
 
-Placing again is ``close()`` then ``start()``: one pass over the weights, which come back to process
-memory for that moment (a model with parameters from the meta device cannot be placed again).
+Placing again streams (:meth:`PlacingAgain._relocate`, :mod:`tierrt.relocation`): a new plan, new
+swap files and new blocks in the same memory arenas, filled from the current placement one block at
+a time, so process memory holds about one block beyond the budgets, however large the model; that
+also works for a model whose values never were in memory (``weights=`` on the meta device,
+``restore=False``). What the memory tiers hold is set aside in a scratch swap file meanwhile, and
+the nvme tier holds the old and the new swap files for that moment: when it has no room for that
+(checked first), the model is given back into memory and placed from there (``close()`` then
+``start()``) where its values can come back, and otherwise stays placed as it was (a warning says
+so). A failure part way puts the old placement back in use; Ctrl-C waits until one is whole.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import shutil
 import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .errors import ConfigError, HookError
+from . import _native
+from .errors import ConfigError, HookError, IOEngineError, TierCapacityError, TierrtError
+from .interrupts import HeldInterrupts
 from .optim.blockwise import BlockwiseOptimizer
 from .optim.updaters import native_refusal, torch_state_in_tiers
+from .placement import Placement
+from .relocation import NoRoomToPlaceAgain, Relocation, saved_bytes
+from .sizes import format_size
+from .store import NvmeTierStore, TensorStore
+from .tiers import CxlTier, DramTier, GpuTier, NvmeTier
+
+if TYPE_CHECKING:
+    from .blocks import Partition
+    from .runtime import NvmeSizing
 
 log = logging.getLogger("tierrt")
 
 __all__ = ["PlacingAgain"]
+
+
+@dataclass
+class PlacedState:
+    """A placement and what uses it, kept while placing again to go back to it on failure."""
+
+    store: TensorStore
+    engine: Any
+    pipeline: Any
+    partition: Partition
+    placement: Placement
+    step_atomic: bool
+    blockwise: BlockwiseOptimizer | None
+    planned_blockwise: BlockwiseOptimizer | None
 
 
 class PlacingAgain:
@@ -48,14 +86,6 @@ class PlacingAgain:
             return
         if self.hooks is not None and self.hooks.in_forward():
             return
-        why_not = self._why_not_placeable_again()
-        if why_not is not None:
-            log.warning(
-                "tierrt: model.train() inside a context entered in eval mode, but the model cannot be "
-                "placed again (%s): it has no room for gradients; call model.train() before entering",
-                why_not,
-            )
-            return
         self._train_requested = True
         optimizer = self._optimizer_to_place()
         if optimizer is not None:  # one pass for both: room for gradients and the optimizer's state
@@ -66,11 +96,21 @@ class PlacingAgain:
             "placing the model again with room for gradients (one pass over its weights). Call "
             "model.train() before tierrt.offload(), or pass optimizer=, to skip this"
         )
-        self._place_again()
+        try:
+            self._place_again()
+        except TierrtError as error:
+            if not self.active:
+                raise
+            log.warning(
+                "tierrt: the model could not be placed again (%s): it has no room for gradients; "
+                "call model.train() before entering",
+                error,
+            )
 
     def _why_not_placeable_again(self) -> str | None:
-        """Why the model cannot be given back and placed again (its values would not come back:
-        parameters from the meta device, ``restore=False``), or None when it can."""
+        """Why the model cannot be given back into process memory and placed again from there (its
+        values would not come back: parameters from the meta device, ``restore=False``), or None
+        when it can. Only the fallback of placing again needs that (see :meth:`_place_again`)."""
         if any(device.type == "meta" for device, _ in self._originals.values()):
             return "parameters from the meta device"
         if self.restore_on_exit is False:
@@ -78,18 +118,301 @@ class PlacingAgain:
         return None
 
     def _place_again(self) -> None:
-        """Give the model back and place it again (one pass over its weights) with the optimizer and
-        training mode set now. The values come from the parameters (given back by ``close()``), not
-        from a ``weights=`` checkpoint."""
+        """Place the model again with the optimizer and training mode set now, streamed from the
+        current placement block by block (:meth:`_relocate`). When the nvme tier has no room for
+        the new swap files beside the old ones, fall back to giving the model back into memory and
+        placing it from there (``close()`` then ``start()``), where its values can come back; else
+        raise :class:`~tierrt.errors.TierCapacityError` with the model placed as it was."""
         self._placing_again = True
         try:
-            self.close()
-            self.closed = False
-            self.blockwise = None
-            self.weights_source = None
-            self.start()
+            try:
+                self._relocate()
+                return
+            except NoRoomToPlaceAgain as no_room:
+                why_not = self._why_not_placeable_again()
+                if why_not is not None:
+                    raise TierCapacityError(
+                        f"{no_room}; the model cannot be given back into memory to be placed again from "
+                        f"there either ({why_not}), so it stays placed as it was",
+                        **no_room.details,
+                    ) from None
+                log.warning(
+                    "tierrt: %s; placing it again from process memory instead (the whole model comes "
+                    "back into memory for that moment)",
+                    no_room,
+                )
+            self._close_and_start()
         finally:
             self._placing_again = False
+
+    def _close_and_start(self) -> None:
+        """Give the model back and place it again (one pass over its weights, which are all in
+        process memory for that moment). The values come from the parameters (given back by
+        ``close()``), not from a ``weights=`` checkpoint."""
+        self.close()
+        self.closed = False
+        self.blockwise = None
+        self.weights_source = None
+        self.start()
+
+    def _relocate(self) -> None:
+        """Place the model again from its current placement (see :mod:`tierrt.relocation`): a new
+        plan, swap files and blocks in the same memory arenas, filled one old block at a time, then
+        the old swap files freed. Checks first what can be known to fail (the plan, the budgets,
+        room on the nvme tier: :class:`NoRoomToPlaceAgain`) and leaves everything as it was then;
+        a failure later (an I/O error) puts the old placement back in use before raising. Ctrl-C
+        waits until one placement or the other is whole."""
+        assert self.store is not None and self.pipeline is not None
+        old_store, compute_device = self.store, self.pipeline.device
+        params = list(dict.fromkeys(self.model.parameters()))
+        budgets = self._budgets_of(old_store)
+        with self._as_given_back():
+            partition, placement, blockwise = self._plan(self.model, params, self.pipeline.compute, budgets)
+        if blockwise is not None:
+            blockwise.names = {key: names[0] for key, names in self._aliases.items()}
+            blockwise.check_existing_state()
+        scratch_bytes = saved_bytes(old_store) if self._nvme_spec() is not None else 0
+        sizing = self._nvme_sizing(placement, blockwise, reserved=scratch_bytes)
+        self._check_room_to_place_again(sizing.size, scratch_bytes)
+        log.info("tierrt placement (placed again): %s", placement.describe())
+        with HeldInterrupts("placing the model again"):
+            before = self._placed_state()
+            relocation = self._set_aside(before, sizing, scratch_bytes, compute_device)
+            relocation.release()  # from here the memory tiers are the new placement's
+            new_store = self.store
+            assert new_store is not None
+            self.partition, self.placement = partition, placement
+            self._relocation = relocation
+            try:
+                with self._as_given_back():
+                    imported = self._fill(new_store, partition, placement, blockwise, compute_device)
+            except BaseException as error:
+                self._relocation = None
+                self._go_back(before, relocation, new_store, compute_device, error)
+                raise
+            self._relocation = None
+            before.pipeline.close()
+            relocation.close()  # the old swap files and the scratch area
+            self._let_go(new_store, compute_device)
+            self._install(self.model, params, new_store, partition, blockwise, imported, compute_device)
+        from .runtime import _trim_heap
+
+        _trim_heap()
+
+    def _go_back(
+        self,
+        before: PlacedState,
+        relocation: Relocation,
+        new_store: TensorStore,
+        compute_device: torch.device,
+        error: BaseException,
+    ) -> None:
+        """Filling the new placement failed with ``error``: free it and use the old one again (its
+        memory-tier values come back from the scratch area). When even that fails, the runtime ends
+        (nothing of it stays installed) and a HookError says the values are lost."""
+        self._discard_placement(new_store)
+        try:
+            relocation.restore()
+            relocation.close_scratch()
+            self._put_back(before, compute_device)
+        except BaseException as second:  # noqa: BLE001 - reported with the first below
+            self._abandon(before, relocation)
+            raise HookError(
+                f"placing the model again failed ({error}), and so did putting the previous placement "
+                f"back ({second}): the offloaded parameters' values are lost and the tierrt context is "
+                "closed. Reload the model from a checkpoint"
+            ) from second
+
+    def _abandon(self, before: PlacedState, relocation: Relocation) -> None:
+        """Free everything of a runtime whose values are lost (see :meth:`_go_back`)."""
+        from .runtime import _OWNERS, _OWNERS_LOCK
+
+        with _OWNERS_LOCK:
+            for param in self.model.parameters():
+                _OWNERS.pop(id(param), None)
+        for close in (before.pipeline.close, relocation.close, before.store.close):
+            try:
+                close()
+            except BaseException:  # noqa: BLE001
+                log.exception("tierrt: freeing a runtime whose values are lost")
+        self.active, self.closed = False, True
+
+    @contextlib.contextmanager
+    def _as_given_back(self) -> Iterator[None]:
+        """For the time of the ``with``: every offloaded parameter shows the dtype and device that
+        leaving would give it back with (a placeholder without memory; the CPU for one from the meta
+        device), as planning and filling a placement read them (master weights, optimizer state
+        dtypes); their ``.data`` is put back after."""
+        assert self.pipeline is not None
+        placeholders = self.pipeline.placeholders
+        saved: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+        try:
+            for param in dict.fromkeys(self.model.parameters()):
+                if id(param) not in self._originals:
+                    continue
+                device, dtype = self._originals[id(param)]
+                saved.append((param, param.data))
+                device = torch.device("cpu") if device.type == "meta" else device
+                param.data = placeholders.get(param.shape, dtype, device)
+            yield
+        finally:
+            for param, data in saved:
+                param.data = data
+
+    def _set_aside(
+        self, before: PlacedState, sizing: NvmeSizing, scratch_bytes: int, compute_device: torch.device
+    ) -> Relocation:
+        """Take the runtime's hooks and patches down, make the new swap files (``self.store`` is then
+        the new store, over the same arenas), and copy what the old placement holds in memory tiers
+        to a scratch area. On failure the old placement is put back in use and the error raised."""
+        errors: list[BaseException] = []
+        self._settle(errors, keep_assigned=False)
+        if errors:
+            raise errors[0]  # nothing taken down yet: the runtime goes on as it was
+        self._take_down()
+        relocation = Relocation(before.store, before.pipeline)
+        new_store = None
+        try:
+            self._restore_buffers()
+            self._untie_standins()
+            relocation.settle()
+            try:
+                new_store = self._make_store(sizing, {}, None, compute_device, reuse=before.store)
+                relocation.save(self._scratch_store(scratch_bytes))
+            except (TierCapacityError, IOEngineError) as error:
+                if isinstance(error, IOEngineError) and not error.is_no_space:
+                    raise
+                raise NoRoomToPlaceAgain(
+                    f"placing the model again: no room for the new swap files on the nvme tier ({error})",
+                    **error.details,
+                ) from error
+        except BaseException:
+            relocation.close_scratch()
+            if new_store is not None:
+                self._discard_placement(new_store)
+            self._put_back(before, compute_device)
+            raise
+        return relocation
+
+    def _budgets_of(self, store: TensorStore) -> dict[str, int | None]:
+        """The budgets ``store``'s tiers were made with, in the tiers' order (placing again keeps the
+        arenas, and so their budgets)."""
+        budgets: dict[str, int | None] = {}
+        for spec in self.tier_specs:
+            if isinstance(spec, GpuTier):
+                assert store.gpu is not None
+                budgets[spec.name] = store.gpu.budget
+            elif isinstance(spec, (DramTier, CxlTier)):
+                name = "dram" if isinstance(spec, DramTier) else spec.name
+                budgets[name] = store.host_tiers[name].budget
+            elif isinstance(spec, NvmeTier):
+                budgets["nvme"] = None
+        return budgets
+
+    def _nvme_spec(self) -> NvmeTier | None:
+        return next((t for t in self.tier_specs if isinstance(t, NvmeTier)), None)
+
+    def _check_room_to_place_again(self, size: int, scratch_bytes: int) -> None:
+        """Raise :class:`NoRoomToPlaceAgain` unless every filesystem under the nvme tier has room for
+        the new swap files (``size``) and the scratch area beside the files already there."""
+        spec = self._nvme_spec()
+        if spec is None or not (size or scratch_bytes):
+            return
+        count = len(spec.paths)
+        share = -(-size // count) + -(-scratch_bytes // count) + 2 * spec.stripe + (1 << 20)
+        from .runtime import _existing_ancestor
+
+        need: dict[int, tuple[int, int, str]] = {}  # device -> (bytes needed, free, a path on it)
+        for path in spec.paths:
+            where = _existing_ancestor(path)
+            usage, device = shutil.disk_usage(where), os.stat(where).st_dev
+            needed = need.get(device, (0, usage.free, path))[0] + share
+            need[device] = (needed, usage.free, path)
+        for needed, free, path in need.values():
+            if free < needed:
+                raise NoRoomToPlaceAgain(
+                    f"placing the model again needs {format_size(needed)} on the nvme tier at {path} "
+                    f"for a moment (the new swap files beside the current ones, "
+                    f"{format_size(scratch_bytes)} of it to set aside what the memory tiers hold) but "
+                    f"{format_size(free)} is free there. Free space there, or pass the optimizer to "
+                    "tierrt.offload(optimizer=) and call model.train() before entering (no placing again)",
+                    tier="nvme",
+                    path=path,
+                    requested=needed,
+                    free=free,
+                )
+
+    def _scratch_store(self, nbytes: int) -> NvmeTierStore | None:
+        """Swap files of ``nbytes`` on the nvme tier to set the memory tiers' contents aside while
+        placing again (None: no nvme tier or nothing to set aside; memory holds it then)."""
+        spec = self._nvme_spec()
+        if spec is None or not nbytes:
+            return None
+        engine = _native.IOEngine(self.io_backend, self.queue_depth, 1 << 20)
+        try:
+            return NvmeTierStore(spec, nbytes, engine)
+        except BaseException:
+            engine.close()
+            raise
+
+    def _untie_standins(self) -> None:
+        """``w = p.detach()`` taken inside and still held: ``w`` gets a copy of ``p``'s value now
+        (it viewed the old placement's memory), as after leaving and entering again."""
+        if self.hooks is None:
+            return
+        for standin, param in self.hooks.standins_left:
+            if id(param) in self._slot_index and standin.shape == param.shape:
+                bs, slot_index = self._slot_index[id(param)]
+                slot = bs.spec.slots[slot_index]
+                standin.data = self._materialize(bs, slot, standin.device, standin.dtype)
+            if "tierrt_standin_of" in standin.__dict__:
+                del standin.tierrt_standin_of
+        self.hooks.standins_left = []
+
+    def _placed_state(self) -> PlacedState:
+        """What :meth:`_put_back` needs to use the current placement again."""
+        assert self.store is not None and self.partition is not None and self.placement is not None
+        return PlacedState(
+            store=self.store,
+            engine=self.engine,
+            pipeline=self.pipeline,
+            partition=self.partition,
+            placement=self.placement,
+            step_atomic=getattr(self, "_step_atomic", False),
+            blockwise=self.blockwise,
+            planned_blockwise=self._planned_blockwise,
+        )
+
+    def _put_back(self, before: PlacedState, compute_device: torch.device) -> None:
+        """Use the placement ``before`` again (placing again failed): its blocks attached as they
+        were, hooks and patches installed, the optimizer it stepped connected."""
+        self.store, self.engine, self.pipeline = before.store, before.engine, before.pipeline
+        self.partition, self.placement = before.partition, before.placement
+        self._step_atomic = before.step_atomic
+        self.pipeline.updates = None
+        params = list(dict.fromkeys(self.model.parameters()))
+        self._let_go(before.store, compute_device)
+        blockwise = before.blockwise
+        self._install(self.model, params, before.store, before.partition, blockwise, [], compute_device)
+        self._planned_blockwise = before.planned_blockwise
+
+    def _discard_placement(self, store: TensorStore) -> None:
+        """Free a placement made while placing again and not used: its pipeline's transfers, its
+        blocks' buffers in the shared arenas, its swap files (the arenas stay)."""
+        pipeline = self.pipeline
+        if pipeline is not None and pipeline.store is store:
+            try:
+                pipeline.close()
+            except BaseException:  # noqa: BLE001 - the error that brought us here is the one raised
+                log.exception("tierrt: draining the transfers of a placement given up")
+        for bs in store.blocks:
+            for ks in bs.kinds.values():
+                if ks.gpu is not None and store.gpu is not None:
+                    store.gpu.release(ks.nbytes)
+                ks.gpu, ks.host, ks.far = None, None, None
+        store.blocks.clear()
+        if store.nvme is not None:
+            store.nvme.close()
 
     # ---- optimizers built inside the context (see tierrt.adopt) ------------------------------------
     def note_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
@@ -125,7 +448,7 @@ class PlacingAgain:
             candidate = self._noted() if self._noted is not None else None
         if candidate is None or candidate in self._kept_in_memory:
             return None
-        if not self._tiers_can_hold_state_of(candidate) or self._why_not_placeable_again() is not None:
+        if not self._tiers_can_hold_state_of(candidate):
             return None
         return candidate
 
@@ -155,23 +478,29 @@ class PlacingAgain:
             name,
         )
         self._noted = None
+        previous = (self.optimizer, self._adopted)
         self.optimizer, self._adopted = optimizer, True
         try:
             self._place_again()
-        except Exception as error:  # noqa: BLE001 - any failure to place with it: place without it
-            if self.active or self.closed:
+        except Exception as error:  # noqa: BLE001 - any failure to place with it: go on without it
+            if self.closed:
                 raise  # failed giving the model back, not placing it: nothing to fall back to
             self._kept_in_memory.add(optimizer)
-            self.optimizer, self._adopted = None, False
+            # Still placed as before (placing again checks first, or puts the old placement back),
+            # or, after the fallback gave the model back, not placed: then placed again without it.
+            self.optimizer, self._adopted = previous if self.active else (None, False)
+            placed = self.active and (self.grads is not None or not self._train_requested)
             log.warning(
-                "tierrt: the model could not be placed with %s's state in the tiers (%s); it is placed "
-                "again without it, and %s is adopted at its next step() with its state in process "
-                "memory, outside the tiers' budgets",
+                "tierrt: the model could not be placed with %s's state in the tiers (%s); %s, and %s "
+                "is adopted at its next step() with its state in process memory, outside the tiers' "
+                "budgets",
                 name,
                 error,
+                "it stays placed as it was" if placed else "it is placed again without it",
                 name,
             )
-            self._place_again()
+            if not placed:
+                self._place_again()
 
     # ---- adopting an optimizer not passed to offload() ----------------------------------------------
     def adopt_optimizer(self, optimizer: torch.optim.Optimizer) -> None:

@@ -45,6 +45,7 @@ from .optim.blockwise import BlockwiseOptimizer
 from .optim.wrappers import unwrap_optimizer
 from .placement import Placement, plan_placement
 from .placing import PlacingAgain
+from .relocation import Relocation
 from .report import Counters, Report, write_chrome_trace
 from .sizes import format_size
 from .store import BlockState, HostTier, KindState, NvmeTierStore, TensorStore, gpu_device
@@ -258,6 +259,8 @@ class Runtime(PlacingAgain):
         # optimizers whose state did not fit the tiers: adopted with their state in memory, not retried
         self._kept_in_memory: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
         self._placing_again = False
+        # the placement being replaced while placing again streams from it (tierrt.relocation)
+        self._relocation: Relocation | None = None
         self._state_dict_handles: list[Any] = []
         # id(state dict being filled) -> {id(param): (weak reference to its value, block versions)}
         self._state_dict_reads: tuple[int, dict[int, tuple[weakref.ref, tuple[int, ...]]]] = (0, {})
@@ -712,8 +715,8 @@ class Runtime(PlacingAgain):
         pipeline = self.pipeline
         try:
             for bs in store.blocks:
-                for slot in bs.spec.slots:
-                    self._originals[id(slot.param)] = (slot.param.device, slot.param.dtype)
+                for slot in bs.spec.slots:  # as first placed (placing again sees placeholders)
+                    self._originals.setdefault(id(slot.param), (slot.param.device, slot.param.dtype))
                 initialized = self._init_block(bs) if self.init_meta else []
                 for kind, ks in bs.kinds.items():
                     if kind == "grad":
@@ -795,8 +798,12 @@ class Runtime(PlacingAgain):
         return done
 
     def _load_value(self, slot: Any, view: torch.Tensor) -> None:
-        """Fill ``view`` with the parameter's starting value: from the weights file when there is
-        one and it holds the parameter, else from the parameter itself."""
+        """Fill ``view`` with the parameter's starting value: from the placement being replaced
+        while placing again (:mod:`tierrt.relocation`), from the weights file when there is one and
+        it holds the parameter, else from the parameter itself."""
+        if self._relocation is not None:
+            self._relocation.read_into(slot.param, view)
+            return
         entry = None
         if self.weights_index is not None:
             entry = self.weights_index.find(self._aliases[id(slot.param)])
