@@ -18,12 +18,16 @@ happens when ``offload()`` wraps a loop that builds its own optimizer, e.g. a tr
   runtime places the model again with a noted or adopted optimizer whose state its tiers can hold
   (torch's own optimizers, in any mode, e.g. the ``Trainer``'s fused AdamW; Adam, AdamW and SGD on
   tierrt's kernels when their options allow; a third-party optimizer or a subclass whose state
-  tensors a probe of its step learned, see :mod:`tierrt.optim.learning`): one pass over the weights, after
-  which the optimizer is stepped as if it had been passed to ``offload(optimizer=...)``, its state
-  (also what the adopted steps made) homed in the tiers under their budgets. A ``Trainer`` calls
+  tensors a probe of its step learned, see :mod:`tierrt.optim.learning`): one pass over the
+  weights, streamed from the current placement block by block (see :mod:`tierrt.placing`; models
+  from the meta device and ``restore=False`` too), after which the optimizer is stepped as if it had
+  been passed to ``offload(optimizer=...)``, its state (also what the adopted steps made) homed in
+  the tiers under their budgets. A ``Trainer`` calls
   ``model.zero_grad()`` before its first step, so its optimizer's state is in the tiers from the
   first step on. When the state does not fit the budgets, the model is placed again without it and
-  the optimizer stays adopted with its state in memory (a warning says why).
+  the optimizer stays adopted with its state in memory (a warning says why); so it does when the
+  nvme tier has no room for a second placement's swap files beside the first and the model cannot
+  come back into memory to be placed from there (the meta device, ``restore=False``).
 
 Cases tierrt cannot adopt raise :class:`~tierrt.errors.HookError` (or
 :class:`~tierrt.errors.ConfigError`) from ``step()``, naming the fix, instead of training nothing.
