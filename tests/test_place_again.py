@@ -268,3 +268,30 @@ def test_without_an_nvme_tier_the_memory_tiers_are_set_aside_in_memory(caplog):
     for (name, a), b in zip(reference.named_parameters(), ours.parameters(), strict=True):
         assert torch.equal(a, b), name
     assert_state_equal(ref_opt.state_dict(), opt.state_dict())
+
+
+def test_an_arena_sized_for_the_first_placement_grows_for_the_second(nvme_dir, caplog):
+    """A roomy DRAM budget: the arena is made for what the first placement needs (weights only,
+    eval mode on entry), far below the budget; placing again with gradients and AdamW's state needs
+    more, so the arena is made again at the new size (still under the budget), and training equals
+    plain torch bit for bit."""
+    reference = models.llama()
+    ours = copy.deepcopy(reference)
+    data = models.token_batches(3)
+    ref_opt = make_opt("adamw", reference.parameters())
+    ref_values = loop(reference, ref_opt, data)
+    budget = 4 << 30
+    ours.eval()
+    with tierrt.offload(ours, tiers=[tierrt.dram(budget), tierrt.nvme(nvme_dir)]) as rt:
+        first = rt.report().tiers["dram"]["reserved"]
+        ours.train()
+        opt = make_opt("adamw", ours.parameters())
+        ours.zero_grad()
+        assert state_in_tiers(rt)
+        second = rt.report().tiers["dram"]["reserved"]
+        assert first < second <= budget and rt.store.dram.arena.nbytes == second
+        values = loop(ours, opt, data)
+    assert_losses(ref_values, values)
+    for (name, a), b in zip(reference.named_parameters(), ours.parameters(), strict=True):
+        assert torch.equal(a, b), name
+    assert_state_equal(ref_opt.state_dict(), opt.state_dict())

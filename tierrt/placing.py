@@ -44,7 +44,7 @@ from .optim.updaters import native_refusal, torch_state_in_tiers
 from .placement import Placement
 from .relocation import NoRoomToPlaceAgain, Relocation, saved_bytes
 from .sizes import format_size
-from .store import NvmeTierStore, TensorStore
+from .store import HostTier, NvmeTierStore, TensorStore
 from .tiers import CxlTier, DramTier, GpuTier, NvmeTier
 
 if TYPE_CHECKING:
@@ -177,10 +177,11 @@ class PlacingAgain:
         log.info("tierrt placement (placed again): %s", placement.describe())
         with HeldInterrupts("placing the model again"):
             before = self._placed_state()
-            relocation = self._set_aside(before, sizing, scratch_bytes, compute_device)
+            relocation = self._set_aside(before, sizing, scratch_bytes, compute_device, placement)
             relocation.release()  # from here the memory tiers are the new placement's
             new_store = self.store
             assert new_store is not None
+            self._fit_arenas(placement, (before.store, new_store))
             self.partition, self.placement = partition, placement
             self._relocation = relocation
             try:
@@ -198,6 +199,27 @@ class PlacingAgain:
         from .runtime import _trim_heap
 
         _trim_heap()
+
+    @staticmethod
+    def _fit_arenas(placement: Placement, stores: tuple[TensorStore, ...]) -> None:
+        """An arena is sized to the placement it was made for (its budget at most); the new one may
+        need more of it (room for gradients, optimizer state). The old placement's ranges were
+        just released, so such an arena is made again at the new size, under the same budget; the
+        old one returns to the system once nothing views it any more."""
+        tiers = stores[0].host_tiers
+        for name, tier in list(tiers.items()):
+            size = placement.host_bytes(name, tier.budget)
+            if size <= tier.size:
+                continue
+            registered = tier.registered_cuda
+            tier.close()
+            bigger = HostTier(tier.spec, tier.budget, size=size)
+            if registered:
+                bigger.register_cuda()
+            for store in stores:
+                store.host_tiers[name] = bigger
+                if name == "dram":
+                    store.dram = bigger
 
     def _go_back(
         self,
@@ -260,7 +282,12 @@ class PlacingAgain:
                 param.data = data
 
     def _set_aside(
-        self, before: PlacedState, sizing: NvmeSizing, scratch_bytes: int, compute_device: torch.device
+        self,
+        before: PlacedState,
+        sizing: NvmeSizing,
+        scratch_bytes: int,
+        compute_device: torch.device,
+        placement: Placement,
     ) -> Relocation:
         """Take the runtime's hooks and patches down, make the new swap files (``self.store`` is then
         the new store, over the same arenas), and copy what the old placement holds in memory tiers
@@ -277,7 +304,7 @@ class PlacingAgain:
             self._untie_standins()
             relocation.settle()
             try:
-                new_store = self._make_store(sizing, {}, None, compute_device, reuse=before.store)
+                new_store = self._make_store(sizing, {}, None, compute_device, placement, reuse=before.store)
                 relocation.save(self._scratch_store(scratch_bytes))
             except (TierCapacityError, IOEngineError) as error:
                 if isinstance(error, IOEngineError) and not error.is_no_space:
