@@ -19,7 +19,12 @@ imported, model not built), and for tierrt the bytes of optimizer state written 
 ratios against ``plain``. Losses are printed too: all three variants
 train the same numbers (the tests check that bit for bit).
 
-Run: ``python benchmarks/bench_torch_optim.py`` (a few minutes on 2 cores).
+``--optimizer lion`` runs the same comparison for an optimizer class tierrt's table does not know:
+Lion as third-party packages write it (``tests/optimizers.py``). tierrt learns from a probe of its
+step that it keeps one ``exp_avg`` per parameter and homes it in the tiers; ``tierrt-native`` does
+not apply.
+
+Run: ``python benchmarks/bench_torch_optim.py [--optimizer lion]`` (a few minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -34,6 +39,20 @@ import tempfile
 import time
 
 VARIANTS = ("plain", "tierrt-torch", "tierrt-native")
+TESTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
+
+
+def make_optimizer(name: str, variant: str, params) -> object:
+    """The optimizer a variant trains with: fused AdamW (tierrt-native: AdamW on tierrt's kernel),
+    or the third-party-style Lion."""
+    import torch
+
+    if name == "lion":
+        sys.path.insert(0, TESTS)
+        from optimizers import Lion
+
+        return Lion(params, lr=1e-4, weight_decay=0.1)
+    return torch.optim.AdamW(params, lr=1e-4, fused=variant != "tierrt-native")
 
 
 def _status(field: str) -> int:
@@ -64,7 +83,7 @@ def child(variant: str, args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=variant != "tierrt-native")
+    opt = make_optimizer(args.optimizer, variant, model.parameters())
     ids = torch.randint(0, 2048, (1, args.tokens), generator=torch.Generator().manual_seed(1))
 
     def step() -> float:
@@ -113,13 +132,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--budget-fraction", type=float, default=0.5)
     parser.add_argument("--nvme", default=None, help="directory for the swap files (default: the temp dir)")
+    parser.add_argument("--optimizer", choices=("adamw", "lion"), default="adamw")
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args)))
         return
     results = {}
-    for variant in VARIANTS:
+    for variant in VARIANTS if args.optimizer == "adamw" else VARIANTS[:2]:
         cmd = [sys.executable, __file__, "--child", variant, *sys.argv[1:]]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
         if proc.returncode != 0:
@@ -128,7 +148,8 @@ def main() -> None:
     plain = results["plain"]
     print(
         f"Llama {args.layers} layers x {args.hidden}, {gib(plain['weights'])} of fp32 weights, "
-        f"AdamW state {gib(2 * plain['weights'])}, batch 1 x {args.tokens}; "
+        f"{'AdamW' if args.optimizer == 'adamw' else 'Lion'} state "
+        f"{gib((2 if args.optimizer == 'adamw' else 1) * plain['weights'])}, batch 1 x {args.tokens}; "
         f"median of {args.steps} steps after one warm-up"
     )
     for variant, r in results.items():

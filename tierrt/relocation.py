@@ -12,8 +12,9 @@ old placement while that happens:
    file of their size on the nvme tier (or, without one, process memory: then the whole model was
    in memory tiers anyway); the old swap files keep everything else.
 3. :meth:`Relocation.release`: the old placement lets go of every buffer in the memory tiers, so
-   the new placement can have the same arenas (they stay reserved: placing again does not make a
-   second DRAM arena).
+   the new placement can have the same arenas (they stay reserved; an arena sized for the old
+   placement that the new one outgrows is made again at the new size, under the same budget, once
+   it is empty).
 4. :meth:`Relocation.read_into`: the new placement reads each parameter's value (its master
    weights when the block has them, else its weights) from there, one old block's kind at a time
    through one staging buffer outside the budgets (the only memory placing again adds).
