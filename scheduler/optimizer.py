@@ -484,4 +484,6 @@ class OptimizerPipeline:
         return False
 
     def close(self) -> None:
+        if self.pipeline.on_write_error == self.rollback:
+            self.pipeline.on_write_error = None  # the pipeline does not hold a closed optimizer's updates
         self.speculator.close()

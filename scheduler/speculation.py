@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -59,7 +60,9 @@ class Speculator:
     """Starts, commits and discards speculative updates for one optimizer pipeline."""
 
     def __init__(self, owner: OptimizerPipeline) -> None:
-        self.owner = owner
+        # Weakly: the owner holds this speculator (a cycle would keep the optimizer it updates, and
+        # that optimizer's state, alive after its runtime is closed, until a garbage collection)
+        self.owner: OptimizerPipeline = weakref.proxy(owner)
         self.pipeline = owner.pipeline
         self.worker: TransferWorker | None = None  # update kernels
         self.writer: TransferWorker | None = None  # their results' writes home

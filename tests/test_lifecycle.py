@@ -58,6 +58,30 @@ def test_kept_runtimes_hold_no_descriptors_or_threads(backend, nvme_dir):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_a_closed_runtime_holds_its_optimizer_in_no_reference_cycle(nvme_dir):
+    """After leaving the context, dropping the runtime, the model and the optimizer frees them
+    (the optimizer's state too) by reference counting alone."""
+    import gc
+    import weakref
+
+    def trained() -> tuple[weakref.ref, weakref.ref, weakref.ref]:
+        model = models.mlp(0, width=64, depth=4)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        with tierrt.offload(model, tiers=[tierrt.dram("160KiB"), tierrt.nvme(nvme_dir)], optimizer=opt) as rt:
+            _train(model, opt)
+        assert rt.closed
+        return weakref.ref(rt), weakref.ref(model), weakref.ref(opt)
+
+    trained()  # first uses (torch keeps a frame of its first optimizer built until a collection)
+    gc.collect()
+    gc.disable()
+    try:
+        runtime, model, opt = trained()
+        assert runtime() is None and model() is None and opt() is None
+    finally:
+        gc.enable()
+
+
 def test_nested_offload_of_the_same_model_says_so(nvme_dir):
     model = models.mlp(0, width=64, depth=4)
     before = [p.detach().clone() for p in model.parameters()]

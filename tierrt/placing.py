@@ -30,7 +30,7 @@ import logging
 import os
 import shutil
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -53,7 +53,20 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tierrt")
 
-__all__ = ["PlacingAgain"]
+__all__ = ["PlacingAgain", "weak_callback"]
+
+
+def weak_callback(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``method`` (bound to a runtime) as a callback that holds the runtime weakly, and does nothing
+    once it is gone: an optimizer or a hook set given a callback must not keep its runtime (and the
+    optimizer's state, the model's hooks) in a reference cycle after the runtime is closed."""
+    ref = weakref.WeakMethod(method)
+
+    def callback(*args: Any, **kwargs: Any) -> Any:
+        bound = ref()
+        return None if bound is None else bound(*args, **kwargs)
+
+    return callback
 
 
 @dataclass
@@ -570,7 +583,7 @@ class PlacingAgain:
             native=False,
             state_in_tiers=False,  # the tiers were planned without its state
             deferred=self.deferred_step,
-            on_step_end=self._on_step_end,
+            on_step_end=weak_callback(self._on_step_end),
         )
         blockwise.names = {key: names[0] for key, names in self._aliases.items()}
         self._connect(blockwise)

@@ -44,7 +44,7 @@ from .loading import LoadPatch, StateDictLoader
 from .optim.blockwise import BlockwiseOptimizer
 from .optim.wrappers import unwrap_optimizer
 from .placement import Placement, plan_placement
-from .placing import PlacingAgain
+from .placing import PlacingAgain, weak_callback
 from .relocation import Relocation
 from .report import Counters, Report, write_chrome_trace
 from .sizes import format_size
@@ -508,7 +508,7 @@ class Runtime(PlacingAgain):
         trains = any("grad" in bs.kinds for bs in store.blocks)
         self.grads = GradientStore(self.pipeline, store) if trains else None
         self.hooks = HookSet(model, self.pipeline, self.grads, partition.hook_targets)
-        self.hooks.on_forward_start = self._on_forward_start
+        self.hooks.on_forward_start = weak_callback(self._on_forward_start)
         self.hooks.install()
         if blockwise is not None:
             self._connect(blockwise)
@@ -556,7 +556,7 @@ class Runtime(PlacingAgain):
                     native=self.native_optimizer,
                     compute_dtype=self.compute_dtype,
                     deferred=self.deferred_step,
-                    on_step_end=self._on_step_end,
+                    on_step_end=weak_callback(self._on_step_end),
                 )
             placement = plan_placement(
                 partition,
@@ -833,7 +833,7 @@ class Runtime(PlacingAgain):
         blockwise.attach(self.pipeline, self.store, self.grads)
         assert blockwise.updates is not None
         blockwise.updates.speculator.allowed = self.overlap_backward
-        blockwise.on_zero_grad = self.after_zero_grad
+        blockwise.on_zero_grad = weak_callback(self.after_zero_grad)  # the optimizer holds it
         if not getattr(self, "_step_atomic", False):
             blockwise.updates.transactional = False
         blockwise.install()
