@@ -32,7 +32,7 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):  # lazy: importing tierrt stays cheap and does not need the extension
-    if name in ("offload", "Runtime", "default_tiers"):
+    if name in ("offload", "Runtime", "default_tiers", "runtime_of"):
         from . import runtime
 
         return getattr(runtime, name)
@@ -53,6 +53,7 @@ __all__ = [
     "Runtime",
     "Report",
     "default_tiers",
+    "runtime_of",
     "info",
     "format_info",
     "gpu",

@@ -91,7 +91,7 @@ class DeepcopyPatch:
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = weakref.ref(runtime)
-        self.modules: list[nn.Module] = []
+        self.modules: list[weakref.ref[nn.Module]] = []  # weakly, as the runtime holds the model
 
     def install(self) -> None:
         runtime = self.runtime()
@@ -101,10 +101,10 @@ class DeepcopyPatch:
                 continue  # the module's own (another library's): leave it alone
             module.__dict__["__deepcopy__"] = _PlainCopy(self, module)
             module.__dict__["__reduce_ex__"] = _PlainPickle(module)
-            self.modules.append(module)
+            self.modules.append(weakref.ref(module))
 
     def remove(self) -> None:
-        for module in self.modules:
+        for module in filter(None, (ref() for ref in self.modules)):
             if isinstance(module.__dict__.get("__deepcopy__"), _PlainCopy):
                 del module.__dict__["__deepcopy__"]
             if isinstance(module.__dict__.get("__reduce_ex__"), _PlainPickle):

@@ -22,6 +22,7 @@ gradient assigned by hand (``p.grad = g``) into the buffer, replacing what it he
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import os
 import threading
@@ -90,25 +91,46 @@ class _DirectForward:
     :meth:`HookSet._wrap_forward`)."""
 
     def __init__(self, module: nn.Module, inner: Callable[..., Any], hooks: weakref.ref[HookSet]) -> None:
-        self.module = module
-        self.inner = inner
+        # The module holds this object: it holds the module weakly (and its class's forward unbound),
+        # so that hooking a module does not make it a reference cycle only a garbage collection frees
+        self._module = weakref.ref(module)
+        bound = getattr(inner, "__self__", None) is module
+        self._function = inner.__func__ if bound else None  # type: ignore[attr-defined]
+        self._inner = None if bound else inner  # an instance-level forward (accelerate's): kept as is
         self.hooks = hooks
         functools.update_wrapper(self, inner)  # name, doc, and __wrapped__: inspect.signature() is inner's
+        if bound:
+            del self.__wrapped__  # the bound method held the module: signature() below instead
+            self.__signature__ = inspect.signature(inner)
+
+    @property
+    def module(self) -> nn.Module:
+        module = self._module()
+        assert module is not None  # it holds this object
+        return module
+
+    def inner(self, *args: Any, **kwargs: Any) -> Any:
+        """The forward tierrt wrapped."""
+        if self._function is not None:
+            return self._function(self.module, *args, **kwargs)
+        assert self._inner is not None
+        return self._inner(*args, **kwargs)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         hooks = self.hooks()
-        key = id(self.module)
+        module = self.module
+        key = id(module)
         direct = hooks._direct.get(key) if hooks is not None else None
         if direct is None or hooks._in_call.get(key, 0) > 0:  # type: ignore[union-attr]
             return self.inner(*args, **kwargs)
         before, after = direct
         try:
-            before(self.module, args)
+            before(module, args)
             output = self.inner(*args, **kwargs)
         except BaseException:
-            after(self.module, args, None)
+            after(module, args, None)
             raise
-        after(self.module, args, output)
+        after(module, args, output)
         return output
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Any:
@@ -159,10 +181,10 @@ class HookSet:
         grads: GradientStore | None,
         hook_targets: list[tuple[nn.Module, list[int]]],
     ) -> None:
-        self.model = model
+        self._model = weakref.ref(model)  # the model holds its hooks (and through them this set)
         self.pipeline = pipeline
         self.grads = grads
-        self.hook_targets = hook_targets
+        self.hook_targets = hook_targets  # until install(): then let go (the modules hold the hooks)
         self._handles: list[Any] = []
         self._saved_hooks: Any = None
         self._owners: dict[int, BlockState] = {}  # storage data_ptr -> block whose weights live there
@@ -170,6 +192,9 @@ class HookSet:
         self._callback_tasks: set[int] = set()
         self._grad_counts: dict[int, int] = {}
         self.on_forward_start: Callable[[], None] | None = None
+        # What the model must keep alive through its hooks while they are installed (its runtime,
+        # which holds the parameters' values); let go of on remove()
+        self.owner: Any = None
         # Parameters used outside any call of a module holding them (see tierrt.access).
         self._slot_of: dict[int, tuple[BlockState, Any]] = {}  # id(param) -> (block, ParamSlot)
         self._access: ParameterAccess | None = None
@@ -190,7 +215,7 @@ class HookSet:
         self._pid = os.getpid()  # a child forked from it has neither the tiers' memory nor I/O threads
         # Hooked modules' instance-level forward wrappers (see _wrap_forward), and how many calls
         # through module(...) are running per module (id) while their forward runs
-        self._wrapped: list[tuple[nn.Module, Any, Callable[..., Any]]] = []
+        self._wrapped: list[tuple[weakref.ref[nn.Module], Any, Callable[..., Any]]] = []  # (weakly)
         self._in_call: dict[int, int] = {}
         # id(module) -> per running call (innermost last): the blocks its pre-hook acquired and its
         # parameters' versions then (see _write_changed), or None when the pre-hook failed
@@ -208,8 +233,11 @@ class HookSet:
             self._handles.append(module.register_forward_pre_hook(pre))
             self._handles.append(module.register_forward_hook(post, always_call=True))
             self._wrap_forward(module, pre, post)
-        self._handles.append(self.model.register_forward_pre_hook(self._root_pre))
-        self._handles.append(self.model.register_forward_hook(self._root_post, always_call=True))
+        model = self._model()
+        assert model is not None
+        self._handles.append(model.register_forward_pre_hook(self._root_pre))
+        self._handles.append(model.register_forward_hook(self._root_post, always_call=True))
+        self.hook_targets = []
         for bs in blocks:
             for slot in bs.spec.slots:
                 self._slot_of[id(slot.param)] = (bs, slot)
@@ -225,7 +253,7 @@ class HookSet:
                         self.untrained.append((slot.name, slot.param))
         self._access = ParameterAccess(self)
         self._access.push()
-        self._saved_hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        self._saved_hooks = _weak_saved_tensors_hooks(self)
         self._saved_hooks.__enter__()
         _ACTIVE_HOOKSETS.append(weakref.ref(self))
         self.pipeline.on_attach = self._on_attach
@@ -246,7 +274,7 @@ class HookSet:
         self._direct[id(module)] = (pre, post)
         forward = _DirectForward(module, inner, weakref.ref(self))
         module.forward = forward  # type: ignore[method-assign]
-        self._wrapped.append((module, saved, forward))
+        self._wrapped.append((weakref.ref(module), saved, forward))
 
     def handle_ids(self) -> set[int]:
         """The ids of tierrt's hooks (keys in the modules' and parameters' hook dicts)."""
@@ -257,13 +285,13 @@ class HookSet:
         or None when it had none (its class's). ``current`` is returned when tierrt did not put it
         there."""
         for wrapped, saved, forward in self._wrapped:
-            if wrapped is module and current is forward:
+            if wrapped() is module and current is forward:
                 return None if saved is _NO_FORWARD else saved
         return current
 
     def remove(self) -> None:
         if self._root_held:
-            self._root_post(self.model, (), None)
+            self._root_post(self._model(), (), None)
         if self._access is not None:
             self._access.pop()
             self.standins_left = self._access.left
@@ -271,8 +299,9 @@ class HookSet:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        for module, saved, forward in self._wrapped:
-            if module.__dict__.get("forward") is not forward:
+        for module_ref, saved, forward in self._wrapped:
+            module = module_ref()
+            if module is None or module.__dict__.get("forward") is not forward:
                 continue  # wrapped again since (it passes through to the original from now on)
             if saved is _NO_FORWARD:
                 del module.__dict__["forward"]
@@ -284,16 +313,19 @@ class HookSet:
         self._calls.clear()
         _ACTIVE_HOOKSETS[:] = [ref for ref in _ACTIVE_HOOKSETS if ref() not in (None, self)]
         if self._saved_hooks is not None:
-            try:
+            top = torch._C._autograd._top_saved_tensors_default_hooks(True)
+            if top is not None and top[0] is self._saved_hooks.pack_hook:
                 self._saved_hooks.__exit__(None, None, None)
-            except Exception:  # noqa: BLE001 - another hooks context left open by the user's code
+            else:  # pushed since and left open (by the user's code), or another thread's stack
                 log.warning(
-                    "could not pop tierrt's saved-tensor hooks cleanly (hooks contexts exited out of order)"
+                    "tierrt's saved-tensor hooks are not the innermost on exit (hooks contexts exited out "
+                    "of order); they stay, passing every tensor through"
                 )
             self._saved_hooks = None
         self.pipeline.on_attach = None
         self.pipeline.on_detach = None
         self._owners.clear()
+        self.owner = None
 
     # ---- forward -------------------------------------------------------------------------------
     def _root_pre(self, module: nn.Module, args: Any) -> None:
@@ -689,6 +721,30 @@ class HookSet:
                 self._grad_counts[bs.index] = count
 
         return grad_hook
+
+
+def _weak_saved_tensors_hooks(hooks: HookSet) -> torch.autograd.graph.saved_tensors_hooks:
+    """``saved_tensors_hooks`` running ``hooks._pack`` and ``hooks._unpack``, holding the hook set
+    weakly: the hooks stack belongs to the thread, and must not keep a dropped runtime alive. Once
+    the set is gone they pass every tensor through (what they packed went with its runtime)."""
+    ref = weakref.ref(hooks)
+
+    def pack(tensor: torch.Tensor) -> Any:
+        owner = ref()
+        return tensor if owner is None else owner._pack(tensor)
+
+    def unpack(packed: Any) -> torch.Tensor:
+        owner = ref()
+        if owner is None:
+            if isinstance(packed, SavedWeightRef | _OtherRuntimeRef):
+                raise HookError(
+                    "backward needs weights of an offloaded model whose tierrt runtime was closed or "
+                    "freed since the forward; run backward inside the with-block that ran the forward"
+                )
+            return packed
+        return owner._unpack(packed)
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
 
 def _first_tensor_requiring_grad(value: Any, depth: int = 0) -> torch.Tensor | None:

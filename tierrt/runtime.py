@@ -53,11 +53,12 @@ from .tiers import CxlTier, DramTier, GpuTier, NvmeTier, TierSpec, validate_tier
 
 log = logging.getLogger("tierrt")
 
-__all__ = ["offload", "Runtime", "default_tiers"]
+__all__ = ["offload", "Runtime", "default_tiers", "runtime_of"]
 
-# id(param) -> the Runtime offloading it (so a parameter cannot be offloaded twice)
+# id(param) -> the Runtime offloading it (so a parameter cannot be offloaded twice). Reentrant: a
+# dropped runtime is freed from a weakref callback, which may run while this thread holds it.
 _OWNERS: dict[int, weakref.ReferenceType[Runtime]] = {}
-_OWNERS_LOCK = threading.Lock()
+_OWNERS_LOCK = threading.RLock()
 
 
 @dataclass(frozen=True)
@@ -160,8 +161,15 @@ def offload(
     Returns:
         A :class:`Runtime`; use it as a context manager. Errors in the arguments, budgets or paths
         raise a :class:`~tierrt.TierrtError` before anything moves, leaving the model untouched.
+
+    Lifetime: a started runtime lives as long as the object returned here or the model is held (the
+    model's hooks hold its runtime: the runtime holds the model's values). Dropping the runtime
+    object without ``close()`` leaves the model offloaded and working;
+    ``tierrt.runtime_of(model).close()`` gives it back later. Once both are dropped, the runtime is
+    freed at once (threads, I/O engine, files, tier memory; the values it held are discarded) with a
+    warning that it was not closed.
     """
-    return Runtime(
+    runtime = Runtime(
         model,
         tiers,
         optimizer=optimizer,
@@ -178,6 +186,23 @@ def offload(
         deferred_step=deferred_step,
         overlap_backward=overlap_backward,
     )
+    return _RuntimeHandle(runtime, model)
+
+
+def runtime_of(model: nn.Module) -> Runtime | None:
+    """The runtime that offloads ``model`` now (started and not closed), or None.
+
+    For a runtime whose object was dropped without ``close()`` (a notebook cell run again)::
+
+        tierrt.runtime_of(model).close()   # the model is whole again, with its trained values
+    """
+    with _OWNERS_LOCK:
+        for param in model.parameters():
+            owner = _OWNERS.get(id(param))
+            runtime = owner() if owner is not None else None
+            if runtime is not None and runtime.active and runtime._model_ref() is model:
+                return runtime.handle(model)
+    return None
 
 
 class Runtime(PlacingAgain):
@@ -214,7 +239,13 @@ class Runtime(PlacingAgain):
             raise ConfigError(f"offload(compute_dtype=): expected a floating dtype, got {compute_dtype!r}")
         if prefetch is not None and (not isinstance(prefetch, int) or prefetch < 0):
             raise ConfigError(f"offload(prefetch=): expected an int >= 0, got {prefetch!r}")
-        self.model = model
+        # Weak: once started, the model's hooks hold the runtime, and the runtime must not hold the
+        # model back (both could then only go by a garbage collection). :func:`offload` returns a
+        # handle that holds both.
+        self._model_ref = weakref.ref(model)
+        self._handle_ref: weakref.ref[_RuntimeHandle] | None = None
+        self._finalizer: weakref.finalize | None = None
+        self._discarding = False  # freed because the model was dropped: nothing is given back
         self.tier_specs = validate_tiers(default_tiers() if tiers is None else tiers)
         # The torch optimizer that steps (under a wrapper such as accelerate's AcceleratedOptimizer,
         # which the user keeps calling: its step() and zero_grad() reach this one's)
@@ -269,6 +300,22 @@ class Runtime(PlacingAgain):
 
         self.spans = SpanLog()  # transfers and waits, for trace() (empty until entered)
 
+    @property
+    def model(self) -> nn.Module:
+        """The offloaded model."""
+        model = self._model_ref()
+        if model is None:
+            raise HookError(
+                "the model of this tierrt runtime was dropped, and the runtime freed with it; keep a "
+                "reference to the model (or to the object tierrt.offload() returned) while using it"
+            )
+        return model
+
+    def handle(self, model: nn.Module) -> _RuntimeHandle:
+        """The object :func:`offload` returned for this runtime (a new one when it was dropped)."""
+        handle = self._handle_ref() if self._handle_ref is not None else None
+        return handle if handle is not None else _RuntimeHandle(self, model)
+
     # ---- context manager -------------------------------------------------------------------------
     def __enter__(self) -> Runtime:
         already = self.active
@@ -311,8 +358,10 @@ class Runtime(PlacingAgain):
                     if owner().model is model:  # type: ignore[union-attr]
                         raise HookError(
                             f"{type(model).__name__} is already offloaded by an active tierrt.offload() "
-                            "(a nested offload() of the same model, or a runtime started and not closed): "
-                            "use the runtime that holds it, or leave its with-block (rt.close()) first"
+                            "(a nested offload() of the same model, or a runtime started and never closed, "
+                            "e.g. by a notebook cell run again): use the runtime that holds it, or give the "
+                            "model back first with rt.close() (tierrt.runtime_of(model).close() when that "
+                            "runtime object is gone)"
                         )
                     raise HookError(
                         f"parameter {name} is already offloaded by another active tierrt.offload() "
@@ -509,6 +558,7 @@ class Runtime(PlacingAgain):
         self.grads = GradientStore(self.pipeline, store) if trains else None
         self.hooks = HookSet(model, self.pipeline, self.grads, partition.hook_targets)
         self.hooks.on_forward_start = weak_callback(self._on_forward_start)
+        self.hooks.owner = self  # the model's hooks hold its runtime (which holds the model's values)
         self.hooks.install()
         if blockwise is not None:
             self._connect(blockwise)
@@ -539,6 +589,8 @@ class Runtime(PlacingAgain):
         self._deepcopy_patch.install()  # after active: it asks owns()
         self._step_started = time.perf_counter()
         self._step_mark = self.counters.copy()
+        self._finalizer = weakref.finalize(model, _free_dropped, weakref.ref(self), type(model).__name__)
+        self._finalizer.atexit = False  # at exit the process's end frees it all (workers stop first)
 
     def _plan(
         self, model: nn.Module, params: list[nn.Parameter], compute: str, budgets: dict[str, int | None]
@@ -877,11 +929,9 @@ class Runtime(PlacingAgain):
             own = rt._patched_methods.get("train", (None, None))[0] if rt is not None else None
             return own(mode) if own is not None else type(module_self).train(module_self, mode)
 
-        import types
-
         for name, method in (("zero_grad", zero_grad), ("train", train)):
             original = model.__dict__.get(name)
-            setattr(model, name, types.MethodType(method, model))
+            setattr(model, name, _ModelMethod(method, model))
             self._patched_methods[name] = (original, model.__dict__[name])
 
         def state_dict_post_hook(
@@ -902,9 +952,9 @@ class Runtime(PlacingAgain):
         self.loader.install(model)
 
     def _unpatch_model(self) -> None:
-        model = self.model
+        model = self._model_ref()
         for name, (original, patched) in self._patched_methods.items():
-            if model.__dict__.get(name) is not patched:
+            if model is None or model.__dict__.get(name) is not patched:
                 continue  # replaced since by someone else: theirs stays
             if original is None:
                 model.__dict__.pop(name, None)
@@ -969,7 +1019,7 @@ class Runtime(PlacingAgain):
     def buffer_home(self, module: nn.Module, name: str) -> torch.device | None:
         """The device a buffer came from when entering moved it to the compute device, else None."""
         for owner, buf_name, device in getattr(self, "_buffer_devices", []):
-            if owner is module and buf_name == name:
+            if owner() is module and buf_name == name:
                 return device
         return None
 
@@ -1015,8 +1065,20 @@ class Runtime(PlacingAgain):
         if not self.active:
             self.closed = True
             return
+        if self._finalizer is not None:
+            self._finalizer.detach()  # closed: nothing left for the model's end to free
         with HeldInterrupts("giving the model back"):
             self._give_back()
+
+    def _discard(self) -> None:
+        """Free everything of a runtime whose model was dropped without ``close()``: hooks and
+        patches, threads, the I/O engine, files and tier memory. Nothing is given back (the values
+        are discarded); parameters something still holds (an optimizer) are left on the meta device."""
+        if not self.active:
+            return
+        self._discarding = True
+        self.restore_on_exit = False
+        self._give_back()
 
     def _give_back(self) -> None:
         errors: list[BaseException] = []
@@ -1063,7 +1125,7 @@ class Runtime(PlacingAgain):
         assigned by hand into the tiers (dropped unless ``keep_assigned``). Failures are added to
         ``errors``: what follows goes on regardless."""
         try:
-            if self.blockwise is not None:
+            if self.blockwise is not None and not self._discarding:
                 self.blockwise.finish()  # pending updates of the last step
             self.pipeline.drain()
         except BaseException as exc:  # noqa: BLE001
@@ -1100,18 +1162,20 @@ class Runtime(PlacingAgain):
     def _move_buffers(self, model: nn.Module, compute_device: torch.device) -> None:
         """Buffers (BatchNorm statistics, rotary frequencies, masks) are not tiered: they move with
         their module to the compute device, as ``model.to(device)`` would, and back on leaving."""
-        self._buffer_devices: list[tuple[nn.Module, str, torch.device]] = []
+        # (module, weakly: the runtime does not hold the model, name, device the buffer came from)
+        self._buffer_devices: list[tuple[weakref.ref[nn.Module], str, torch.device]] = []
         if compute_device.type == "cpu":
             return
         for module in model.modules():
             for name, buf in module._buffers.items():
                 if buf is not None and buf.device != compute_device:
-                    self._buffer_devices.append((module, name, buf.device))
+                    self._buffer_devices.append((weakref.ref(module), name, buf.device))
                     module._buffers[name] = buf.to(compute_device)
 
     def _restore_buffers(self) -> None:
-        for module, name, device in getattr(self, "_buffer_devices", []):
-            buf = module._buffers.get(name)
+        for module_ref, name, device in getattr(self, "_buffer_devices", []):
+            module = module_ref()
+            buf = module._buffers.get(name) if module is not None else None
             if buf is not None:
                 module._buffers[name] = buf.to(device)
         self._buffer_devices = []
@@ -1141,7 +1205,9 @@ class Runtime(PlacingAgain):
             self.blockwise.export_state()  # the optimizer keeps working on the restored model
 
     def _restore_all(self) -> None:
-        if self.restore_on_exit is False:
+        if self._discarding:
+            pass  # the model was dropped: its runtime's warning said so
+        elif self.restore_on_exit is False:
             log.warning(
                 "tierrt: restore=False: the model's parameters are left without values (meta); "
                 "their values are discarded with the tiers"
@@ -1483,6 +1549,82 @@ class Runtime(PlacingAgain):
     def describe(self) -> str:
         """The placement in words."""
         return "" if self.placement is None else self.placement.describe()
+
+
+class _RuntimeHandle(Runtime):
+    """What :func:`offload` returns: the runtime, also holding its model.
+
+    The runtime holds its model weakly and the model's hooks hold the runtime, so that dropping
+    both frees everything at once, without waiting for a garbage collection. This handle gives the
+    strong reference back to its holder (``with tierrt.offload(build_model(), ...) as rt:`` then
+    keeps the model through ``rt.model``). Every attribute and method is the runtime's own."""
+
+    _OWN = frozenset({"_runtime", "_held_model", "__class__", "__enter__", "__exit__", "__repr__"})
+
+    def __init__(self, runtime: Runtime, model: nn.Module) -> None:  # noqa: D107 - no Runtime.__init__
+        object.__setattr__(self, "_runtime", runtime)
+        object.__setattr__(self, "_held_model", model)
+        runtime._handle_ref = weakref.ref(self)
+
+    def __getattribute__(self, name: str) -> Any:
+        if name in _RuntimeHandle._OWN:
+            return object.__getattribute__(self, name)
+        return getattr(object.__getattribute__(self, "_runtime"), name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._runtime, name, value)
+
+    def __delattr__(self, name: str) -> None:
+        delattr(self._runtime, name)
+
+    def __enter__(self) -> Runtime:
+        self._runtime.__enter__()
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        return self._runtime.__exit__(exc_type, exc, tb)
+
+    def __repr__(self) -> str:
+        runtime = self._runtime
+        state = "active" if runtime.active else "closed" if runtime.closed else "not started"
+        return f"<tierrt.Runtime of {type(self._held_model).__name__}, {state}>"
+
+
+class _ModelMethod:
+    """A method tierrt sets on the model instance (``zero_grad``, ``train``) for the time of the
+    context. It holds the model weakly: a bound method in the model's own ``__dict__`` would make
+    the model a reference cycle, freed only by a garbage collection."""
+
+    __slots__ = ("_func", "_model", "__signature__")
+
+    def __init__(self, func: Any, model: nn.Module) -> None:
+        import inspect
+
+        self._func = func
+        self._model = weakref.ref(model)
+        signature = inspect.signature(func)  # as the bound method's: without the module
+        self.__signature__ = signature.replace(parameters=list(signature.parameters.values())[1:])
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._func(self._model(), *args, **kwargs)
+
+
+def _free_dropped(runtime_ref: weakref.ref[Runtime], model_name: str) -> None:
+    """The model of a runtime that was never closed has been dropped, and its runtime object too
+    (it held the model): nothing the user holds can use the runtime. Free everything now."""
+    runtime = runtime_ref()
+    if runtime is None or not runtime.active:
+        return
+    log.warning(
+        "tierrt: a runtime offloading a %s was not closed, and the model and the runtime were dropped: "
+        "its threads, files and tier memory are freed now and the values it held are discarded. Leave "
+        "the with-block, or call rt.close(), to get the model back with its values",
+        model_name,
+    )
+    try:
+        runtime._discard()
+    except BaseException:  # noqa: BLE001 - a weakref callback has nobody to raise to
+        log.exception("tierrt: freeing a runtime whose model was dropped")
 
 
 def _check_dense_gradients(model: nn.Module) -> None:
