@@ -610,6 +610,13 @@ class ParameterAccess(torch.overrides.TorchFunctionMode):
         standins[key] = (weakref.ref(standin, forget), bs, slot_index)
         return standin
 
+    def standin_slot(self, tensor: torch.Tensor) -> tuple[BlockState, int] | None:
+        """(block, slot index) of the parameter ``tensor`` is a ``p.detach()`` stand-in of, or None."""
+        entry = self._standins.get(id(tensor))
+        if entry is None or entry[0]() is not tensor:
+            return None
+        return entry[1], entry[2]
+
     # ---- lifetime ------------------------------------------------------------------------------------
     def push(self) -> None:
         self.__enter__()

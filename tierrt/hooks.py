@@ -17,6 +17,10 @@ Gradients: ``register_post_accumulate_grad_hook`` moves each parameter's gradien
 gradient buffer (adding to what earlier micro-batches left there) and frees it, so gradients never
 pile up on the compute device. A gradient hook that runs before the accumulation first takes a
 gradient assigned by hand (``p.grad = g``) into the buffer, replacing what it held.
+
+Inside a ``torch.func`` gradient transform (grad, vjp, jacrev) the saved-tensor hooks step aside
+(torch refuses them there) and the forward hooks refuse a forward that reads offloaded weights,
+which the transform's backward could not have streamed back (see :mod:`tierrt.functional`).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from torch import nn
 
 from .access import ParameterAccess
 from .errors import HookError
+from .functional import grad_transform_error, in_grad_transform
 
 if TYPE_CHECKING:
     from tierrt.scheduler.pipeline import Pipeline
@@ -205,6 +210,7 @@ class HookSet:
         # them (tierrt.access); later ones are not (the torch-function mode passes straight through)
         self._forwards_to_watch = 2
         self.quiet_forward = False  # a forward of the model is running and is not watched
+        self.watching = 0  # > 0: forwards are watched (a functional_call given p.detach() stand-ins)
         self._root_blocks: list[BlockState] = []  # learned: acquired for the whole model forward
         self._root_held: list[BlockState] = []
         self._warned: set[int] = set()
@@ -335,12 +341,14 @@ class HookSet:
             self._refuse_thread(module)
         if self.untrained and torch.is_grad_enabled():
             self.check_untrained()
+        if in_grad_transform():
+            self._refuse_in_grad_transform(module, recurse=True)
         if self.on_forward_start is not None:
             self.on_forward_start()
         if self._root_held:  # a previous forward raised before its post-hook: start clean
             self._root_post(module, args, None)
         self._root_running = True
-        self.quiet_forward = self._forwards_to_watch <= 0
+        self.quiet_forward = self._forwards_to_watch <= 0 and not self.watching
         self._forwards_to_watch -= 1
         if self.quiet_forward and self._access is not None:
             self._access.suspend()  # no Python call per torch call in the model's forward
@@ -355,6 +363,35 @@ class HookSet:
             self._access.resume()
         while self._root_held:
             self.pipeline.release(self._root_held.pop())
+
+    def _refuse_in_grad_transform(self, module: nn.Module, recurse: bool) -> None:
+        """Inside a ``torch.func`` gradient transform, refuse a forward that reads offloaded
+        parameters (bound in ``module`` or, with ``recurse``, below it): the transform's backward
+        would need their blocks, which no hook may stream back in there (see tierrt.functional)."""
+        names = [
+            self._slot_of[id(p)][1].name for p in module.parameters(recurse=recurse) if id(p) in self._slot_of
+        ]
+        if names:
+            raise grad_transform_error(type(module).__name__, names)
+
+    def offloaded_name(self, tensor: torch.Tensor) -> str | None:
+        """The name of the offloaded parameter ``tensor`` is, or is a ``p.detach()`` stand-in of."""
+        entry = self._slot_of.get(id(tensor))
+        if entry is not None:
+            return entry[1].name
+        standin = self._access.standin_slot(tensor) if self._access is not None else None
+        return None if standin is None else standin[0].spec.slots[standin[1]].name
+
+    def holds_standin(self, values: Any) -> bool:
+        """Whether a ``p.detach()`` stand-in of an offloaded parameter is among ``values`` (a pytree)."""
+        from torch.utils._pytree import tree_leaves
+
+        access = self._access
+        return access is not None and any(
+            access.standin_slot(leaf) is not None
+            for leaf in tree_leaves(values)
+            if isinstance(leaf, torch.Tensor)
+        )
 
     def _refuse_thread(self, module: nn.Module) -> None:
         """A forward on a thread other than the one that entered the context: its torch-function
@@ -438,6 +475,8 @@ class HookSet:
                 phase = "bwd" if in_backward else "fwd"
                 if in_backward:
                     self._note_backward()
+                elif in_grad_transform():
+                    self._refuse_in_grad_transform(module, recurse=True)
                 self._internal += 1  # tierrt's own work (e.g. a deferred update) is not a user's use
                 try:
                     for bs in needed:
@@ -732,6 +771,8 @@ def _weak_saved_tensors_hooks(hooks: HookSet) -> torch.autograd.graph.saved_tens
     def pack(tensor: torch.Tensor) -> Any:
         owner = ref()
         return tensor if owner is None else owner._pack(tensor)
+
+    pack.tierrt = True  # type: ignore[attr-defined]  # tierrt.functional takes these off the stack
 
     def unpack(packed: Any) -> torch.Tensor:
         owner = ref()

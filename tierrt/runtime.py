@@ -582,6 +582,9 @@ class Runtime(PlacingAgain):
         from .adopt import OptimizerAdoption
 
         OptimizerAdoption.install(self)
+        from .functional import FunctionalPatch
+
+        FunctionalPatch.install(self)
         self.active = True
         from .copying import DeepcopyPatch
 
@@ -1158,6 +1161,9 @@ class Runtime(PlacingAgain):
         from .adopt import OptimizerAdoption
 
         OptimizerAdoption.remove(self)
+        from .functional import FunctionalPatch
+
+        FunctionalPatch.remove(self)
 
     def _move_buffers(self, model: nn.Module, compute_device: torch.device) -> None:
         """Buffers (BatchNorm statistics, rotary frequencies, masks) are not tiered: they move with
