@@ -16,6 +16,14 @@ Example (no GPU: DRAM is the compute tier, NVMe below it)::
 
 Entering moves every parameter into its home tier (one flat aligned buffer per block and kind of
 state) and frees the original memory; leaving gives the model back, also when the loop raised.
+
+Without a ``with`` (``rt = tierrt.offload(...); rt.start()``, a notebook cell), ``rt.close()`` gives
+the model back. References: :func:`offload` returns a handle holding the :class:`Runtime` and the
+model; the runtime holds the model only weakly, and the model's hooks hold the runtime (it holds
+the model's values). So a started runtime lives while either is held: dropping ``rt`` alone leaves
+the model offloaded (:func:`runtime_of` finds its runtime to close it), and dropping both frees the
+runtime at once, by reference counting alone (a ``weakref.finalize`` on the model), with a warning.
+Nothing tierrt keeps after ``close()`` holds the model or the optimizer in a reference cycle.
 """
 
 from __future__ import annotations
