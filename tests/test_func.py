@@ -171,3 +171,29 @@ def test_gradient_transforms_through_offloaded_weights_raise_before_anything_cha
         opt.step()
         opt.zero_grad()
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), _plain_steps(2)))
+
+
+def test_functional_call_of_a_transformers_model_mezo_style(nvme_dir):
+    """GPT-2 (tied embedding and head), streamed: the module's own parameters, p.detach() of them
+    and perturbed copies, under no_grad as zeroth-order code runs them."""
+    ids = torch.randint(0, models.VOCAB, (2, models.SEQ), generator=torch.Generator().manual_seed(0))
+    plain = models.gpt2(0)
+    perturbed = {n: p.detach().clone() * 1.01 for n, p in plain.named_parameters()}
+    with torch.no_grad():
+        expected = [
+            functional_call(plain, dict(plain.named_parameters()), (ids,)).logits,
+            functional_call(plain, {n: p.detach() for n, p in plain.named_parameters()}, (ids,)).logits,
+            functional_call(plain, perturbed, (ids,)).logits,
+        ]
+    model = models.gpt2(0)
+    budget = sum(p.numel() * p.element_size() for p in model.parameters()) // 3
+    with tierrt.offload(model, tiers=[tierrt.dram(budget), tierrt.nvme(nvme_dir)]) as rt, torch.no_grad():
+        _streams(rt)
+        for _ in range(3):
+            model(ids)
+        got = [
+            functional_call(model, dict(model.named_parameters()), (ids,)).logits,
+            functional_call(model, {n: p.detach() for n, p in model.named_parameters()}, (ids,)).logits,
+            functional_call(model, perturbed, (ids,)).logits,
+        ]
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
