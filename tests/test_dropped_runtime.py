@@ -111,3 +111,32 @@ def test_an_optimizer_kept_after_its_model_was_dropped_is_its_own_again(nvme_dir
     assert "step" not in opt.__dict__ and "zero_grad" not in opt.__dict__  # tierrt's patches are gone
     assert not tierrt.runtime_of(torch.nn.Linear(1, 1))
     opt.step()  # its parameters have no gradients (nor values): nothing happens
+
+
+def test_a_runtime_dropped_on_another_thread_is_freed_and_its_stacks_cleaned_up_later(nvme_dir, caplog):
+    """The last reference goes on a worker thread: the runtime is freed there; its torch-function
+    mode and saved-tensor hooks (the entering thread's) pass everything through until the next
+    runtime started on that thread takes them off."""
+    import threading
+
+    model = models.mlp(0, width=64, depth=4)
+    rt = tierrt.offload(model, tiers=_tiers(nvme_dir))
+    rt.__enter__()
+    core = weakref.ref(rt._runtime)
+    box = [rt, model]
+    del rt, model
+    with caplog.at_level(logging.WARNING, logger="tierrt"):
+        worker = threading.Thread(target=box.clear)
+        worker.start()
+        worker.join()
+    assert "was not closed" in caplog.text and "freed on another one" in caplog.text
+    assert core() is None or not core().active
+    assert torch._C._len_torch_function_stack() == 1  # inert: calls pass through
+    plain = models.mlp(0, width=64, depth=4)
+    x = torch.randn(2, 64)
+    expected = plain(x)
+    other = models.mlp(0, width=64, depth=4)
+    with tierrt.offload(other, tiers=_tiers(nvme_dir)):
+        assert torch.equal(other(x), expected)
+    assert torch._C._len_torch_function_stack() == 0
+    assert torch._C._autograd._top_saved_tensors_default_hooks(True) is None

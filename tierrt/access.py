@@ -150,6 +150,15 @@ def _same_device(target: torch.device, current: torch.device) -> bool:
     return target.type == current.type and (target.index is None or target.index == current.index)
 
 
+def pop_inert_modes() -> None:
+    """Take off this thread's torch-function mode stack the innermost tierrt modes that no longer
+    work (left there by a runtime freed from another thread)."""
+    stack = torch.overrides._get_current_function_mode_stack()
+    while stack and isinstance(stack[-1], ParameterAccess) and not stack[-1].enabled:
+        torch._C._pop_torch_function_stack()
+        stack = torch.overrides._get_current_function_mode_stack()
+
+
 def _tensors(value: Any) -> Iterator[torch.Tensor]:
     if isinstance(value, torch.Tensor):
         yield value
@@ -637,9 +646,17 @@ class ParameterAccess(torch.overrides.TorchFunctionMode):
             torch._C._push_on_torch_function_stack(self)
             self._suspended = False
 
-    def pop(self) -> None:
+    def pop(self, own_thread: bool = True) -> None:
         """Leave the mode stack. Modes the user's code pushed inside the context and left open
-        stay; this one then only passes calls through."""
+        stay; this one then only passes calls through. Not on the thread whose stack holds it
+        (``own_thread`` False: a runtime freed from another thread), it only stops working there;
+        the next runtime started on that thread takes it off (:func:`pop_inert_entries`)."""
+        if not own_thread:
+            self.enabled = False
+            self._standins.clear()
+            self._grad_copies.clear()
+            self._grad_reads.clear()
+            return
         self.resume()
         self.enabled = False
         self.left = [  # stand-ins still held by the user: tied to the restored parameters on exit

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .access import ParameterAccess
+from .access import ParameterAccess, pop_inert_modes
 from .errors import HookError
 from .functional import grad_transform_error, in_grad_transform
 
@@ -257,6 +257,7 @@ class HookSet:
                         )
                     else:
                         self.untrained.append((slot.name, slot.param))
+        _pop_inert_entries()  # what a runtime freed from another thread left on this thread's stacks
         self._access = ParameterAccess(self)
         self._access.push()
         self._saved_hooks = _weak_saved_tensors_hooks(self)
@@ -296,10 +297,18 @@ class HookSet:
         return current
 
     def remove(self) -> None:
+        own_thread = threading.get_ident() == self._thread
+        if not own_thread:
+            log.warning(
+                "tierrt: a runtime entered on thread %r is freed on another one: its torch-function mode "
+                "and saved-tensor hooks stay on that thread's stacks, passing everything through, until "
+                "a runtime is next started there",
+                self._thread_name,
+            )
         if self._root_held:
             self._root_post(self._model(), (), None)
         if self._access is not None:
-            self._access.pop()
+            self._access.pop(own_thread)
             self.standins_left = self._access.left
             self._access = None
         for handle in self._handles:
@@ -322,7 +331,7 @@ class HookSet:
             top = torch._C._autograd._top_saved_tensors_default_hooks(True)
             if top is not None and top[0] is self._saved_hooks.pack_hook:
                 self._saved_hooks.__exit__(None, None, None)
-            else:  # pushed since and left open (by the user's code), or another thread's stack
+            elif own_thread:  # pushed since and left open (by the user's code), or another thread's stack
                 log.warning(
                     "tierrt's saved-tensor hooks are not the innermost on exit (hooks contexts exited out "
                     "of order); they stay, passing every tensor through"
@@ -762,6 +771,17 @@ class HookSet:
         return grad_hook
 
 
+def _pop_inert_entries() -> None:
+    """Take off this thread's stacks the innermost tierrt torch-function modes and saved-tensor
+    hooks that no longer work (left by a runtime freed from another thread)."""
+    pop_inert_modes()
+    while True:
+        top = torch._C._autograd._top_saved_tensors_default_hooks(True)
+        if top is None or not getattr(top[0], "tierrt", False) or not top[0].inert():
+            return
+        torch._C._autograd._pop_saved_tensors_default_hooks()
+
+
 def _weak_saved_tensors_hooks(hooks: HookSet) -> torch.autograd.graph.saved_tensors_hooks:
     """``saved_tensors_hooks`` running ``hooks._pack`` and ``hooks._unpack``, holding the hook set
     weakly: the hooks stack belongs to the thread, and must not keep a dropped runtime alive. Once
@@ -773,6 +793,7 @@ def _weak_saved_tensors_hooks(hooks: HookSet) -> torch.autograd.graph.saved_tens
         return tensor if owner is None else owner._pack(tensor)
 
     pack.tierrt = True  # type: ignore[attr-defined]  # tierrt.functional takes these off the stack
+    pack.inert = lambda: (owner := ref()) is None or owner._saved_hooks is None  # type: ignore[attr-defined]
 
     def unpack(packed: Any) -> torch.Tensor:
         owner = ref()

@@ -1575,7 +1575,8 @@ class _RuntimeHandle(Runtime):
 
     _OWN = frozenset({"_runtime", "_held_model", "__class__", "__enter__", "__exit__", "__repr__"})
 
-    def __init__(self, runtime: Runtime, model: nn.Module) -> None:  # noqa: D107 - no Runtime.__init__
+    def __init__(self, runtime: Runtime, model: nn.Module) -> None:
+        # Runtime.__init__ is not called: this object has no state of its own beyond these two
         object.__setattr__(self, "_runtime", runtime)
         object.__setattr__(self, "_held_model", model)
         runtime._handle_ref = weakref.ref(self)
