@@ -484,6 +484,4 @@ class OptimizerPipeline:
         return False
 
     def close(self) -> None:
-        if self.pipeline.on_write_error == self.rollback:
-            self.pipeline.on_write_error = None  # the pipeline does not hold a closed optimizer's updates
         self.speculator.close()

@@ -1121,6 +1121,7 @@ class Runtime(PlacingAgain):
             self.pipeline.close()
         except BaseException as exc:  # noqa: BLE001
             errors.append(exc)
+        self._let_go_of_updates()
         self.store.close()  # type: ignore[union-attr]
         self.active = False
         self.closed = True
@@ -1172,6 +1173,17 @@ class Runtime(PlacingAgain):
         from .functional import FunctionalPatch
 
         FunctionalPatch.remove(self)
+
+    def _let_go_of_updates(self) -> None:
+        """Once the model is back and the pipeline closed: the pipeline and the gradient store let go
+        of the optimizer's updates (which hold the pipeline, the optimizer and its state), so that a
+        closed runtime keeps them in no reference cycle until a garbage collection. Not earlier:
+        giving the model back reads through them (a failed step's blocks read as committed)."""
+        for holder in (self.pipeline, self.grads):
+            if holder is not None:
+                holder.updates = None
+        if self.pipeline is not None:
+            self.pipeline.on_write_error = None
 
     def _move_buffers(self, model: nn.Module, compute_device: torch.device) -> None:
         """Buffers (BatchNorm statistics, rotary frequencies, masks) are not tiered: they move with

@@ -326,11 +326,6 @@ class BlockwiseOptimizer:
         self._torch_step_hooks.clear()
         if self.updates is not None:
             self.updates.close()
-            # The pipeline and the gradients let go of the updates (which hold the optimizer and
-            # its state): a closed runtime's pipeline must not keep them in a reference cycle
-            for holder in (self.pipeline, self.grads):
-                if holder is not None and holder.updates is self.updates:
-                    holder.updates = None
         self._installed = False
         opt = self.optimizer
         from .state import TieredState
