@@ -71,11 +71,12 @@ def build() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
 
 def started(nvme_dir: str) -> tuple[tierrt.Runtime, torch.nn.Module, torch.optim.Optimizer]:
     """A model and its optimizer in a started runtime (``rt.__enter__()``, as a notebook cell does),
-    one step trained."""
+    two steps trained (the second overlaps updates with backward: the optimizer's threads run)."""
     model, opt = build()
     rt = tierrt.offload(model, tiers=[tierrt.dram(DRAM), tierrt.nvme(nvme_dir)], optimizer=opt)
     rt.__enter__()
     step(model, opt, 0)
+    step(model, opt, 1)
     return rt, model, opt
 
 
@@ -104,11 +105,12 @@ def main() -> None:
         rt, model, opt = started(nvme_dir)
         plain, plain_opt = build()
         step(plain, plain_opt, 0)
+        step(plain, plain_opt, 1)
         del rt
         gc.collect()
         out["started"] = figures(nvme_dir)
-        step(model, opt, 1)  # the model goes on training through its runtime
-        step(plain, plain_opt, 1)
+        step(model, opt, 2)  # the model goes on training through its runtime
+        step(plain, plain_opt, 2)
         held = tierrt.runtime_of(model)
         out["held"] = held is not None and held.active
         held.close()
