@@ -600,6 +600,8 @@ class Runtime(PlacingAgain):
         self._deepcopy_patch.install()  # after active: it asks owns()
         self._step_started = time.perf_counter()
         self._step_mark = self.counters.copy()
+        if self._finalizer is not None:
+            self._finalizer.detach()  # placed again: one finalizer per runtime
         self._finalizer = weakref.finalize(model, _free_dropped, weakref.ref(self), type(model).__name__)
         self._finalizer.atexit = False  # at exit the process's end frees it all (workers stop first)
 
