@@ -22,19 +22,12 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 
 import models  # noqa: E402
+from rss_probe import rss  # noqa: E402
 
 import tierrt  # noqa: E402
 
 WIDTH, DEPTH = 1024, 8  # 32 MiB of fp32 weights, AdamW's state as much again twice
 DRAM = "96MiB"  # the compute tier's arena (in RSS while the runtime lives); the rest on NVMe
-
-
-def rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
 
 
 def figures(nvme_dir: str) -> dict[str, Any]:
