@@ -85,6 +85,12 @@ class HyperparameterError(ConfigTypeError):
     step raises for such values) and a ``ValueError``. Attributes: ``group`` (index), ``key``."""
 
 
+def listed(names: list[str], most: int) -> str:
+    """``names`` for a message: the first ``most`` of them, then how many more there are."""
+    shown = ", ".join(names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
 def noted(error: BaseException, note: str) -> BaseException:
     """``error`` itself, with ``note`` added (shown under its message in tracebacks): what the
     failure meant for tierrt's state, keeping the original exception's class and arguments."""

@@ -38,7 +38,7 @@ import torch._functorch.eager_transforms as eager_transforms
 import torch.nn.utils.stateless as stateless
 from torch.utils._pytree import tree_leaves
 
-from .errors import HookError
+from .errors import HookError, listed
 from .patching import AttributePatch
 
 if TYPE_CHECKING:
@@ -62,7 +62,7 @@ def in_grad_transform() -> bool:
 
 def grad_transform_error(model_name: str, names: list[str]) -> HookError:
     """The error for a forward inside a gradient transform that reads offloaded parameters."""
-    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    shown = listed(names, 3)
     return HookError(
         f"a torch.func gradient transform (grad, vjp, jacrev, hessian) runs {model_name}'s forward over "
         f"offloaded parameters ({shown}): inside the transform tierrt cannot stream them to its "
@@ -96,7 +96,7 @@ def _offloaded_inputs(values: Any) -> list[str]:
 def _refuse_offloaded_inputs(transform: str, values: Any) -> None:
     names = _offloaded_inputs(values)
     if names:
-        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        shown = listed(names, 3)
         raise HookError(
             f"torch.func.{transform} was given offloaded parameters ({shown}), or p.detach() of them, to "
             "differentiate: their data are tierrt's placeholders or block memory reused once evicted, "

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from .access import ParameterAccess, pop_inert_modes
-from .errors import HookError
+from .errors import HookError, listed
 from .functional import grad_transform_error, in_grad_transform
 
 if TYPE_CHECKING:
@@ -75,7 +75,7 @@ class _OtherRuntimeRef:
 def unfrozen_error(names: list[str]) -> HookError:
     """The error for parameters that did not require grad on entering tierrt.offload() and require
     it (or have a gradient) now."""
-    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    shown = listed(names, 5)
     one = len(names) == 1
     what, it, now = ("parameter", "it", "it requires") if one else ("parameters", "them", "they require")
     return HookError(

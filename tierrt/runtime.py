@@ -44,7 +44,7 @@ from torch import nn
 
 from . import _native
 from .blocks import BlockSelector, Partition, partition_model
-from .errors import ConfigError, HookError, TierCapacityError, restated
+from .errors import ConfigError, HookError, TierCapacityError, listed, restated
 from .grads import GradientStore
 from .hooks import HookSet
 from .interrupts import HeldInterrupts
@@ -703,7 +703,7 @@ class Runtime(PlacingAgain):
         if self.init_meta:
             missing = []
         if missing:
-            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            shown = listed(missing, 5)
             where = (
                 f"the weights file {self.weights_source} does not provide them"
                 if index is not None
@@ -1266,9 +1266,7 @@ class Runtime(PlacingAgain):
         if self.optimizer is not None:
             self._move_optimizer_state()
         if lost:
-            names = ", ".join(name for name, _ in lost[:8]) + (
-                f" and {len(lost) - 8} more" if len(lost) > 8 else ""
-            )
+            names = listed([name for name, _ in lost], 8)
             first = lost[0][1]
             message = (
                 f"tierrt could not give back {len(lost)} of the model's parameters ({names}): their "
