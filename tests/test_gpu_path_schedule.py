@@ -15,6 +15,7 @@ import copy
 import models
 import pytest
 import torch
+from test_late_optimizer import loop
 
 import tierrt
 from tierrt import runtime
@@ -26,27 +27,16 @@ def gpu_tier_in_host_memory(monkeypatch):
     monkeypatch.setattr(runtime, "gpu_device", lambda spec: torch.device("cpu"))
 
 
-def _loop(model, opt, data):
-    losses = []
-    for ids in data:
-        loss = models.lm_loss(model, ids)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.detach().clone())
-    return losses
-
-
 def _train(model, tiers, data, make_opt, **kwargs):
     opt = make_opt(model.parameters())
     with tierrt.offload(model, tiers=tiers, optimizer=opt, **kwargs) as rt:
-        losses = _loop(model, opt, data)
+        losses = loop(model, opt, data)
         report = rt.report()
     return losses, [p.detach().clone() for p in model.parameters()], report
 
 
 def _plain(model, data, make_opt):
-    losses = _loop(model, make_opt(model.parameters()), data)
+    losses = loop(model, make_opt(model.parameters()), data)
     return losses, [p.detach().clone() for p in model.parameters()]
 
 

@@ -7,6 +7,7 @@ import copy
 import models
 import pytest
 import torch
+from test_late_optimizer import loop
 from test_offload_numerics import streaming_budget
 
 import tierrt
@@ -14,18 +15,6 @@ import tierrt
 
 def tiers(model, nvme_dir, compute_dtype=None):
     return [tierrt.dram(streaming_budget(model, compute_dtype=compute_dtype)), tierrt.nvme(nvme_dir)]
-
-
-def train_lm(model, opt, data):
-    """The plain loop (forward, backward, step, zero_grad) over ``data``; returns the losses."""
-    losses = []
-    for ids in data:
-        loss = models.lm_loss(model, ids)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.detach().clone())
-    return losses
 
 
 def master_recipe(reference, data, make_opt, dtype, whole_model=False):
@@ -85,7 +74,7 @@ def test_bf16_compute_with_fp32_master_weights(native, fused, nvme_dir):
         native_optimizer=native,
     ) as rt:
         assert all(p.dtype == torch.bfloat16 for p in ours.parameters())  # the model computes in bf16
-        losses = train_lm(ours, opt, data)
+        losses = loop(ours, opt, data)
         assert rt.blockwise.updater.native == (native is None and not fused)
         assert rt.blockwise.updater.state_in_tiers
     for a, b in zip(ref_losses, losses):
@@ -206,7 +195,7 @@ def test_compute_dtype_the_kernel_cannot_write_steps_with_torch(nvme_dir):
         ours, tiers=tiers(ours, nvme_dir, torch.float64), optimizer=opt, compute_dtype=torch.float64
     ) as rt:
         assert not rt.blockwise.updater.native
-        losses = train_lm(ours, opt, data)
+        losses = loop(ours, opt, data)
     assert all(torch.equal(a, b) for a, b in zip(ref_losses, losses))
     for m, p in zip(master, ours.parameters()):
         assert p.dtype == torch.float32 and torch.equal(m, p)
