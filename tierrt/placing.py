@@ -350,6 +350,7 @@ class PlacingAgain:
         return budgets
 
     def _nvme_spec(self) -> NvmeTier | None:
+        """The nvme tier among the tiers, or None."""
         return next((t for t in self.tier_specs if isinstance(t, NvmeTier)), None)
 
     def _check_room_to_place_again(self, size: int, scratch_bytes: int) -> None:

@@ -427,7 +427,7 @@ class Runtime(PlacingAgain):
         need_nvme = placement.needed.get("nvme", 0)
         if not need_nvme:
             return NvmeSizing(0, 0, False)
-        nvme_spec = next((t for t in self.tier_specs if isinstance(t, NvmeTier)), None)
+        nvme_spec = self._nvme_spec()
         assert nvme_spec is not None
         largest = max(k.layout.nbytes for kinds in placement.kinds for k in kinds.values())
         minimal = need_nvme + 4 * largest + (64 << 20)  # headroom for copy-on-write writes
@@ -472,7 +472,7 @@ class Runtime(PlacingAgain):
         preallocated) and the host arenas and GPU tier of ``reuse`` (placing again: the arenas stay
         reserved, under the same budgets) or new ones. Sets ``self.store``, ``self.engine`` and
         ``self._step_atomic``; on failure what it made is freed again."""
-        nvme_spec = next((t for t in self.tier_specs if isinstance(t, NvmeTier)), None)
+        nvme_spec = self._nvme_spec()
         nvme_store = None
         engine = None
         try:
