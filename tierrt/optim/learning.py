@@ -146,12 +146,7 @@ class LearnedState:
             for index, group in enumerate(optimizer.param_groups)
             if group["params"]
         ]
-        if not voting:
-            return {}
-        common = dict(voting[0])
-        for kinds in voting[1:]:
-            common = {k: v for k, v in common.items() if kinds.get(k, _GONE) == v}
-        return common
+        return _agreed(voting[0], voting[1:]) if voting else {}
 
 
 _LEARNED: weakref.WeakKeyDictionary[torch.optim.Optimizer, LearnedState] = weakref.WeakKeyDictionary()
@@ -344,7 +339,7 @@ def probe_group(optimizer: torch.optim.Optimizer, index: int) -> GroupFindings:
 def _param_shaped(run: _Run) -> dict[str, torch.dtype | None]:
     """The state keys that are tensors shaped like their parameter for both stand-ins -> their
     dtype (None: the parameter's)."""
-    found: dict[str, torch.dtype | None] | None = None
+    shaped: list[dict[str, torch.dtype | None]] = []
     for param, state in zip(run.params, run.states):
         here: dict[str, torch.dtype | None] = {}
         for key, value in state.items():
@@ -358,11 +353,8 @@ def _param_shaped(run: _Run) -> dict[str, torch.dtype | None]:
                 and not value.requires_grad
             ):
                 here[key] = None if value.dtype == param.dtype else value.dtype
-        if found is None:
-            found = here
-        else:
-            found = {k: v for k, v in found.items() if here.get(k, _GONE) == v}
-    return found or {}
+        shaped.append(here)
+    return _agreed(shaped[0], shaped[1:]) if shaped else {}
 
 
 def _common_kinds(
@@ -374,10 +366,12 @@ def _common_kinds(
     voting = [kinds for ndim, kinds in cases if ndim > 0]
     if not voting:
         return {}
-    common = dict(voting[0])
-    for kinds in voting[1:] + [kinds for ndim, kinds in cases if ndim == 0]:
-        common = {k: v for k, v in common.items() if k in kinds and kinds[k] == v}
-    return common
+    return _agreed(voting[0], voting[1:] + [kinds for ndim, kinds in cases if ndim == 0])
+
+
+def _agreed(first: dict[str, Any], others: list[dict[str, Any]]) -> dict[str, Any]:
+    """The entries of ``first`` that every one of ``others`` has too, with the same value."""
+    return {k: v for k, v in first.items() if all(other.get(k, _GONE) == v for other in others)}
 
 
 def _check_group_values(name: str, index: int, run: _Run, before: dict[str, Any]) -> None:
