@@ -256,9 +256,12 @@ class Speculator:
         owner, pipeline = self.owner, self.pipeline
         grads = owner.grads
         write = spec.write
+        # Whether the write home is still running, asked once: a write that finishes between two
+        # looks (failing, perhaps) must not be taken for landed by the second (see below).
+        writing = write is not None and not write.done()
         valid = (
             self._wait(spec)
-            and not (write is not None and write.done() and write.error is not None)
+            and not (write is not None and not writing and write.error is not None)
             and spec.hyper.same_as(hyper)
             and grads.generation(index) == spec.grad_generation
             and owner.updatable(index) == spec.slots
@@ -282,9 +285,10 @@ class Speculator:
             if ks.home == "nvme":
                 extent = spec.extents[kind]
                 buffer = spec.buffers.get(kind)  # not reaped yet: keep it as the cached DRAM copy
-                if write is not None and not write.done() and buffer is not None:
+                if writing and buffer is not None:
                     # Still being written (the last blocks of backward): the DRAM copy is current
-                    # now, the new extent once the write lands, as for any write home in flight.
+                    # now, the new extent once the write lands, as for any write home in flight;
+                    # if it fails, reaping it rolls the step back (the extent never becomes home).
                     ks.host, ks.valid = buffer, {"dram"}
                     share = TransferShare(write, ks.nbytes, f"{bs.name}.{kind}")
                     pipeline.adopt_write(bs, kind, share, extent)
@@ -324,6 +328,12 @@ class Speculator:
         for job in (spec.job, spec.write):
             if job is not None and not job.done():
                 job._done.wait()
+
+    def settle(self) -> None:
+        """Wait until every speculative update and its write home have finished (their results stay
+        for step() to take; a failed one is discarded there, and the block updated in step())."""
+        for spec in list(self.specs.values()):
+            self._finish(spec)
 
     def _discard(self, spec: Speculation) -> None:
         self._finish(spec)

@@ -236,11 +236,11 @@ def test_resume_into_an_optimizer_created_inside_with_bf16_compute(nvme_dir):
     assert_same_bf16_run(reference, ref_losses[CHECKPOINT_AT + 1 :], master, ours, losses)
 
 
-def _trained(nvme_dir, model=None, budget="streaming"):
+def _trained(nvme_dir, model=None, budget="streaming", **options):
     """A model, its optimizer and a runtime after one step (its updates still pending)."""
     model = model or models.llama()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    rt = tierrt.offload(model, tiers=tiers_for(model, budget, nvme_dir), optimizer=opt)
+    rt = tierrt.offload(model, tiers=tiers_for(model, budget, nvme_dir), optimizer=opt, **options)
     return model, opt, rt
 
 
@@ -317,8 +317,9 @@ def test_io_error_while_loading_loads_nothing(after, mode, nvme_dir):
 
 def test_load_then_io_error_in_the_next_step_keeps_the_load(nvme_dir):
     """A load that succeeded is committed: a later step's failed write rolls back to the loaded
-    values, not to those from before the load."""
-    model, opt, rt = _trained(nvme_dir)
+    values, not to those from before the load. (No updates during backward: the step's writes all
+    run after the faults are set, in step() and the next forward.)"""
+    model, opt, rt = _trained(nvme_dir, overlap_backward=False)
     other = clone_sd(models.llama(seed=5))
     with rt:
         _step(model, opt)
@@ -332,6 +333,7 @@ def test_load_then_io_error_in_the_next_step_keeps_the_load(nvme_dir):
             opt.step()
             opt.zero_grad()
             models.lm_loss(model, models.token_batches(1, seed=4)[0])
+            rt.synchronize()  # the writes run on: their failure is raised here at the latest
         rt.engine.clear_faults()
         assert_same_values(other, clone_sd(model), "state_dict() after the rolled back step")
 

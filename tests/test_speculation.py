@@ -4,6 +4,8 @@ synchronous step, and discarded whenever the step would use different inputs."""
 from __future__ import annotations
 
 import copy
+import errno
+import sys
 import threading
 import time
 
@@ -11,6 +13,7 @@ import models
 import pytest
 import torch
 from test_offload_numerics import streaming_budget
+from tierrt.scheduler.transfer import Transfer
 
 import tierrt
 
@@ -161,6 +164,67 @@ def test_zero_grad_forgets_gradient_writes_in_flight(nvme_dir, caplog):
             rt.synchronize()  # the failed writes land: logged, not raised
     assert held["writes"] > 0 and held["timeouts"] == 0
     assert caplog.text.count("a write of a forgotten value failed") == len(forgotten)
+    for a, b in zip(ref, losses):
+        assert torch.equal(a, b)
+    for (name, a), b in zip(reference.named_parameters(), ours.parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_update_write_failing_just_as_step_takes_it_rolls_the_step_back(nvme_dir, monkeypatch):
+    """The updates made during the last backward are still being written home when step() takes
+    them, and those writes fail right after step() first looked at them (deterministically here;
+    by chance on a loaded machine). The step is rolled back: no failed extent becomes a block's home
+    (a later read would find damaged data there), and redoing the batch gives torch's result."""
+    reference = models.llama()
+    ours = copy.deepcopy(reference)
+    data = models.token_batches(3)
+    ref = loop(reference, torch.optim.AdamW(reference.parameters(), lr=1e-3), data)
+    opt = torch.optim.AdamW(ours.parameters(), lr=1e-3)
+    # Every state the step changes lives on NVMe (with room for more blocks, some weights would live
+    # in DRAM, whose values a failed step does not roll back yet).
+    tiers = [tierrt.dram(streaming_budget(ours, extra_blocks=2)), tierrt.nvme(nvme_dir)]
+    failing = {"on": False, "writes": 0}
+    looked: set[int] = set()  # the writes still running when step() first looked at them
+    finished = Transfer.done
+
+    def done(transfer):
+        result = finished(transfer)
+        if (
+            failing["on"]
+            and not result
+            and transfer.label.startswith("speculative update")
+            and sys._getframe(1).f_code.co_name == "commit"  # step() taking the update
+            and id(transfer) not in looked
+        ):
+            looked.add(id(transfer))
+            transfer._done.wait()  # the write fails just after this first look at it
+        return result
+
+    monkeypatch.setattr(Transfer, "done", done)
+    with tierrt.offload(ours, tiers=tiers, optimizer=opt) as rt:
+        nvme = rt.pipeline.store.nvme
+        write = nvme.write
+
+        def failing_update_writes(*args, **kwargs):
+            if failing["on"] and threading.current_thread().name == "tierrt-optimizer-write":
+                failing["writes"] += 1
+                time.sleep(0.2)  # a slow disk: the last blocks' writes outlast the end of backward
+                raise OSError(errno.EIO, "injected I/O error")
+            return write(*args, **kwargs)
+
+        nvme.write = failing_update_writes
+        losses = loop(ours, opt, data[:2])
+        rt.synchronize()
+        failing["on"] = True
+        models.lm_loss(ours, data[2]).backward()
+        with pytest.raises(OSError, match="rolled back"):
+            opt.step()
+            rt.synchronize()  # the writes run on after step(): their failure is raised here at the latest
+        failing["on"] = False
+        assert all(ks.home == "nvme" for bs in rt.pipeline.blocks for ks in bs.kinds.values())
+        assert looked and failing["writes"] > 0
+        opt.zero_grad()
+        losses += loop(ours, opt, data[2:])  # the batch redone
     for a, b in zip(ref, losses):
         assert torch.equal(a, b)
     for (name, a), b in zip(reference.named_parameters(), ours.parameters()):

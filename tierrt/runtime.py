@@ -1332,9 +1332,12 @@ class Runtime(PlacingAgain):
                         state[key] = value.to(p.device)
 
     def synchronize(self) -> None:
-        """Wait until every transfer in flight has finished (raising the first failure)."""
+        """Wait until every transfer in flight has finished (raising the first failure), the
+        optimizer updates overlapped with backward and their writes home included."""
         if self.pipeline is not None:
             self.pipeline.drain()
+            if self.blockwise is not None:
+                self.blockwise.updates.speculator.settle()
 
     # ---- reading values inside the context -----------------------------------------------------------
     def value(self, param: torch.Tensor | str, device: torch.device | str | None = None) -> torch.Tensor:
