@@ -87,7 +87,7 @@ const bool g_has_bf16_instruction = cpu_features().avx512bf16;
 
 bool sqrt_kind_supported(SqrtKind kind) {
   // vrsqrt14ps, in its 512-bit (AVX512F) and 256-bit (AVX512VL, used by the AVX2 path) forms.
-  return kind == SqrtKind::kIeee || (cpu_features().avx512f && cpu_features().avx512vl);
+  return kind != SqrtKind::kRsqrt14 || (cpu_features().avx512f && cpu_features().avx512vl);
 }
 
 Isa best_isa() {

@@ -43,7 +43,14 @@ enum class WeightDecay : int { kNone = 0, kDecoupled = 1, kL2 = 2 };
 //            inf. (Found by testing against vmsSqrt on all 2^32 inputs; needs the AVX-512
 //            instruction vrsqrt14ps, which every CPU on which MKL takes this path has.)
 // The Python layer detects which one the running torch uses (tierrt.optim.kernels.torch_sqrt_kind).
-enum class SqrtKind : int { kIeee = 0, kRsqrt14 = 1 };
+// Where it is neither (MKL's code for other CPUs, e.g. AMD's), a step runs in two halves around
+// torch's own sqrt, chunk by chunk (tierrt.optim.kernels.adam_step_):
+//  kMoments  the first half: the gradient's scaling and L2 term, exp_avg, exp_avg_sq and the AMSGrad
+//            maximum are updated; the weights and `out` are not written.
+//  kGiven    the second half: `exp_avg_sq` holds torch's sqrt of exp_avg_sq (of the AMSGrad maximum
+//            with amsgrad) instead; decoupled weight decay and the update are applied to the weights
+//            (and `out`); exp_avg and the gradient are only read.
+enum class SqrtKind : int { kIeee = 0, kRsqrt14 = 1, kMoments = 2, kGiven = 3 };
 
 inline size_t dtype_size(DType d) { return d == DType::kFloat32 ? 4 : 2; }
 const char* dtype_name(DType d);

@@ -62,15 +62,21 @@ void check_common(int64_t n, int threads, const char* fn) {
   }
 }
 
-cpu::SqrtKind parse_sqrt(const std::string& name, const char* fn) {
+// `halves`: also the two halves of a step around torch's own sqrt ("moments", "given"; see SqrtKind).
+cpu::SqrtKind parse_sqrt(const std::string& name, const char* fn, bool halves = false) {
   cpu::SqrtKind kind;
   if (name == "ieee") {
     kind = cpu::SqrtKind::kIeee;
   } else if (name == "rsqrt14") {
     kind = cpu::SqrtKind::kRsqrt14;
+  } else if (halves && name == "moments") {
+    kind = cpu::SqrtKind::kMoments;
+  } else if (halves && name == "given") {
+    kind = cpu::SqrtKind::kGiven;
   } else {
     throw NativeError("ConfigError", std::string(fn) + ": unknown sqrt rounding '" + name +
-                                         "'; expected 'ieee' or 'rsqrt14'.")
+                                         (halves ? "'; expected 'ieee', 'rsqrt14', 'moments' or 'given'."
+                                                 : "'; expected 'ieee' or 'rsqrt14'."))
         .with("sqrt", name);
   }
   if (!cpu::sqrt_kind_supported(kind)) {
@@ -89,7 +95,7 @@ void adam_step_py(uintptr_t param, uintptr_t grad, uintptr_t exp_avg, uintptr_t 
                   const std::string& isa, const std::string& sqrt, uintptr_t param_in) {
   const char* fn = "adam_step";
   check_common(n, threads, fn);
-  const cpu::SqrtKind sqrt_kind = parse_sqrt(sqrt, fn);
+  const cpu::SqrtKind sqrt_kind = parse_sqrt(sqrt, fn, true);
   if (step < 1) {
     throw NativeError("ConfigError", std::string(fn) + ": step counts this step and starts at 1 "
                                                        "(torch's state['step'] after its increment), "

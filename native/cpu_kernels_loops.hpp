@@ -106,6 +106,14 @@ template <DType G, WeightDecay WD, SqrtKind SQ>
 inline typename V::reg adam_vec(const float* p_in, float* p_ptr, const void* g_ptr, float* m_ptr,
                                 float* v_ptr, float* vmax_ptr, const AdamVec& c) {
   using reg = typename V::reg;
+  if constexpr (SQ == SqrtKind::kGiven) {  // the second half: v_ptr holds torch's square roots
+    reg p = V::load(p_in);
+    if constexpr (WD == WeightDecay::kDecoupled) p = V::mul(p, c.wd);
+    const reg denom = V::add(V::div(V::load(v_ptr), c.bc2_sqrt), c.eps);
+    p = V::add(p, V::div(V::mul(c.neg_step_size, V::load(m_ptr)), denom));
+    V::store(p_ptr, p);
+    return p;
+  }
   reg g = load_grad_vec<G>(g_ptr);
   if (c.has_grad_mul) g = V::mul(g, c.grad_mul);
   reg p = V::load(p_in);
@@ -125,6 +133,7 @@ inline typename V::reg adam_vec(const float* p_in, float* p_ptr, const void* g_p
     v = V::max_nan(V::load(vmax_ptr), v);
     V::store(vmax_ptr, v);
   }
+  if constexpr (SQ == SqrtKind::kMoments) return p;  // the weights are written by the second half
   const reg denom = V::add(V::div(sqrt_vec<SQ>(v), c.bc2_sqrt), c.eps);
   p = V::add(p, V::div(V::mul(c.neg_step_size, m), denom));
   V::store(p_ptr, p);
@@ -154,6 +163,12 @@ void adam_partial(const AdamArrays& a, const AdamVec& c, int64_t i, int64_t k) {
   std::memcpy(gb, static_cast<const char*>(a.grad) + i * gs, static_cast<size_t>(k) * gs);
   if (ams) std::memcpy(mx, a.max_exp_avg_sq + i, bytes);
   const typename V::reg pv = adam_vec<G, WD, SQ>(p, p, gb, m, v, ams ? mx : nullptr, c);
+  if constexpr (SQ == SqrtKind::kMoments) {
+    std::memcpy(a.exp_avg + i, m, bytes);
+    std::memcpy(a.exp_avg_sq + i, v, bytes);
+    if (ams) std::memcpy(a.max_exp_avg_sq + i, mx, bytes);
+    return;
+  }
   std::memcpy(a.param + i, p, bytes);
   std::memcpy(a.exp_avg + i, m, bytes);
   std::memcpy(a.exp_avg_sq + i, v, bytes);
@@ -170,14 +185,14 @@ void adam_loop(const AdamArrays& a, const AdamScalars& s, int64_t begin, int64_t
   constexpr size_t gs = G == DType::kFloat32 ? 4 : 2;
   constexpr size_t os = out_size(OUT);
   const AdamVec c(s);
-  const bool ams = a.max_exp_avg_sq != nullptr;
+  const bool ams = a.max_exp_avg_sq != nullptr && SQ != SqrtKind::kGiven;
   const float* pin = a.param_in != nullptr ? a.param_in : a.param;
   const char* g = static_cast<const char*>(a.grad);
   char* o = static_cast<char*>(a.out);
   const int64_t pf = prefetch_bytes();
   int64_t i = begin;
   bool stream = false;
-  if constexpr (OUT != kOutNone) {
+  if constexpr (OUT != kOutNone && SQ != SqrtKind::kMoments) {
     if (use_stream(a.stream_out, begin, end)) {
       stream = true;
       const int64_t peel = stream_peel<OUT>(o, i);
@@ -196,7 +211,7 @@ void adam_loop(const AdamArrays& a, const AdamScalars& s, int64_t begin, int64_t
     const typename V::reg p = adam_vec<G, WD, SQ>(pin + i, a.param + i, g + i * gs, a.exp_avg + i,
                                                   a.exp_avg_sq + i,
                                                   ams ? a.max_exp_avg_sq + i : nullptr, c);
-    if constexpr (OUT != kOutNone) {
+    if constexpr (OUT != kOutNone && SQ != SqrtKind::kMoments) {
       if (stream) {
         stream_out_vec<OUT>(o + i * os, p);
       } else {
@@ -222,8 +237,16 @@ void adam_dispatch_wd(const AdamArrays& a, const AdamScalars& s, int64_t begin, 
 
 template <DType G, int OUT>
 void adam_dispatch_sqrt(const AdamArrays& a, const AdamScalars& s, int64_t begin, int64_t end) {
-  if (s.sqrt == SqrtKind::kRsqrt14) return adam_dispatch_wd<G, OUT, SqrtKind::kRsqrt14>(a, s, begin, end);
-  return adam_dispatch_wd<G, OUT, SqrtKind::kIeee>(a, s, begin, end);
+  switch (s.sqrt) {
+    case SqrtKind::kRsqrt14:
+      return adam_dispatch_wd<G, OUT, SqrtKind::kRsqrt14>(a, s, begin, end);
+    case SqrtKind::kMoments:
+      return adam_dispatch_wd<G, kOutNone, SqrtKind::kMoments>(a, s, begin, end);
+    case SqrtKind::kGiven:
+      return adam_dispatch_wd<G, OUT, SqrtKind::kGiven>(a, s, begin, end);
+    default:
+      return adam_dispatch_wd<G, OUT, SqrtKind::kIeee>(a, s, begin, end);
+  }
 }
 
 template <DType G>

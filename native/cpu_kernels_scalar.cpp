@@ -40,6 +40,7 @@ void adam_scalar(const AdamArrays& a, const AdamScalars& s, int64_t begin, int64
     float p = pin[i];
     scalar::adam_element(p, scalar::load_grad(a.grad, a.grad_dtype, i), a.exp_avg[i],
                          a.exp_avg_sq[i], vmax, s);
+    if (s.sqrt == SqrtKind::kMoments) continue;  // the weights are written by the second half
     a.param[i] = p;
     if (a.out != nullptr) scalar::store_out(a.out, a.out_dtype, i, p);
   }

@@ -114,7 +114,14 @@ inline float sqrt_of_kind(float x, SqrtKind kind) {
 }
 
 // One element of torch's _single_tensor_adam (decoupled_weight_decay selects AdamW).
+// With s.sqrt == kMoments only m, v and *vmax are updated (the caller keeps p); with kGiven, v is
+// the square root torch computed and only p is updated (see SqrtKind).
 inline void adam_element(float& p, float g, float& m, float& v, float* vmax, const AdamScalars& s) {
+  if (s.sqrt == SqrtKind::kGiven) {
+    if (s.wd_mode == WeightDecay::kDecoupled) p = p * s.wd;
+    p = p + (s.neg_step_size * m) / (v / s.bc2_sqrt + s.eps);
+    return;
+  }
   if (s.has_grad_mul) g = g * s.grad_mul;  // grad.mul_(grad_scale); maximize: -grad
   if (s.wd_mode == WeightDecay::kDecoupled) {
     p = p * s.wd;  // param.mul_(1 - lr * weight_decay)
@@ -129,6 +136,7 @@ inline void adam_element(float& p, float g, float& m, float& v, float* vmax, con
     *vmax = max_nan(*vmax, v);
     vv = *vmax;
   }
+  if (s.sqrt == SqrtKind::kMoments) return;
   const float denom = sqrt_of_kind(vv, s.sqrt) / s.bc2_sqrt + s.eps;  // (v.sqrt() / bc2s).add_(eps)
   p = p + (s.neg_step_size * m) / denom;                  // param.addcdiv_(m, denom, -step_size)
 }

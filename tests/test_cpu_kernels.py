@@ -226,7 +226,49 @@ def test_sqrt_kinds():
         assert_bits_equal(out, x.double().sqrt().float(), f"ieee isa={isa}")
         kernels.sqrt_(x, out, sqrt="torch", isa=isa)
         assert_bits_equal(out, x.sqrt(), f"torch's sqrt isa={isa}")
-    assert kernels.torch_sqrt_kind() in ("ieee", "rsqrt14")
+    assert kernels.torch_sqrt_kind() in ("ieee", "rsqrt14", "halves")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(decoupled=True, weight_decay=0.1),
+        dict(decoupled=False, weight_decay=0.1, maximize=True),
+        dict(decoupled=True, weight_decay=0.0, amsgrad=True),
+    ],
+)
+def test_adam_in_halves_is_torchs_step(options, isa, monkeypatch):
+    """sqrt="halves" (what "torch" picks where torch's sqrt is neither rounding the kernel computes,
+    as on AMD CPUs): two native passes around torch's own sqrt, chunk by chunk, give torch's Adam
+    bit for bit, across chunk edges, with a bf16 output and a bf16 gradient, in place and out of place."""
+    monkeypatch.setattr(kernels, "HALVES_CHUNK", 1000)  # many chunks, a partial last one
+    gen = torch.Generator().manual_seed(11)
+    n = 4321
+    options = dict(options)
+    decoupled = options.pop("decoupled")
+    ref = torch.randn(n, generator=gen).requires_grad_()
+    opt = (torch.optim.AdamW if decoupled else torch.optim.Adam)([ref], lr=1e-2, **options)
+    param, param_in = ref.detach().clone(), ref.detach().clone()
+    m, v = torch.zeros(n), torch.zeros(n)
+    vmax = torch.zeros(n) if options.get("amsgrad") else None
+    out = torch.empty(n, dtype=torch.bfloat16)
+    for step in range(1, 4):
+        grad = torch.randn(n, generator=gen).bfloat16()
+        ref.grad = grad.float()
+        opt.step()
+        kernels.adam_step_(
+            param, grad, m, v, step=step, lr=1e-2, decoupled=decoupled, max_exp_avg_sq=vmax, out=out,
+            param_in=param_in if step == 2 else None, isa=isa, sqrt="halves", **options,
+        )  # fmt: skip
+        param_in.copy_(param)  # the out-of-place step (step 2) read param_in and wrote param
+        state = opt.state[ref]
+        assert_bits_equal(param, ref.detach(), f"weights, step {step}")
+        assert_bits_equal(m, state["exp_avg"], f"exp_avg, step {step}")
+        assert_bits_equal(v, state["exp_avg_sq"], f"exp_avg_sq, step {step}")
+        if vmax is not None:
+            assert_bits_equal(vmax, state["max_exp_avg_sq"], f"max_exp_avg_sq, step {step}")
+        assert torch.equal(out, ref.detach().bfloat16()), f"bf16 output, step {step}"
 
 
 @pytest.mark.parametrize(

@@ -12,11 +12,11 @@ kernels. One of those operations, ``exp_avg_sq.sqrt()``, rounds differently depe
 was built and on the CPU (torch with MKL on an AVX-512 CPU calls MKL's ``vmsSqrt``, which is not
 correctly rounded); :func:`torch_sqrt_kind` detects which rounding the running torch uses, once,
 and the Adam steps use it by default (``sqrt="torch"``). Should torch's sqrt match neither known
-rounding (a future MKL), a warning is logged and the correctly rounded sqrt is used: the
-denominator then differs from torch's by at most one ulp in the elements where the two roundings
-differ. The fused multiply-adds are those of torch's AVX2 / AVX-512 CPU kernels (its default on any
-x86-64 CPU with AVX2); under ``ATEN_CPU_CAPABILITY=default`` torch rounds without them, and a
-warning says so.
+rounding (MKL's code for other CPUs, AMD's EPYC for one, or a future MKL), the step runs in two
+native halves around torch's own ``sqrt``, chunk by chunk while the chunk is in cache: still bitwise
+torch's result, for one more pass over the second moments. The fused multiply-adds are those of
+torch's AVX2 / AVX-512 CPU kernels (its default on any x86-64 CPU with AVX2); under
+``ATEN_CPU_CAPABILITY=default`` torch rounds without them, and a warning says so.
 
 Scope: ``amsgrad``, ``maximize``, decoupled (AdamW) and L2 (Adam) weight decay, SGD momentum,
 dampening, Nesterov and weight decay are supported. Not supported: tensor-valued hyper-parameters
@@ -67,7 +67,7 @@ __all__ = [
 logger = logging.getLogger("tierrt.optim.kernels")
 
 Isa = Literal["auto", "avx512", "avx2", "scalar"]
-SqrtKind = Literal["torch", "ieee", "rsqrt14"]
+SqrtKind = Literal["torch", "ieee", "rsqrt14", "halves"]
 
 _GRAD_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _OUT_DTYPES = _GRAD_DTYPES
@@ -189,15 +189,17 @@ def _param_source(param: torch.Tensor, param_in: torch.Tensor | None, **others: 
 
 
 @functools.cache
-def torch_sqrt_kind() -> Literal["ieee", "rsqrt14"]:
-    """How the running torch rounds fp32 ``Tensor.sqrt()``: ``"ieee"`` or ``"rsqrt14"``.
+def torch_sqrt_kind() -> Literal["ieee", "rsqrt14", "halves"]:
+    """How the running torch rounds fp32 ``Tensor.sqrt()``: ``"ieee"``, ``"rsqrt14"`` or ``"halves"``.
 
     ``"ieee"`` is the correctly rounded square root (torch without MKL, or MKL on a CPU without
-    AVX-512); ``"rsqrt14"`` is MKL's AVX-512 ``vmsSqrt`` rounding (one ulp low for about 0.6% of
-    inputs). Detected once, by comparing torch's sqrt with each on 65536 probe values; if neither
-    matches, a warning is logged and ``"ieee"`` is returned.
+    AVX-512); ``"rsqrt14"`` is MKL's AVX-512 ``vmsSqrt`` rounding on Intel CPUs (one ulp low for
+    about 0.6% of inputs). Detected once, by comparing torch's sqrt with each on 65536 probe values.
+    ``"halves"``: neither matches (MKL's code for AMD CPUs is within 0.75 ulp and rounds a fifth of
+    its results the other way); the Adam steps then run in two native halves around torch's own
+    sqrt (see :func:`adam_step_`), which gives torch's rounding whatever it is.
 
-    >>> torch_sqrt_kind() in ("ieee", "rsqrt14")
+    >>> torch_sqrt_kind() in ("ieee", "rsqrt14", "halves")
     True
     """
     gen = torch.Generator().manual_seed(12345)
@@ -218,13 +220,13 @@ def torch_sqrt_kind() -> Literal["ieee", "rsqrt14"]:
         _native.sqrt_f32(probe.data_ptr(), ours.data_ptr(), probe.numel(), sqrt=kind)
         if torch.equal(ours.view(torch.int32), reference):
             return kind  # type: ignore[return-value]
-    logger.warning(
-        "torch's fp32 sqrt (torch %s) matches none of the roundings tierrt reproduces; the native "
-        "Adam steps use the correctly rounded sqrt and may differ from torch.optim.Adam in the last "
-        "bit of the denominator.",
+    logger.info(
+        "torch's fp32 sqrt (torch %s) matches none of the roundings tierrt computes natively; the "
+        "native Adam steps run in two halves around torch's own sqrt (bitwise torch's result, one more "
+        "pass over the second moments).",
         torch.__version__,
     )
-    return "ieee"
+    return "halves"
 
 
 @functools.cache
@@ -244,8 +246,10 @@ def _sqrt_kind(sqrt: str) -> str:
     _check_torch_capability()
     if sqrt == "torch":
         return torch_sqrt_kind()
-    if sqrt not in ("ieee", "rsqrt14"):
-        raise ConfigError(f"sqrt must be 'torch', 'ieee' or 'rsqrt14', got {sqrt!r}.", argument="sqrt")
+    if sqrt not in ("ieee", "rsqrt14", "halves"):
+        raise ConfigError(
+            f"sqrt must be 'torch', 'ieee', 'rsqrt14' or 'halves', got {sqrt!r}.", argument="sqrt"
+        )
     return sqrt
 
 
@@ -288,8 +292,9 @@ def adam_step_(
             pass, with the bits of ``param.to(out.dtype)``.
         threads: 0 uses every CPU this process may run on.
         isa: "auto" (best available; env TIERRT_CPU_ISA overrides), "avx512", "avx2" or "scalar".
-        sqrt: rounding of ``exp_avg_sq.sqrt()``: "torch" (the running torch's, detected), "ieee"
-            or "rsqrt14".
+        sqrt: rounding of ``exp_avg_sq.sqrt()``: "torch" (the running torch's, detected), "ieee",
+            "rsqrt14", or "halves" (two native passes around torch's own sqrt: torch's rounding,
+            whatever it is; what "torch" picks when torch's matches neither native one).
         param_in: an out-of-place step: the weights are read from ``param_in`` (float32, same
             numel, left unchanged) and the updated weights written to ``param``, in the same single
             pass (no copy of the weights first). ``param_in`` is ``param`` or overlaps nothing.
@@ -332,31 +337,81 @@ def adam_step_(
     )
     if len(betas) != 2:
         raise ConfigError(f"betas must be a pair (beta1, beta2), got {betas!r}.", argument="betas")
-    _native.adam_step(
-        param.data_ptr(),
-        grad.data_ptr(),
-        exp_avg.data_ptr(),
-        exp_avg_sq.data_ptr(),
-        n,
-        lr=_scalar("lr", lr),
-        beta1=_scalar("beta1", betas[0]),
-        beta2=_scalar("beta2", betas[1]),
-        eps=_scalar("eps", eps),
-        weight_decay=_scalar("weight_decay", weight_decay),
-        step=_step(step),
-        decoupled=bool(decoupled),
-        maximize=bool(maximize),
-        amsgrad_max=max_exp_avg_sq.data_ptr() if max_exp_avg_sq is not None else 0,
-        grad_dtype=_GRAD_DTYPES[grad.dtype],
-        grad_scale=_scalar("grad_scale", grad_scale),
-        out=out.data_ptr() if out is not None else 0,
-        out_dtype=_OUT_DTYPES[out.dtype] if out is not None else "bfloat16",
-        threads=int(threads),
-        isa=isa,
-        sqrt=_sqrt_kind(sqrt),
-        param_in=source,
-    )
+    scalars = {
+        "lr": _scalar("lr", lr),
+        "beta1": _scalar("beta1", betas[0]),
+        "beta2": _scalar("beta2", betas[1]),
+        "eps": _scalar("eps", eps),
+        "weight_decay": _scalar("weight_decay", weight_decay),
+        "step": _step(step),
+        "decoupled": bool(decoupled),
+        "maximize": bool(maximize),
+        "grad_dtype": _GRAD_DTYPES[grad.dtype],
+        "grad_scale": _scalar("grad_scale", grad_scale),
+        "out_dtype": _OUT_DTYPES[out.dtype] if out is not None else "bfloat16",
+        "threads": int(threads),
+        "isa": isa,
+    }
+    kind = _sqrt_kind(sqrt)
+    if kind == "halves":
+        _adam_in_halves(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, out, source, scalars)
+    else:
+        _native.adam_step(
+            param.data_ptr(),
+            grad.data_ptr(),
+            exp_avg.data_ptr(),
+            exp_avg_sq.data_ptr(),
+            n,
+            amsgrad_max=max_exp_avg_sq.data_ptr() if max_exp_avg_sq is not None else 0,
+            out=out.data_ptr() if out is not None else 0,
+            sqrt=kind,
+            param_in=source,
+            **scalars,
+        )
     _bump_versions(param, exp_avg, exp_avg_sq, max_exp_avg_sq, out)
+
+
+#: Elements per chunk of a step run in halves: its arrays stay in the caches between the halves.
+HALVES_CHUNK = 1 << 16
+
+
+def _adam_in_halves(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    max_exp_avg_sq: torch.Tensor | None,
+    out: torch.Tensor | None,
+    source: int,
+    scalars: dict[str, Any],
+) -> None:
+    """One Adam step as two native halves around torch's own ``sqrt``, chunk by chunk: the first
+    half updates the moments, torch takes the square roots of the (maximum) second moments, the
+    second half applies them to the weights. Bitwise the fused step with torch's rounding of sqrt,
+    whatever that rounding is (see :func:`torch_sqrt_kind`)."""
+    n = param.numel()
+    roots = torch.empty(min(n, HALVES_CHUNK), dtype=torch.float32)
+    second = (max_exp_avg_sq if max_exp_avg_sq is not None else exp_avg_sq).view(-1)
+    grad_size, out_size = grad.element_size(), out.element_size() if out is not None else 0
+    p, g, m, v = param.data_ptr(), grad.data_ptr(), exp_avg.data_ptr(), exp_avg_sq.data_ptr()
+    vmax = max_exp_avg_sq.data_ptr() if max_exp_avg_sq is not None else 0
+    o = out.data_ptr() if out is not None else 0
+    for start in range(0, n, HALVES_CHUNK):
+        k = min(HALVES_CHUNK, n - start)
+        f32 = 4 * start
+        common = {
+            "param_in": source + f32 if source else 0,
+            **scalars,
+        }
+        _native.adam_step(
+            p + f32, g + grad_size * start, m + f32, v + f32, k,
+            amsgrad_max=vmax + f32 if vmax else 0, out=0, sqrt="moments", **common,
+        )  # fmt: skip
+        torch.sqrt(second[start : start + k], out=roots[:k])
+        _native.adam_step(
+            p + f32, g + grad_size * start, m + f32, roots.data_ptr(), k,
+            amsgrad_max=0, out=o + out_size * start if o else 0, sqrt="given", **common,
+        )  # fmt: skip
 
 
 def adamw_step_(
@@ -526,7 +581,10 @@ def sqrt_(
     _check_same_numel(src.numel(), out=out)
     if src.data_ptr() != out.data_ptr():
         _check_no_overlap(src=src, out=out)
-    _native.sqrt_f32(
-        src.data_ptr(), out.data_ptr(), src.numel(), sqrt=_sqrt_kind(sqrt), threads=int(threads), isa=isa
-    )
+    kind = _sqrt_kind(sqrt)
+    if kind == "halves":  # torch's own rounding, computed by torch
+        torch.sqrt(src.view(-1), out=out.view(-1))
+    else:
+        n = src.numel()
+        _native.sqrt_f32(src.data_ptr(), out.data_ptr(), n, sqrt=kind, threads=int(threads), isa=isa)
     _bump_versions(out)
