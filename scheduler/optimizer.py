@@ -76,6 +76,10 @@ class OptimizerPipeline:
         self.transactional = updater.transactional and pipeline.store.nvme is not None
         self.step_open = False
         self.step_kinds: list[tuple[BlockState, str]] = []
+        # Blocks of the open step whose changed state lives off NVMe in part (a DRAM or CXL home):
+        # what their update changed there has no previous copy to go back to (see _not_undone).
+        self.step_unprotected: list[BlockState] = []
+        self.step_updated: set[int] = set()  # blocks of the open step whose update has run
         self.step_number = 0
         self._snapshot: Any = None
         self._in_step_call = False  # inside step(), once the step's number is counted
@@ -125,6 +129,7 @@ class OptimizerPipeline:
         self.pipeline.counters.block_updates += len(candidates)  # run now, in backward, or deferred
         for index in candidates:
             if self.speculator.commit(index, hyper):
+                self.step_updated.add(index)
                 continue  # updated during backward already
             slots = updatable[index]
             muls = {
@@ -226,6 +231,7 @@ class OptimizerPipeline:
                     pipeline.detach(bs)
                 try:
                     self.updater.apply(pipeline.store, bs, wkind, update.slots, update.hyper, update.muls)
+                    self.step_updated.add(index)
                 except Exception as error:  # noqa: BLE001 - handled below, once the pins are released
                     failure = error
             finally:
@@ -374,6 +380,11 @@ class OptimizerPipeline:
         for bs, kind in nvme_kinds:
             bs.kinds[kind].in_step = True
         self.step_kinds = nvme_kinds
+        self.step_unprotected = sorted(
+            {bs.index: bs for bs, kind in kinds if bs.kinds[kind].home != "nvme"}.values(),
+            key=lambda bs: bs.index,
+        )
+        self.step_updated = set()
         self._snapshot = self.updater.snapshot()
         self.step_open = True
 
@@ -387,6 +398,7 @@ class OptimizerPipeline:
         for bs, kind in self.step_kinds:
             self.pipeline.store.commit_kind(bs.kinds[kind])
         self.step_kinds = []
+        self.step_unprotected, self.step_updated = [], set()
         self.step_open = False
 
     def try_commit(self) -> bool:
@@ -425,17 +437,33 @@ class OptimizerPipeline:
         n = self.step_number
         counted = "counting the optimizer.step() calls since entering tierrt.offload()"
         before = f"step {n - 1}'s values" if n > 1 else "the values they had before step 1"
+        kept = self._not_undone()
+        every = "every offloaded parameter and its optimizer state"
+        caveat = ""
+        if kept:
+            every = "every other offloaded parameter and its optimizer state"
+            caveat = (
+                f". Not undone: block(s) {', '.join(kept)} keep step {n}'s update of their state in DRAM "
+                "(which has no copy-on-write extent on NVMe to go back to), while their state on NVMe is "
+                "back at the previous step: load a checkpoint to continue exactly"
+            )
         if self._in_step_call:
             return (
-                f"{what}. Step {n} ({counted}) was rolled back before its step() returned: every "
-                f"offloaded parameter and its optimizer state hold {before}, and the gradients it "
-                "was to apply are kept: fix the cause and call step() again"
+                f"{what}. Step {n} ({counted}) was rolled back before its step() returned: {every} "
+                f"hold {before}, and the gradients it was to apply are kept: fix the cause and call "
+                f"step() again{caveat}"
             )
         return (
             f"{what}. Step {n} ({counted}) was rolled back although its step() had already returned: "
-            f"every offloaded parameter and its optimizer state hold {before} again, so the batches "
-            f"trained since then must be redone, starting with the one whose gradients step {n} applied"
+            f"{every} hold {before} again, so the batches trained since then must be redone, starting "
+            f"with the one whose gradients step {n} applied{caveat}"
         )
+
+    def _not_undone(self) -> list[str]:
+        """Names of the open step's blocks already updated whose changed state lives off NVMe in
+        part: a rollback cannot give those parts their previous values (they have no copy-on-write
+        extent). Blocks not updated yet only lose their pending update, and keep their values."""
+        return [bs.name for bs in self.step_unprotected if bs.index in self.step_updated]
 
     def _undo_step(self) -> None:
         """Put every block back to the previous step: the open step's writes are undone, its pending
@@ -461,6 +489,7 @@ class OptimizerPipeline:
                 ks.gpu = None
             pipeline.store.rollback_kind(ks)
         self.step_kinds = []
+        self.step_unprotected, self.step_updated = [], set()
         self.updater.restore(self._snapshot)
         self._zero_deferred()
         self.step_number -= 1

@@ -323,3 +323,38 @@ def test_plain_reference_is_deterministic():
     a, _ = plain_after(2, batches)
     b, _ = plain_after(2, batches)
     assert_same(a, copy.deepcopy(b), "plain torch twice")
+
+
+def test_rollback_names_the_blocks_whose_dram_state_it_cannot_undo(nvme_dir):
+    """With room to spare, a block's weights may live in DRAM (no copy-on-write extent on NVMe). A
+    step whose write fails after that block was updated is rolled back for every other block; the
+    error names that block, whose weights keep the failed step's update (and says to load a
+    checkpoint), instead of claiming that everything holds the previous step's values."""
+    model = models.llama()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    tiers = [tierrt.dram(streaming_budget(model, extra_blocks=6)), tierrt.nvme(nvme_dir)]
+    batches = models.token_batches(2)
+    with tierrt.offload(model, tiers=tiers, optimizer=opt, overlap_backward=False) as rt:
+        homes = {bs.name: (bs.kinds["weight"].home, bs.kinds["exp_avg"].home) for bs in rt.pipeline.blocks}
+        block = next(bs for bs in rt.pipeline.blocks if homes[bs.name] == ("dram", "nvme"))
+        own = {id(slot.param) for slot in block.spec.slots}
+        name = next(n for n, p in model.named_parameters() if id(p) in own)
+        models.lm_loss(model, batches[0]).backward()
+        opt.step()
+        opt.zero_grad()
+        rt.synchronize()
+        before = {n: rt.value(n) for n, _ in model.named_parameters()}
+        models.lm_loss(model, batches[1]).backward()
+        rt.engine.inject_fault(op="write", errno=errno.EIO, count=10**6)
+        opt.step()  # deferred: the updates run when their blocks are next needed
+        updated = rt.value(name)  # runs this block's update; its moments' writes home fail
+        with pytest.raises(tierrt.IOEngineError, match="rolled back") as error:
+            rt.synchronize()
+        rt.engine.clear_faults()
+        message = str(error.value)
+        assert f"Not undone: block(s) {block.name} keep step 2's update" in message
+        assert "load a checkpoint" in message
+        assert torch.equal(rt.value(name), updated) and not torch.equal(updated, before[name])
+        for n, p in model.named_parameters():
+            if id(p) not in own:
+                assert torch.equal(rt.value(n), before[n]), f"{n} was not rolled back"
