@@ -1,7 +1,8 @@
 """Placing an offloaded model again, and optimizers :func:`tierrt.offload` was not given.
 
-Part of :class:`tierrt.runtime.Runtime` (a mixin, so that the runtime's module keeps to placing,
-leaving and reading; this one holds what changes a placement while the context is active):
+Part of :class:`tierrt.runtime.Runtime` (a mixin, so that the runtime's module keeps to placing
+and reading, and :mod:`tierrt.leaving` to leaving; this one holds what changes a placement while
+the context is active):
 
 - ``model.train()`` inside a context entered in eval mode: the model is placed again with room for
   gradients (:meth:`PlacingAgain._make_room_for_gradients`).

@@ -44,10 +44,11 @@ from torch import nn
 
 from . import _native
 from .blocks import BlockSelector, Partition, partition_model
-from .errors import ConfigError, HookError, TierCapacityError, listed, restated
+from .errors import ConfigError, HookError, TierCapacityError, listed
 from .grads import GradientStore
 from .hooks import HookSet
 from .interrupts import HeldInterrupts
+from .leaving import GivingBack
 from .loading import LoadPatch, StateDictLoader
 from .optim.blockwise import BlockwiseOptimizer
 from .optim.wrappers import unwrap_optimizer
@@ -213,7 +214,7 @@ def runtime_of(model: nn.Module) -> Runtime | None:
     return None
 
 
-class Runtime(PlacingAgain):
+class Runtime(PlacingAgain, GivingBack):
     """One offloaded model: its tiers, blocks, hooks and counters. Made by :func:`offload`."""
 
     def __init__(
@@ -1068,125 +1069,6 @@ class Runtime(PlacingAgain):
         )
         return self.pipeline.read_slot(bs, kind, slot.index, device, dtype)
 
-    # ---- close -----------------------------------------------------------------------------------
-    def close(self) -> None:
-        """Give the model back (trained values, original devices) and free every tier. A Ctrl-C
-        meanwhile is raised once the model is back (stopping half way would leave it neither
-        offloaded nor whole)."""
-        if self.closed:
-            return
-        if not self.active:
-            self.closed = True
-            return
-        if self._finalizer is not None:
-            self._finalizer.detach()  # closed: nothing left for the model's end to free
-        with HeldInterrupts("giving the model back"):
-            self._give_back()
-
-    def _discard(self) -> None:
-        """Free everything of a runtime whose model was dropped without ``close()``: hooks and
-        patches, threads, the I/O engine, files and tier memory. Nothing is given back (the values
-        are discarded); parameters something still holds (an optimizer) are left on the meta device."""
-        if not self.active:
-            return
-        self._discarding = True
-        self.restore_on_exit = False
-        self._give_back()
-
-    def _give_back(self) -> None:
-        errors: list[BaseException] = []
-        # Giving the model back must not fail for want of DRAM room (memory still viewed by tensors
-        # kept from inside the context): what does not fit in the arena goes outside the budget.
-        self.store.overflow = True  # type: ignore[union-attr]
-        self._settle(errors, keep_assigned=self._restores_values())
-        self._take_down()
-        for restore in (
-            self._restore_buffers,
-            self._export_optimizer_state,
-            self._restore_all,
-            self._tie_standins,
-        ):
-            try:  # each on its own: a lost optimizer state does not keep the weights from coming back
-                restore()
-            except BaseException as exc:  # noqa: BLE001
-                errors.append(exc)
-        try:
-            if self._restores_values():
-                self._restore_grads()
-        except BaseException as exc:  # noqa: BLE001
-            errors.append(exc)
-        with _OWNERS_LOCK:
-            for bs in self.store.blocks:  # type: ignore[union-attr]
-                for slot in bs.spec.slots:
-                    _OWNERS.pop(id(slot.param), None)
-        try:
-            self.pipeline.close()
-        except BaseException as exc:  # noqa: BLE001
-            errors.append(exc)
-        self._let_go_of_updates()
-        self.store.close()  # type: ignore[union-attr]
-        self.active = False
-        self.closed = True
-        if errors:
-            # Lost parameters first: what the user must act on (the others are logged).
-            errors.sort(key=lambda error: not getattr(error, "lost_parameters", None))
-            for other in errors[1:]:
-                log.error("tierrt: while giving the model back: %s", other)
-            raise errors[0]
-
-    def _settle(self, errors: list[BaseException], keep_assigned: bool) -> None:
-        """Apply the last step's pending updates, let every transfer land, and take gradients
-        assigned by hand into the tiers (dropped unless ``keep_assigned``). Failures are added to
-        ``errors``: what follows goes on regardless."""
-        try:
-            if self.blockwise is not None and not self._discarding:
-                self.blockwise.finish()  # pending updates of the last step
-            self.pipeline.drain()
-        except BaseException as exc:  # noqa: BLE001
-            errors.append(exc)
-        try:
-            if self.grads is not None:  # p.grad = g by hand: given back with the others
-                self.grads.take_assigned(drop=not keep_assigned)
-        except BaseException as exc:  # noqa: BLE001
-            errors.append(exc)
-
-    def _take_down(self) -> None:
-        """Remove what :meth:`_install` put on the model, its optimizer and torch (hooks, method
-        patches, the optimizer's replaced methods); the values stay where they are, in the tiers."""
-        if self.hooks is not None:
-            self.hooks.remove()
-        if self.blockwise is not None:
-            self.blockwise.remove()
-        self._unpatch_model()
-        self._deepcopy_patch.remove()
-        from .clip import ClipPatch
-
-        ClipPatch.remove(self)
-        from .amp import AmpPatch
-
-        AmpPatch.remove(self)
-        from .averaging import AveragingPatch
-
-        AveragingPatch.remove(self)
-        LoadPatch.remove(self)
-        from .adopt import OptimizerAdoption
-
-        OptimizerAdoption.remove(self)
-        from .functional import FunctionalPatch
-
-        FunctionalPatch.remove(self)
-
-    def _let_go_of_updates(self) -> None:
-        """Once the model is back and the pipeline closed: the pipeline and the gradient store let go
-        of the optimizer's updates (which hold the pipeline, the optimizer and its state), so that a
-        closed runtime keeps them in no reference cycle until a garbage collection. Not earlier:
-        giving the model back reads through them (a failed step's blocks read as committed)."""
-        for holder in (self.pipeline, self.grads):
-            if holder is not None:
-                holder.updates = None
-        if self.pipeline is not None:
-            self.pipeline.on_write_error = None
-
     def _move_buffers(self, model: nn.Module, compute_device: torch.device) -> None:
         """Buffers (BatchNorm statistics, rotary frequencies, masks) are not tiered: they move with
         their module to the compute device, as ``model.to(device)`` would, and back on leaving."""
@@ -1199,137 +1081,6 @@ class Runtime(PlacingAgain):
                 if buf is not None and buf.device != compute_device:
                     self._buffer_devices.append((weakref.ref(module), name, buf.device))
                     module._buffers[name] = buf.to(compute_device)
-
-    def _restore_buffers(self) -> None:
-        for module_ref, name, device in getattr(self, "_buffer_devices", []):
-            module = module_ref()
-            buf = module._buffers.get(name) if module is not None else None
-            if buf is not None:
-                module._buffers[name] = buf.to(device)
-        self._buffer_devices = []
-
-    def _restores_values(self) -> bool:
-        """Whether leaving gives parameters real values (not for meta models unless restore=True)."""
-        if self.restore_on_exit is False:
-            return False
-        if self.restore_on_exit:
-            return True
-        return any(device.type != "meta" for device, _ in self._originals.values())
-
-    def _tie_standins(self) -> None:
-        """``w = p.detach()`` (or ``p.data``) taken inside and still held: after the model is back,
-        ``w`` views ``p``'s memory, as the alias it is in torch."""
-        if self.hooks is None:
-            return
-        for standin, param in self.hooks.standins_left:
-            if not param.is_meta and standin.shape == param.shape and standin.dtype == param.dtype:
-                standin.data = param.data
-            if "tierrt_standin_of" in standin.__dict__:
-                del standin.tierrt_standin_of
-        self.hooks.standins_left = []
-
-    def _export_optimizer_state(self) -> None:
-        if self.blockwise is not None and self._restores_values():
-            self.blockwise.export_state()  # the optimizer keeps working on the restored model
-
-    def _restore_all(self) -> None:
-        if self._discarding:
-            pass  # the model was dropped: its runtime's warning said so
-        elif self.restore_on_exit is False:
-            log.warning(
-                "tierrt: restore=False: the model's parameters are left without values (meta); "
-                "their values are discarded with the tiers"
-            )
-        elif self.restore_on_exit is None:
-            meta = sum(1 for dev, _ in self._originals.values() if dev.type == "meta")
-            if meta and self._trained:
-                log.warning(
-                    "tierrt: %d parameters came from the meta device and stay there: their trained "
-                    "values are discarded with the tiers unless saved with rt.save(path) first",
-                    meta,
-                )
-        lost: list[tuple[str, BaseException]] = []
-        for bs in self.store.blocks:  # type: ignore[union-attr]
-            for slot in bs.spec.slots:
-                try:
-                    self._restore_slot(bs, slot)
-                except Exception as exc:  # noqa: BLE001 - its value cannot be read back (I/O, corrupt)
-                    lost.append((slot.name, exc))
-                    device, dtype = self._originals[id(slot.param)]
-                    slot.param.data = torch.full(
-                        slot.shape,
-                        float("nan"),
-                        dtype=dtype,
-                        device="cpu" if device.type == "meta" else device,
-                    )
-            bs.attached = False
-        if self.optimizer is not None:
-            self._move_optimizer_state()
-        if lost:
-            names = listed([name for name, _ in lost], 8)
-            first = lost[0][1]
-            message = (
-                f"tierrt could not give back {len(lost)} of the model's parameters ({names}): their "
-                f"stored values could not be read ({first}). They now hold NaN; every other parameter "
-                "holds its trained value. Reload the lost ones from a checkpoint"
-            )
-            error = restated(first, message)
-            if error is first:
-                error = HookError(message)
-            error.lost_parameters = [name for name, _ in lost]  # type: ignore[attr-defined]
-            raise error from first
-
-    def _restore_slot(self, bs: BlockState, slot: Any) -> None:
-        device, dtype = self._originals[id(slot.param)]
-        if (device.type == "meta" and not self.restore_on_exit) or self.restore_on_exit is False:
-            _swap_tensor(slot.param, torch.empty(slot.shape, dtype=dtype, device="meta"))
-            return
-        slot.param.data = self._materialize(
-            bs,
-            slot,
-            device=torch.device("cpu") if device.type == "meta" else device,
-            dtype=dtype,
-        )
-
-    def _restore_grads(self) -> None:
-        """Gradients still in the tiers (accumulated and not cleared by ``zero_grad()``, stepped or
-        not) go back to ``p.grad`` on the restored parameters, in their dtype and on their device,
-        as a run without tierrt would hold them; an ``optimizer.step()`` after the with-block then
-        applies them. Parameters without one keep ``p.grad`` None. Runs after every value is back."""
-        if self.grads is None:
-            return
-        count = nbytes = 0
-        for bs in self.store.blocks:  # type: ignore[union-attr]
-            for slot in bs.spec.slots:
-                param = slot.param
-                if not bs.trains(slot.index) or param.is_meta:
-                    continue
-                value = self.grads.read(bs, slot.index)
-                if value is not None:
-                    param.grad = value.to(device=param.device, dtype=param.dtype)
-                    count, nbytes = count + 1, nbytes + param.grad.nbytes
-        if count:
-            log.info(
-                "tierrt: gradients not cleared by zero_grad() are given back in p.grad: %d parameters, %s",
-                count,
-                format_size(nbytes),
-            )
-
-    def _move_optimizer_state(self) -> None:
-        """Optimizer state made during blockwise steps lives on the CPU; follow the parameters."""
-        assert self.optimizer is not None
-        for group in self.optimizer.param_groups:
-            for p in group["params"]:
-                state = self.optimizer.state.get(p)
-                if not state:
-                    continue
-                for key, value in state.items():
-                    if (
-                        isinstance(value, torch.Tensor)
-                        and value.shape == p.shape
-                        and value.device != p.device
-                    ):
-                        state[key] = value.to(p.device)
 
     def synchronize(self) -> None:
         """Wait until every transfer in flight has finished (raising the first failure), the
