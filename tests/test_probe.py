@@ -290,6 +290,7 @@ def test_info_reports_backends_and_features(tmp_path: Path) -> None:
     assert facts["transparent_hugepages"]["enabled"] in ("always", "madvise", "never")
     assert facts["mlock_limit"]["soft"] is not None
     assert isinstance(facts["cuda"]["available"], bool)
+    assert facts["torch_sqrt_rounding"] in ("ieee", "rsqrt14", "halves")
     text = tierrt.format_info(facts)
     for word in (
         "native module",
@@ -299,6 +300,7 @@ def test_info_reports_backends_and_features(tmp_path: Path) -> None:
         "NUMA",
         "CUDA",
         "mlock",
+        "torch's fp32 sqrt",
     ):
         assert word in text
     out = subprocess.run(

@@ -105,6 +105,18 @@ def _hugepages() -> dict[str, Any]:
     return out
 
 
+def _torch_sqrt_rounding(native: Any) -> str | None:
+    """How the Adam kernels match torch's fp32 sqrt here (see tierrt.optim.kernels.torch_sqrt_kind)."""
+    if native is None:
+        return None
+    try:
+        from .optim.kernels import torch_sqrt_kind
+
+        return torch_sqrt_kind()
+    except Exception as err:  # noqa: BLE001
+        return f"error: {err}"
+
+
 def _cpu_features(native: Any) -> Any:
     feat = getattr(native, "cpu_features", None) if native is not None else None
     if feat is None:
@@ -183,6 +195,7 @@ def info(path: str | os.PathLike[str] | None = None, *, check_engines: bool = Tr
         ],
         "host_arena": native is not None and hasattr(native, "HostArena"),
         "cpu_features": _cpu_features(native),
+        "torch_sqrt_rounding": _torch_sqrt_rounding(native),
         "cuda": _cuda(),
         "mlock_limit": _mlock(),
         "optional": {
@@ -237,6 +250,14 @@ def format_info(facts: dict[str, Any] | None = None) -> str:
     lines.append(f"host arena: {_yn(f['host_arena'])}")
     cpu = f["cpu_features"]
     lines.append("CPU kernels ISA: " + ("not built" if cpu is None else json.dumps(cpu)))
+    rounding = f.get("torch_sqrt_rounding")
+    if rounding is not None:
+        meaning = {
+            "ieee": "correctly rounded; reproduced in one pass",
+            "rsqrt14": "MKL's AVX-512 rounding; reproduced in one pass",
+            "halves": "neither known rounding; Adam steps run two passes around torch's own sqrt",
+        }.get(rounding, "")
+        lines.append(f"torch's fp32 sqrt: {rounding}" + (f" ({meaning})" if meaning else ""))
     cuda = f["cuda"]
     if cuda.get("available"):
         lines.append(
