@@ -398,19 +398,16 @@ def _adam_in_halves(
     o = out.data_ptr() if out is not None else 0
     for start in range(0, n, HALVES_CHUNK):
         k = min(HALVES_CHUNK, n - start)
-        f32 = 4 * start
-        common = {
-            "param_in": source + f32 if source else 0,
-            **scalars,
-        }
+        f32, g_at = 4 * start, g + grad_size * start
+        p_in = source + f32 if source else 0
         _native.adam_step(
-            p + f32, g + grad_size * start, m + f32, v + f32, k,
-            amsgrad_max=vmax + f32 if vmax else 0, out=0, sqrt="moments", **common,
+            p + f32, g_at, m + f32, v + f32, k, amsgrad_max=vmax + f32 if vmax else 0, out=0,
+            sqrt="moments", param_in=p_in, **scalars,
         )  # fmt: skip
         torch.sqrt(second[start : start + k], out=roots[:k])
         _native.adam_step(
-            p + f32, g + grad_size * start, m + f32, roots.data_ptr(), k,
-            amsgrad_max=0, out=o + out_size * start if o else 0, sqrt="given", **common,
+            p + f32, g_at, m + f32, roots.data_ptr(), k, amsgrad_max=0, out=o + out_size * start if o else 0,
+            sqrt="given", param_in=p_in, **scalars,
         )  # fmt: skip
 
 
