@@ -46,6 +46,7 @@ STEP_BYTES = 28  # per element: read p, g, m, v; write p, m, v (fp32)
 BF16_OUT_BYTES = 2
 NATIVE = "tierrt native"
 NATIVE_BF16 = "tierrt native + bf16 weights out"
+NATIVE_ONE_PASS = "tierrt native, one pass (ieee sqrt)"
 
 
 def time_calls(fn: Callable[[], None], rounds: int) -> list[float]:
@@ -69,7 +70,7 @@ class NativeState:
         self.out = torch.empty(param.shape, dtype=torch.bfloat16)
         self.count = 0
 
-    def step(self, threads: int, bf16_out: bool) -> None:
+    def step(self, threads: int, bf16_out: bool, sqrt: str = "torch") -> None:
         self.count += 1
         kernels.adamw_step_(
             self.param,
@@ -81,6 +82,7 @@ class NativeState:
             weight_decay=0.01,
             out=self.out if bf16_out else None,
             threads=threads,
+            sqrt=sqrt,  # type: ignore[arg-type]
         )
 
 
@@ -178,6 +180,10 @@ def main(argv: list[str] | None = None) -> int:
         NATIVE: lambda t: native.step(t, False),
         NATIVE_BF16: lambda t: native.step(t, True),
     }
+    if kernels.torch_sqrt_kind() == "halves":
+        # What the two halves around torch's sqrt cost: the one-pass step with the correctly rounded
+        # sqrt (not torch's bits on this CPU; for comparison only).
+        methods[NATIVE_ONE_PASS] = lambda t: native.step(t, False, "ieee")
     for name, opt in optimizers.items():
         methods[name] = lambda t, opt=opt: opt.step()
     samples: dict[tuple[str, int], list[float]] = defaultdict(list)
