@@ -372,7 +372,7 @@ def adam_step_(
 
 
 #: Elements per chunk of a step run in halves: its arrays stay in the caches between the halves.
-HALVES_CHUNK = 1 << 16
+HALVES_CHUNK = 1 << 20
 
 
 def _adam_in_halves(
