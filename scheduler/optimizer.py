@@ -30,7 +30,7 @@ from .transfer import Span
 
 if TYPE_CHECKING:
     from tierrt.grads import GradientStore
-    from tierrt.store import BlockState
+    from tierrt.store import BlockState, HostBuffer, KindState
 
     from .pipeline import Pipeline
 
@@ -80,6 +80,7 @@ class OptimizerPipeline:
         # what their update changed there has no previous copy to go back to (see _not_undone).
         self.step_unprotected: list[BlockState] = []
         self.step_updated: set[int] = set()  # blocks of the open step whose update has run
+        self.step_undo_lost: set[int] = set()  # ... whose DRAM undo copy found no room, or was let go
         self.step_number = 0
         self._snapshot: Any = None
         self._in_step_call = False  # inside step(), once the step's number is counted
@@ -230,6 +231,7 @@ class OptimizerPipeline:
                 if wkind == "weight" and bs.attached and pipeline.compute != "dram":
                     pipeline.detach(bs)
                 try:
+                    self._keep_dram_undo(bs)
                     self.updater.apply(pipeline.store, bs, wkind, update.slots, update.hyper, update.muls)
                     self.step_updated.add(index)
                 except Exception as error:  # noqa: BLE001 - handled below, once the pins are released
@@ -384,7 +386,7 @@ class OptimizerPipeline:
             {bs.index: bs for bs, kind in kinds if bs.kinds[kind].home != "nvme"}.values(),
             key=lambda bs: bs.index,
         )
-        self.step_updated = set()
+        self.step_updated, self.step_undo_lost = set(), set()
         self._snapshot = self.updater.snapshot()
         self.step_open = True
 
@@ -398,7 +400,7 @@ class OptimizerPipeline:
         for bs, kind in self.step_kinds:
             self.pipeline.store.commit_kind(bs.kinds[kind])
         self.step_kinds = []
-        self.step_unprotected, self.step_updated = [], set()
+        self._end_dram_undo()
         self.step_open = False
 
     def try_commit(self) -> bool:
@@ -461,9 +463,102 @@ class OptimizerPipeline:
 
     def _not_undone(self) -> list[str]:
         """Names of the open step's blocks already updated whose changed state lives off NVMe in
-        part: a rollback cannot give those parts their previous values (they have no copy-on-write
-        extent). Blocks not updated yet only lose their pending update, and keep their values."""
-        return [bs.name for bs in self.step_unprotected if bs.index in self.step_updated]
+        part and has no undo copy: a rollback cannot give those parts their previous values (a CXL
+        home, or a DRAM home whose copy found no room). Blocks not updated yet only lose their
+        pending update, and keep their values."""
+        return [
+            bs.name
+            for bs in self.step_unprotected
+            if bs.index in self.step_updated and not self._undoable(bs)
+        ]
+
+    # ---- undo copies of DRAM-homed state --------------------------------------------------------
+    # A kind homed in DRAM is rewritten in place (or replaced by a speculative update's buffer), so a
+    # step that must be rolled back needs its previous value kept apart: a copy in the arena (room
+    # made by evicting clean copies of released blocks only), or the old buffer a speculative update
+    # replaces. Copies go when the step commits, and whenever DRAM is needed (make_room lets them go
+    # before it waits for anything): a block whose copy went is then reported as not undone.
+    def _undoable(self, bs: BlockState) -> bool:
+        if bs.index in self.step_undo_lost:
+            return False
+        for kind in self.changed_kinds(bs):
+            ks = bs.kinds[kind]
+            if ks.home != "nvme" and (ks.home != "dram" or ks.dram_undo is None):
+                return False
+        return True
+
+    def keep_previous(self, bs: BlockState, ks: KindState, previous: HostBuffer | None) -> None:
+        """``ks`` (homed in DRAM) is about to be replaced; ``previous`` holds its value. While a
+        step is open, keep it as the step's undo copy (the first one counts)."""
+        if not self.step_open or ks.home != "dram" or ks.dram_undo is not None:
+            return
+        if previous is None:
+            self.step_undo_lost.add(bs.index)
+            return
+        ks.dram_undo = previous
+
+    def _keep_dram_undo(self, bs: BlockState) -> None:
+        """Before ``bs``'s update rewrites its DRAM-homed kinds in place: copy each into arena room,
+        free or made by evicting clean copies of released blocks (nothing is written or waited for)."""
+        if not self.step_open or bs.index in self.step_undo_lost:
+            return
+        pipeline = self.pipeline
+        dram = pipeline.store.dram
+        for kind in self.changed_kinds(bs):
+            ks = bs.kinds[kind]
+            if ks.home != "dram" or ks.dram_undo is not None:
+                continue
+            copy = None
+            if ks.host is not None:
+                copy = dram.try_alloc(ks.nbytes, transient=True)
+                if copy is None and pipeline.make_room("dram", ks.nbytes, {bs.index}, demand=False):
+                    copy = dram.try_alloc(ks.nbytes, transient=True)
+            if copy is None:
+                self.step_undo_lost.add(bs.index)
+                self._drop_dram_undo(bs)
+                return
+            copy.flat.copy_(ks.host.flat)  # type: ignore[union-attr]
+            ks.dram_undo = copy
+
+    def release_undo(self) -> bool:
+        """DRAM is needed: let the open step's undo copies go (their blocks can no longer be rolled
+        back, and a rollback says so). True when anything was freed."""
+        freed = False
+        for bs in self.step_unprotected:
+            if self._drop_dram_undo(bs):
+                self.step_undo_lost.add(bs.index)
+                freed = True
+        return freed
+
+    def _drop_dram_undo(self, bs: BlockState) -> bool:
+        dropped = False
+        for ks in bs.kinds.values():
+            if ks.dram_undo is not None:
+                ks.dram_undo = None  # the arena range returns once no tensor views it
+                dropped = True
+        return dropped
+
+    def _restore_dram_undo(self, bs: BlockState) -> None:
+        """Rollback: the undo copies become ``bs``'s DRAM homes again (every other copy of those
+        kinds, the compute device's included, goes)."""
+        pipeline = self.pipeline
+        for ks in bs.kinds.values():
+            if ks.dram_undo is None:
+                continue
+            if bs.attached:
+                pipeline.detach(bs)  # the parameters view the copy that goes now
+            if ks.gpu is not None and pipeline.store.gpu is not None:
+                pipeline.store.gpu.release(ks.nbytes)
+                ks.gpu = None
+            ks.host, ks.dram_undo = ks.dram_undo, None
+            ks.valid = {"dram"}
+            ks.version += 1
+
+    def _end_dram_undo(self) -> None:
+        """The step is over (committed or rolled back): its undo copies and records go."""
+        for bs in self.step_unprotected:
+            self._drop_dram_undo(bs)
+        self.step_unprotected, self.step_updated, self.step_undo_lost = [], set(), set()
 
     def _undo_step(self) -> None:
         """Put every block back to the previous step: the open step's writes are undone, its pending
@@ -488,8 +583,11 @@ class OptimizerPipeline:
                 pipeline.store.gpu.release(ks.nbytes)
                 ks.gpu = None
             pipeline.store.rollback_kind(ks)
+        for bs in self.step_unprotected:
+            if bs.index in self.step_updated:
+                self._restore_dram_undo(bs)
         self.step_kinds = []
-        self.step_unprotected, self.step_updated = [], set()
+        self._end_dram_undo()
         self.updater.restore(self._snapshot)
         self._zero_deferred()
         self.step_number -= 1

@@ -457,7 +457,11 @@ class Pipeline:
         """Evict copies on ``tier`` until ``nbytes`` fit. Without ``demand``, only released blocks
         outside ``protect`` are evicted and nothing is waited for."""
         while not self._fits(tier, nbytes):
-            victim = self._pick_victim(tier, protect, demand)
+            victim = self._pick_victim(tier, protect, False)  # released clean copies first
+            if victim is None and demand:
+                if self.updates is not None and tier == "dram" and self.updates.release_undo():
+                    continue  # the open step's undo copies go before any copy about to be used
+                victim = self._pick_victim(tier, protect, True)
             if victim is not None:
                 self.evict(victim[0], victim[1], tier)
                 continue

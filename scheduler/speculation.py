@@ -299,6 +299,7 @@ class Speculator:
                 ks.host = buffer
                 ks.valid = {"nvme", "dram"} if buffer is not None else {"nvme"}
             else:  # a DRAM home: the updated copy becomes the home
+                owner.keep_previous(bs, ks, ks.host)  # (the step's undo copy, when one is open)
                 ks.host = spec.buffers[kind]
                 ks.valid = {"dram"}
                 if ks.far is not None:

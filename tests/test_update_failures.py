@@ -325,36 +325,46 @@ def test_plain_reference_is_deterministic():
     assert_same(a, copy.deepcopy(b), "plain torch twice")
 
 
-def test_rollback_names_the_blocks_whose_dram_state_it_cannot_undo(nvme_dir):
-    """With room to spare, a block's weights may live in DRAM (no copy-on-write extent on NVMe). A
-    step whose write fails after that block was updated is rolled back for every other block; the
-    error names that block, whose weights keep the failed step's update (and says to load a
-    checkpoint), instead of claiming that everything holds the previous step's values."""
+@pytest.mark.parametrize("pressure", [False, True], ids=["undo-copy-kept", "undo-copy-let-go"])
+def test_rollback_of_state_homed_in_dram(pressure, nvme_dir):
+    """With room to spare, a block's weights may live in DRAM, rewritten in place by its update (no
+    copy-on-write extent on NVMe). The update first keeps a copy of them in the arena, and a step
+    whose write fails after that block was updated gives every parameter its previous value back,
+    that block's from the copy. When DRAM is needed before the step commits the copy goes: the
+    error then names the block, whose weights keep the failed step's update, and says to load a
+    checkpoint, instead of claiming that everything holds the previous step's values."""
     model = models.llama()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     tiers = [tierrt.dram(streaming_budget(model, extra_blocks=6)), tierrt.nvme(nvme_dir)]
     batches = models.token_batches(2)
     with tierrt.offload(model, tiers=tiers, optimizer=opt, overlap_backward=False) as rt:
-        homes = {bs.name: (bs.kinds["weight"].home, bs.kinds["exp_avg"].home) for bs in rt.pipeline.blocks}
-        block = next(bs for bs in rt.pipeline.blocks if homes[bs.name] == ("dram", "nvme"))
-        own = {id(slot.param) for slot in block.spec.slots}
-        name = next(n for n, p in model.named_parameters() if id(p) in own)
+        block = next(bs for bs in rt.pipeline.blocks if bs.name == "lm_head")
+        assert (block.kinds["weight"].home, block.kinds["exp_avg"].home) == ("dram", "nvme")
         models.lm_loss(model, batches[0]).backward()
         opt.step()
         opt.zero_grad()
         rt.synchronize()
         before = {n: rt.value(n) for n, _ in model.named_parameters()}
         models.lm_loss(model, batches[1]).backward()
+        rt.synchronize()  # the gradients are home: the faults hit the step's writes only
         rt.engine.inject_fault(op="write", errno=errno.EIO, count=10**6)
         opt.step()  # deferred: the updates run when their blocks are next needed
-        updated = rt.value(name)  # runs this block's update; its moments' writes home fail
+        updated = rt.value("lm_head.weight")  # runs lm_head's update; its moments' writes home fail
+        assert not torch.equal(updated, before["lm_head.weight"])
+        assert block.kinds["weight"].dram_undo is not None  # the arena had room for the copy
+        if pressure:
+            assert rt.blockwise.updates.release_undo()  # what make_room does when DRAM is needed
         with pytest.raises(tierrt.IOEngineError, match="rolled back") as error:
             rt.synchronize()
         rt.engine.clear_faults()
         message = str(error.value)
-        assert f"Not undone: block(s) {block.name} keep step 2's update" in message
-        assert "load a checkpoint" in message
-        assert torch.equal(rt.value(name), updated) and not torch.equal(updated, before[name])
-        for n, p in model.named_parameters():
-            if id(p) not in own:
+        if pressure:
+            assert "Not undone: block(s) lm_head keep step 2's update" in message
+            assert "load a checkpoint" in message
+            assert torch.equal(rt.value("lm_head.weight"), updated)
+        else:
+            assert "Not undone" not in message
+            assert torch.equal(rt.value("lm_head.weight"), before["lm_head.weight"])
+        for n, _ in model.named_parameters():
+            if n != "lm_head.weight":
                 assert torch.equal(rt.value(n), before[n]), f"{n} was not rolled back"

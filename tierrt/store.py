@@ -504,6 +504,9 @@ class KindState:
     # holds the previous step's value (``step_undo``) until the step commits or rolls back.
     in_step: bool = False
     step_undo: int | None = None
+    # The same for a kind homed in DRAM, which has no extent to keep: a copy of its previous value
+    # in the arena, taken when the step first changes it if there is room (see OptimizerPipeline).
+    dram_undo: HostBuffer | None = None
     written: bool = False  # the home holds a value (later writes go copy-on-write)
     version: int = 0
     pins: int = 0  # > 0 while compute or the optimizer works on the DRAM copy: not evictable
