@@ -368,3 +368,48 @@ def test_rollback_of_state_homed_in_dram(pressure, nvme_dir):
         for n, _ in model.named_parameters():
             if n != "lm_head.weight":
                 assert torch.equal(rt.value(n), before[n]), f"{n} was not rolled back"
+
+
+def test_rollback_of_dram_state_updated_during_backward(nvme_dir):
+    """A block whose weights live in DRAM is updated during backward (into a buffer of its own);
+    step() takes that update, and the buffer it replaces is the step's undo copy, at no cost. A
+    block whose update runs later fails to write home: the step is rolled back, and the first block
+    has its previous weights again."""
+    model = models.llama()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    tiers = [tierrt.dram(streaming_budget(model, extra_blocks=6)), tierrt.nvme(nvme_dir)]
+    batches = models.token_batches(3)
+    with tierrt.offload(model, tiers=tiers, optimizer=opt) as rt:
+        blocks = rt.pipeline.blocks
+        speculator = rt.blockwise.updates.speculator
+        models.lm_loss(model, batches[0]).backward()  # the first step learns the loop's pattern
+        opt.step()
+        opt.zero_grad()
+        # A step in which both blocks were updated during backward (on a loaded machine a block
+        # may find no room for that while earlier writes still run: then try the next step).
+        for attempt in range(1, 8):
+            rt.synchronize()
+            before = {n: rt.value(n) for n, _ in model.named_parameters()}
+            models.lm_loss(model, batches[attempt % 3]).backward()
+            rt.synchronize()  # the updates made during backward are home: the faults hit step()'s own
+            taken = [bs for bs in blocks if bs.index in speculator.specs]
+            block = next((bs for bs in taken if bs.kinds["weight"].home == "dram"), None)
+            later = next((bs for bs in taken if all(ks.home == "nvme" for ks in bs.kinds.values())), None)
+            if block is not None and later is not None:
+                break
+            opt.step()
+            opt.zero_grad()
+        else:
+            pytest.fail("no step updated a block with weights in DRAM during backward")
+        later_param = next(n for n, p in model.named_parameters() if p is later.spec.slots[0].param)
+        speculator.discard(later.index)  # as for a block that found no room during backward
+        rt.engine.inject_fault(op="write", errno=errno.EIO, count=10**6)
+        opt.step()  # takes the first block's update; the later one's runs when it is next needed
+        assert block.kinds["weight"].dram_undo is not None  # the replaced buffer
+        with pytest.raises(tierrt.IOEngineError, match="rolled back") as error:
+            rt.value(later_param)  # runs the later block's update; its writes fail
+            rt.synchronize()
+        rt.engine.clear_faults()
+        assert "Not undone" not in str(error.value)
+        for n, _ in model.named_parameters():
+            assert torch.equal(rt.value(n), before[n]), f"{n} was not rolled back"
