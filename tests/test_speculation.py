@@ -36,12 +36,27 @@ def loop(model, opt, data, *, change_lr_before_step=False, accumulate=1, clip=No
     return losses
 
 
-def run_both(nvme_dir, setup=None, offload_kwargs=None, **kwargs):
+def plain_run(steps: int, **kwargs):
+    """A Llama trained by plain torch (AdamW, ``loop``) over ``steps`` batches, and for tierrt an
+    untrained copy of it with its own optimizer: (reference, its losses, ours, our optimizer, data)."""
     reference = models.llama()
     ours = copy.deepcopy(reference)
-    data = models.token_batches(6)
+    data = models.token_batches(steps)
     ref = loop(reference, torch.optim.AdamW(reference.parameters(), lr=1e-3), data, **kwargs)
-    opt = torch.optim.AdamW(ours.parameters(), lr=1e-3)
+    return reference, ref, ours, torch.optim.AdamW(ours.parameters(), lr=1e-3), data
+
+
+def assert_same_run(reference, ref_losses, ours, losses) -> None:
+    """Bitwise the same losses and final weights as the plain run."""
+    assert len(losses) == len(ref_losses)
+    for a, b in zip(ref_losses, losses):
+        assert torch.equal(a, b)
+    for (name, a), b in zip(reference.named_parameters(), ours.parameters()):
+        assert torch.equal(a, b), name
+
+
+def run_both(nvme_dir, setup=None, offload_kwargs=None, **kwargs):
+    reference, ref, ours, opt, data = plain_run(6, **kwargs)
     budget = streaming_budget(ours, extra_blocks=6)
     tiers = [tierrt.dram(budget), tierrt.nvme(nvme_dir)]
     with tierrt.offload(ours, tiers=tiers, optimizer=opt, **(offload_kwargs or {})) as rt:
@@ -50,10 +65,7 @@ def run_both(nvme_dir, setup=None, offload_kwargs=None, **kwargs):
         got = loop(ours, opt, data, **kwargs)
         speculator = rt.blockwise.updates.speculator
         report = rt.report()
-    for a, b in zip(ref, got):
-        assert torch.equal(a, b)
-    for (name, a), b in zip(reference.named_parameters(), ours.parameters()):
-        assert torch.equal(a, b), name
+    assert_same_run(reference, ref, ours, got)
     return speculator, report
 
 
@@ -120,11 +132,7 @@ def test_zero_grad_forgets_gradient_writes_in_flight(nvme_dir, caplog):
     In the last step every gradient write is held until zero_grad() has returned (anything waiting
     for one before that would time out below). Then the forgotten ones fail; the others (a block
     whose update is still pending keeps its gradients) land normally."""
-    reference = models.llama()
-    ours = copy.deepcopy(reference)
-    data = models.token_batches(3)
-    ref = loop(reference, torch.optim.AdamW(reference.parameters(), lr=1e-3), data)
-    opt = torch.optim.AdamW(ours.parameters(), lr=1e-3)
+    reference, ref, ours, opt, data = plain_run(3)
     tiers = [tierrt.dram(streaming_budget(ours, extra_blocks=6)), tierrt.nvme(nvme_dir)]
     release = threading.Event()
     held = {"on": False, "writes": 0, "timeouts": 0, "fail": set()}
@@ -164,10 +172,7 @@ def test_zero_grad_forgets_gradient_writes_in_flight(nvme_dir, caplog):
             rt.synchronize()  # the failed writes land: logged, not raised
     assert held["writes"] > 0 and held["timeouts"] == 0
     assert caplog.text.count("a write of a forgotten value failed") == len(forgotten)
-    for a, b in zip(ref, losses):
-        assert torch.equal(a, b)
-    for (name, a), b in zip(reference.named_parameters(), ours.parameters()):
-        assert torch.equal(a, b), name
+    assert_same_run(reference, ref, ours, losses)
 
 
 def test_update_write_failing_just_as_step_takes_it_rolls_the_step_back(nvme_dir, monkeypatch):
@@ -175,11 +180,7 @@ def test_update_write_failing_just_as_step_takes_it_rolls_the_step_back(nvme_dir
     them, and those writes fail right after step() first looked at them (deterministically here;
     by chance on a loaded machine). The step is rolled back: no failed extent becomes a block's home
     (a later read would find damaged data there), and redoing the batch gives torch's result."""
-    reference = models.llama()
-    ours = copy.deepcopy(reference)
-    data = models.token_batches(3)
-    ref = loop(reference, torch.optim.AdamW(reference.parameters(), lr=1e-3), data)
-    opt = torch.optim.AdamW(ours.parameters(), lr=1e-3)
+    reference, ref, ours, opt, data = plain_run(3)
     # Every state the step changes lives on NVMe (test_update_failures covers weights in DRAM).
     tiers = [tierrt.dram(streaming_budget(ours, extra_blocks=2)), tierrt.nvme(nvme_dir)]
     failing = {"on": False, "writes": 0}
@@ -224,7 +225,4 @@ def test_update_write_failing_just_as_step_takes_it_rolls_the_step_back(nvme_dir
         assert looked and failing["writes"] > 0
         opt.zero_grad()
         losses += loop(ours, opt, data[2:])  # the batch redone
-    for a, b in zip(ref, losses):
-        assert torch.equal(a, b)
-    for (name, a), b in zip(reference.named_parameters(), ours.parameters()):
-        assert torch.equal(a, b), name
+    assert_same_run(reference, ref, ours, losses)
