@@ -478,3 +478,82 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
             raise KeyError("the data could not be produced")
     assert os.listdir(tmp_path) == ["model.safetensors"]
     assert target.read_bytes() == b"previous"
+
+
+class _ViewParams(nn.Module):
+    """Two layers and two parameters ``a`` and ``b`` made by ``make(base)`` from one tensor."""
+
+    def __init__(self, make) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList([nn.Linear(16, 16), nn.Linear(16, 16)])
+        base = torch.randn(8, 16)
+        self.a, self.b = make(base)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return (x @ self.a.t()).sum() + (x @ self.b.t()).sum()
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda base: (nn.Parameter(base), nn.Parameter(base[:4])),  # b views the start of a
+        lambda base: (nn.Parameter(base[:5]), nn.Parameter(base[3:])),  # partial overlap
+        lambda base: (nn.Parameter(base), nn.Parameter(base.data)),  # two objects, same memory
+        lambda base: (nn.Parameter(base[:, ::2]), nn.Parameter(base[:, 1::2])),  # interleaved
+    ],
+    ids=["view", "partial", "same-memory", "interleaved"],
+)
+def test_parameters_sharing_memory_are_refused_at_entry(make, nvme_dir):
+    model = _ViewParams(make)
+    before = snapshot(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(tierrt.HookError, match="parameter a and parameter b share memory") as info:
+        with tierrt.offload(model, tiers=[tierrt.dram("1MiB"), tierrt.nvme(nvme_dir)], optimizer=opt):
+            pass
+    assert "make them separate parameters" in str(info.value) and "same Parameter object" in str(info.value)
+    assert info.value.parameters == ["a", "b"]
+    assert_untouched(model, before)
+    assert model.a.untyped_storage().data_ptr() == model.b.untyped_storage().data_ptr()  # still shared
+    assert os.listdir(nvme_dir) == []
+
+
+def test_buffer_viewing_a_parameter_is_refused_at_entry(nvme_dir):
+    model = models.mlp()
+    model[0].register_buffer("row", model[0].weight.data[0])
+    before = snapshot(model)
+    with pytest.raises(tierrt.HookError, match=r"parameter 0.weight and buffer 0.row share memory") as info:
+        with tierrt.offload(model, tiers=[tierrt.dram("8MiB"), tierrt.nvme(nvme_dir)]):
+            pass
+    assert ".clone()" in str(info.value) and info.value.buffers == ["0.row"]
+    assert_untouched(model, before)
+
+
+def test_tied_and_disjoint_views_are_accepted_and_train_like_torch(nvme_dir):
+    """The same Parameter object in two places (tied) is one parameter; views of one tensor that
+    reach no common byte (``base[:4]``, ``base[4:]``) are separate memory: both train as in torch."""
+
+    def make(base):
+        a = nn.Parameter(base[:4])
+        return a, nn.Parameter(base[4:])
+
+    reference, model = _ViewParams(make), _ViewParams(make)
+    for m in (reference, model):
+        m.layers[1].weight = m.layers[0].weight  # tied
+    x = torch.randn(2, 16)
+
+    def train(m: nn.Module) -> None:
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        for _ in range(3):
+            m(x).backward()
+            opt.step()
+            opt.zero_grad()
+
+    train(reference)
+    with tierrt.offload(model, tiers=[tierrt.dram("1MiB"), tierrt.nvme(nvme_dir)]):
+        train(model)
+    for (name, a), b in zip(reference.named_parameters(), model.parameters()):
+        assert torch.equal(a, b), name
+    assert model.layers[1].weight is model.layers[0].weight

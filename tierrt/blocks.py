@@ -26,7 +26,15 @@ from torch import nn
 from .errors import ConfigError, HookError, TierCapacityError
 from .sizes import format_size
 
-__all__ = ["ParamSlot", "BlockSpec", "Partition", "partition_model", "SLOT_ALIGN", "BUFFER_ALIGN"]
+__all__ = [
+    "ParamSlot",
+    "BlockSpec",
+    "Partition",
+    "partition_model",
+    "check_separate_storage",
+    "SLOT_ALIGN",
+    "BUFFER_ALIGN",
+]
 
 SLOT_ALIGN = 256  # bytes between parameters inside a block buffer (SIMD and dtype views)
 BUFFER_ALIGN = 4096  # every block buffer is a whole number of 4 KiB pages (O_DIRECT)
@@ -281,6 +289,79 @@ def partition_model(
                         requested=slot.nbytes,
                     )
     return Partition(specs, hook_targets, assigned)
+
+
+def _byte_range(tensor: torch.Tensor) -> tuple[tuple[torch.device, int], int, int] | None:
+    """The storage ``tensor`` views and the bytes ``[start, end)`` of it that it can reach, or None
+    for a tensor without memory (meta device, no elements)."""
+    if tensor.device.type == "meta" or tensor.numel() == 0:
+        return None
+    reach = sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
+    start = tensor.data_ptr()
+    return (
+        (tensor.device, tensor.untyped_storage().data_ptr()),
+        start,
+        start + (reach + 1) * tensor.element_size(),
+    )
+
+
+def _overlapping(tensors: list[tuple[str, torch.Tensor]]) -> list[tuple[str, str]]:
+    """Pairs of names whose tensors reach common bytes of one storage (by byte ranges: two strided
+    views that interleave count as overlapping), each pair once, in the order of ``tensors``."""
+    by_storage: dict[tuple[torch.device, int], list[tuple[int, int, int]]] = {}
+    for order, (_, tensor) in enumerate(tensors):
+        reach = _byte_range(tensor)
+        if reach is not None:
+            by_storage.setdefault(reach[0], []).append((reach[1], reach[2], order))
+    pairs: set[tuple[int, int]] = set()
+    for ranges in by_storage.values():
+        ranges.sort()
+        for i, (_, end, first) in enumerate(ranges):
+            for start, _, second in ranges[i + 1 :]:
+                if start >= end:
+                    break
+                pairs.add((min(first, second), max(first, second)))
+    return [(tensors[a][0], tensors[b][0]) for a, b in sorted(pairs)]
+
+
+def check_separate_storage(model: nn.Module) -> None:
+    """Raise :class:`HookError` when two distinct parameters of ``model`` (or a buffer and a
+    parameter) share memory: a parameter made as a view of another's storage
+    (``nn.Parameter(base[:4])`` beside ``nn.Parameter(base)``), or a buffer viewing a parameter.
+
+    tierrt gives every parameter its own slot in its block's buffer, so such sharing cannot be kept:
+    training would update each copy on its own and silently diverge from torch. Tied weights (one
+    Parameter object reached from two modules) are one parameter and pass. Call it before anything
+    moves; it only reads the model."""
+    params = _unique_params(model.parameters())
+    names = {id(p): name for name, p in reversed(list(model.named_parameters(remove_duplicate=False)))}
+    tensors: list[tuple[str, torch.Tensor]] = [(f"parameter {names[id(p)]}", p) for p in params]
+    param_ids = {id(p) for p in params}
+    tensors += [(f"buffer {n}", b) for n, b in model.named_buffers() if id(b) not in param_ids]
+    pairs = [(a, b) for a, b in _overlapping(tensors) if a.startswith("parameter")]
+    if not pairs:
+        return
+    first, second = pairs[0]
+    more = f" (and {len(pairs) - 1} more such pairs)" if len(pairs) > 1 else ""
+    if second.startswith("buffer"):
+        advice = (
+            f"store a copy in the buffer (.clone()), or compute it from {first} in forward; a buffer "
+            "keeps its own memory while the parameter lives in the tiers"
+        )
+    else:
+        advice = (
+            "make them separate parameters (nn.Parameter(t.clone()) for each), or, if they are meant to "
+            "be one weight, tie them as the same Parameter object (module.b = module.a)"
+        )
+    raise HookError(
+        f"{first} and {second} share memory (views of one storage){more}: tierrt gives every "
+        f"parameter memory of its own in the tiers, so the sharing would be lost and training would "
+        f"silently diverge; {advice}. Nothing was moved",
+        parameters=list(
+            dict.fromkeys(n.split(" ", 1)[1] for p in pairs for n in p if n.startswith("parameter"))
+        ),
+        buffers=list(dict.fromkeys(n.split(" ", 1)[1] for p in pairs for n in p if n.startswith("buffer"))),
+    )
 
 
 def _split_large(roots: list[tuple[str, nn.Module]], max_block_bytes: int) -> list[tuple[str, nn.Module]]:

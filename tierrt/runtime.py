@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from . import _native
-from .blocks import BlockSelector, Partition, partition_model
+from .blocks import BlockSelector, Partition, check_separate_storage, partition_model
 from .errors import ConfigError, HookError, TierCapacityError, listed
 from .grads import GradientStore
 from .hooks import HookSet
@@ -377,6 +377,7 @@ class Runtime(PlacingAgain, GivingBack):
                         "(a parameter shared between two offloaded models); offload the models together "
                         "as one module"
                     )
+        check_separate_storage(model)  # parameters viewing one another's memory: refused
         compute_spec = next((t for t in self.tier_specs if isinstance(t, GpuTier)), None)
         compute_device = gpu_device(compute_spec) if compute_spec else torch.device("cpu")
         for name, p in model.named_parameters():
