@@ -557,3 +557,99 @@ def test_tied_and_disjoint_views_are_accepted_and_train_like_torch(nvme_dir):
     for (name, a), b in zip(reference.named_parameters(), model.parameters()):
         assert torch.equal(a, b), name
     assert model.layers[1].weight is model.layers[0].weight
+
+
+def _generator_of_layers(model: nn.Module):
+    return (m for m in model if isinstance(m, nn.Linear))
+
+
+@pytest.mark.parametrize(
+    "options, error, words",
+    [
+        (dict(blocks=42), tierrt.ConfigTypeError, "blocks=...): expected a list of the model's modules"),
+        (dict(blocks="0"), tierrt.ConfigTypeError, "blocks="),
+        (dict(blocks=[nn.Linear(2, 2)]), tierrt.ConfigError, "not a submodule"),
+        (dict(blocks=["0"]), tierrt.ConfigTypeError, "expected modules of the model, got '0'"),
+        (dict(prefetch="2"), tierrt.ConfigTypeError, "prefetch=...): expected an int >= 0 or None, got '2'"),
+        (dict(prefetch=True), tierrt.ConfigTypeError, "prefetch="),
+        (dict(prefetch=-1), tierrt.ConfigError, "prefetch=...): expected an int >= 0, got -1"),
+        (dict(compute_dtype="bf16"), tierrt.ConfigTypeError, "compute_dtype=...): expected a floating"),
+        (dict(compute_dtype=torch.int8), tierrt.ConfigError, "expected a floating dtype, got torch.int8"),
+        (dict(progress="yes"), tierrt.ConfigTypeError, "progress=...): expected True, False or None"),
+        (
+            dict(io_backend="bogus"),
+            tierrt.ConfigError,
+            "io_backend=...): expected one of auto, io_uring, threads",
+        ),
+        (dict(io_backend=None), tierrt.ConfigTypeError, "io_backend="),
+        (
+            dict(queue_depth="32"),
+            tierrt.ConfigTypeError,
+            "queue_depth=...): expected an int from 1 to 4096, got '32'",
+        ),
+        (dict(queue_depth=0), tierrt.ConfigError, "queue_depth=...): expected an int from 1 to 4096, got 0"),
+        (dict(queue_depth=5000), tierrt.ConfigError, "got 5000"),
+        (dict(queue_depth=32.0), tierrt.ConfigTypeError, "queue_depth="),
+        (dict(weights=42), tierrt.ConfigTypeError, "weights=...): expected a file path"),
+        (dict(init="yes"), tierrt.ConfigTypeError, "init=...): expected True or False, got 'yes'"),
+        (dict(restore="no"), tierrt.ConfigTypeError, "restore=...): expected True, False or None, got 'no'"),
+        (
+            dict(native_optimizer=1),
+            tierrt.ConfigTypeError,
+            "native_optimizer=...): expected True, False or None",
+        ),
+        (
+            dict(deferred_step=None),
+            tierrt.ConfigTypeError,
+            "deferred_step=...): expected True or False, got None",
+        ),
+        (dict(overlap_backward="off"), tierrt.ConfigTypeError, "overlap_backward="),
+        (dict(optimizer=[]), tierrt.ConfigTypeError, "optimizer=...): expected a torch.optim.Optimizer"),
+        (dict(tiers=42), tierrt.ConfigTypeError, "tiers: expected a list of tier specs"),
+        (dict(tiers="dram"), tierrt.ConfigTypeError, "tiers: expected a list of tier specs"),
+    ],
+)
+def test_every_option_is_checked_when_offload_is_called(options, error, words, nvme_dir):
+    """Type and value of each option of offload(), named in the error with what it got and what is
+    accepted, raised by offload() itself (io_backend= and queue_depth= also when nothing goes to
+    NVMe here), before anything moves."""
+    model = models.mlp()
+    before = snapshot(model)
+    kwargs = dict(tiers=[tierrt.dram("64MiB"), tierrt.nvme(nvme_dir)])
+    with pytest.raises(error) as info:
+        tierrt.offload(model, **{**kwargs, **options})
+    assert words in str(info.value)
+    assert isinstance(info.value, ValueError) and isinstance(info.value, TypeError) == (
+        error is tierrt.ConfigTypeError
+    )
+    assert_untouched(model, before)
+    assert os.listdir(nvme_dir) == []
+
+
+def test_io_uring_asked_for_where_it_is_missing_is_refused_up_front(nvme_dir, monkeypatch):
+    import tierrt.io
+
+    monkeypatch.setattr(tierrt.io, "io_uring_status", lambda: (False, "built without liburing"))
+    with pytest.raises(
+        tierrt.ConfigError, match=r"io_uring is not available here \(built without liburing\)"
+    ):
+        tierrt.offload(models.mlp(), tiers=[tierrt.dram("64MiB")], io_backend="io_uring")
+
+
+def test_blocks_given_as_a_generator_are_kept_for_placing_again(nvme_dir):
+    model = models.mlp()
+    with tierrt.offload(
+        model, tiers=[tierrt.dram("64MiB"), tierrt.nvme(nvme_dir)], blocks=_generator_of_layers(model)
+    ) as rt:
+        linears = [m for m in model if isinstance(m, nn.Linear)]
+        assert rt.block_selector == linears  # a list: read again when the model is placed again
+        assert [b.spec.root for b in rt.blocks] == linears
+
+
+@pytest.mark.parametrize("write", ["trace", "save"])
+def test_trace_and_save_of_a_non_path_are_config_type_errors(write, nvme_dir):
+    model = models.mlp()
+    with tierrt.offload(model, tiers=[tierrt.dram("64MiB"), tierrt.nvme(nvme_dir)]) as rt:
+        for bad in (None, 42, b"/tmp/x", ""):
+            with pytest.raises(tierrt.ConfigTypeError, match=rf"rt.{write}\(path\): expected a file path"):
+                getattr(rt, write)(bad)

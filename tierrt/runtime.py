@@ -52,6 +52,7 @@ from .leaving import GivingBack
 from .loading import LoadPatch, StateDictLoader
 from .optim.blockwise import BlockwiseOptimizer
 from .optim.wrappers import unwrap_optimizer
+from .options import check_offload_options, check_path
 from .placement import Placement, plan_placement
 from .placing import PlacingAgain, weak_callback
 from .relocation import Relocation
@@ -236,18 +237,22 @@ class Runtime(PlacingAgain, GivingBack):
         deferred_step: bool = True,
         overlap_backward: bool = True,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise ConfigError(f"offload(model): expected a torch.nn.Module, got {type(model).__name__}")
-        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            raise ConfigError(
-                f"offload(optimizer=): expected a torch.optim.Optimizer, got {type(optimizer).__name__}"
-            )
-        if compute_dtype is not None and not (
-            isinstance(compute_dtype, torch.dtype) and compute_dtype.is_floating_point
-        ):
-            raise ConfigError(f"offload(compute_dtype=): expected a floating dtype, got {compute_dtype!r}")
-        if prefetch is not None and (not isinstance(prefetch, int) or prefetch < 0):
-            raise ConfigError(f"offload(prefetch=): expected an int >= 0, got {prefetch!r}")
+        blocks = check_offload_options(  # every option, type and value, before anything moves
+            model,
+            optimizer=optimizer,
+            blocks=blocks,
+            prefetch=prefetch,
+            compute_dtype=compute_dtype,
+            progress=progress,
+            io_backend=io_backend,
+            queue_depth=queue_depth,
+            weights=weights,
+            init=init,
+            restore=restore,
+            native_optimizer=native_optimizer,
+            deferred_step=deferred_step,
+            overlap_backward=overlap_backward,
+        )
         # Weak: once started, the model's hooks hold the runtime, and the runtime must not hold the
         # model back (both could then only go by a garbage collection). :func:`offload` returns a
         # handle that holds both.
@@ -1255,6 +1260,7 @@ class Runtime(PlacingAgain, GivingBack):
         """
         from .weights import write_safetensors
 
+        path = check_path("rt.save(path)", path)
         if not self.active:
             raise HookError("save() needs an active tierrt context (inside the with-block)")
         self.pipeline.drain()
@@ -1321,6 +1327,7 @@ class Runtime(PlacingAgain, GivingBack):
 
     def trace(self, path: str | os.PathLike) -> str:
         """Write a Chrome/Perfetto trace of transfers and waits so far to ``path``."""
+        path = check_path("rt.trace(path)", path)
         return write_chrome_trace(path, self.spans.snapshot(), origin=self._created)
 
     @property

@@ -222,6 +222,11 @@ def validate_tiers(tiers: Sequence[TierSpec]) -> list[TierSpec]:
     """
     if isinstance(tiers, TierSpec):
         tiers = [tiers]
+    if isinstance(tiers, (str, bytes)) or not isinstance(tiers, Iterable):
+        raise ConfigTypeError(
+            f"tiers: expected a list of tier specs, e.g. [tierrt.dram('8GiB'), tierrt.nvme('/tmp/x')], "
+            f"got {tiers!r}"
+        )
     tiers = list(tiers)
     if not tiers:
         raise ConfigError(
@@ -229,7 +234,7 @@ def validate_tiers(tiers: Sequence[TierSpec]) -> list[TierSpec]:
         )
     for tier in tiers:
         if not isinstance(tier, TierSpec):
-            raise ConfigError(
+            raise ConfigTypeError(
                 f"tiers: {tier!r} is not a tier spec; build tiers with tierrt.gpu(), tierrt.dram(), "
                 "tierrt.cxl() and tierrt.nvme()"
             )
