@@ -205,6 +205,92 @@ def test_outputs_that_are_directories_and_empty_choices(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.fixture
+def immutable_dir(tmp_path: Path):
+    """A directory no file can be created in, even by root (chattr +i: EPERM)."""
+    d = tmp_path / "ro"
+    d.mkdir()
+    if subprocess.run(["chattr", "+i", str(d)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i not available here")
+    yield d
+    subprocess.run(["chattr", "-i", str(d)], check=True)
+
+
+@pytest.mark.parametrize("flag", ["--json", "--plot"])
+def test_outputs_that_cannot_be_written_are_refused_before_measuring(flag: str, immutable_dir: Path) -> None:
+    # they were measured first, then died with a traceback (for --json, the EPERM/EROFS hidden by a
+    # second OSError from removing the temporary file)
+    target = immutable_dir / "out"
+    others = ["--json", str(immutable_dir.parent / "p.json")] if flag == "--plot" else []
+    res = probe(*QUICK, "--links", "dram", flag, str(target), *others)
+    assert_bad_input(res, f"{flag} {target}: cannot write in {immutable_dir}", "(errno 1)")
+    assert res.stdout == ""  # nothing was measured
+    assert list(immutable_dir.iterdir()) == [] and not (immutable_dir.parent / "p.json").exists()
+
+
+def test_profile_save_failures_are_tier_path_errors_naming_path_and_errno(
+    immutable_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from tierrt.errors import TierPathError
+
+    profile = Profile(links=[])
+    with pytest.raises(TierPathError, match=f"cannot write {immutable_dir / 'p.json'}") as info:
+        profile.save(immutable_dir / "p.json")
+    assert info.value.errno == errno.EPERM and info.value.path == str(immutable_dir / "p.json")
+    # a write failing part way (the disk filled): the old file stays, no temporary file is left
+    old = tmp_path / "p.json"
+    old.write_text("old")
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(TierPathError, match="the disk is full") as info:
+        profile.save(old)
+    assert info.value.errno == errno.ENOSPC
+    assert old.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["p.json", "ro"]
+
+
+def test_a_save_failing_after_the_run_is_one_line_and_status_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import errno
+
+    from tierrt import probe as probe_module
+
+    monkeypatch.setattr(probe_module, "run_probe", lambda **_: Profile(links=[]))
+
+    def remounted_read_only(fd: int) -> None:  # the filesystem went read-only during the run
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(os, "fsync", remounted_read_only)
+    assert probe_module.main(["--links", "dram", "--json", str(tmp_path / "p.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"tierrt-probe: error: bandwidth profile: cannot write {tmp_path / 'p.json'}: Read-only file system "
+        "(errno 30); the filesystem is read-only"
+    ]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_block_sizes_larger_than_the_test_file(tmp_path: Path) -> None:
+    # asked for: refused (it printed an empty NVMe table and "profile saved", status 0)
+    res = probe(
+        *QUICK, "--links", "nvme", "--size", "4MiB", "--block-sizes", "1MiB,8MiB", "--path", str(tmp_path)
+    )
+    assert_bad_input(
+        res, "block size 8MiB is larger than the NVMe test file (4MiB)", "--size", "--block-sizes"
+    )
+    assert list(tmp_path.iterdir()) == []
+    # a default block size that does not fit is left out, and the profile says so
+    prof = run_probe(path=tmp_path, size="4MiB", links=["nvme"], queue_depths=[1])
+    assert {r.block_size for r in prof.links} == {128 << 10, 1 << 20}
+    assert prof.skipped == {"nvme 8MiB blocks": "larger than the 4MiB test file (--size)"}
+    assert "skipped nvme 8MiB blocks" in prof.table()
+
+
 def test_plot_without_matplotlib(tmp_path: Path) -> None:
     # a matplotlib that cannot be imported, first on the path
     blocker = tmp_path / "block" / "matplotlib"

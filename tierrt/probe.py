@@ -54,7 +54,8 @@ from typing import Any
 
 from . import __version__
 from . import topology as _topology
-from .errors import ConfigError, TierrtError
+from .atomic import atomic_file
+from .errors import ConfigError, TierPathError, TierrtError
 from .sizes import format_size, parse_size
 
 __all__ = ["LinkResult", "Profile", "ProbeError", "run_probe", "main", "default_profile_path", "plot_profile"]
@@ -162,16 +163,22 @@ class Profile:
         return cls(**kw)
 
     def save(self, path: str | os.PathLike[str] | None = None) -> Path:
-        """Write the profile as JSON (atomically: a temporary file renamed into place)."""
+        """Write the profile as JSON, atomically (a temporary file renamed into place: the file is
+        then whole, or as it was). A path that cannot be written (read-only filesystem, no room, a
+        directory) raises :class:`~tierrt.TierPathError` naming it and the errno."""
         dest = Path(path) if path is not None else default_profile_path()
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp")
+        data = (json.dumps(self.to_dict(), indent=2) + "\n").encode("utf-8")
         try:
-            tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
-            os.replace(tmp, dest)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+            dest.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise TierPathError(
+                f"bandwidth profile: cannot create the directory {dest.parent} for {dest}: "
+                f"{err.strerror} (errno {err.errno})",
+                path=str(dest),
+                errno=err.errno,
+            ) from None
+        with atomic_file(dest, "bandwidth profile") as handle:
+            handle.write(data)
         return dest
 
     @classmethod
@@ -637,6 +644,31 @@ def check_path(path: str | os.PathLike[str], need_bytes: int) -> Path:
     return p.resolve()
 
 
+def _fitting_block_sizes(
+    block_sizes: list[int], size: int, *, explicit: bool, nvme: bool
+) -> tuple[list[int], dict[str, str]]:
+    """The NVMe block sizes that fit in the ``size``-byte test file, and what was left out (a
+    default block size larger than the file, said in the profile's ``skipped``). A block size the
+    caller asked for that is larger than the file raises :class:`ConfigError`: nothing could be
+    measured with it."""
+    too_large = [b for b in block_sizes if b > size]
+    if not nvme or not too_large:
+        return block_sizes, {}
+    if explicit:
+        shown = ", ".join(format_size(b) for b in too_large)
+        these = f"block sizes {shown} are" if len(too_large) > 1 else f"block size {shown} is"
+        raise ConfigError(
+            f"{these} larger than the NVMe test file ({format_size(size)}), so nothing "
+            f"could be measured with them: give --size of at least {format_size(max(too_large))} or "
+            "smaller --block-sizes"
+        )
+    skipped = {
+        f"nvme {format_size(b)} blocks": f"larger than the {format_size(size)} test file (--size)"
+        for b in too_large
+    }
+    return [b for b in block_sizes if b <= size], skipped
+
+
 @dataclass
 class _Plan:
     what: str
@@ -687,6 +719,7 @@ def run_probe(
         parse_size(b, what="block size")
         for b in (block_sizes or (("128KiB", "1MiB") if quick else ("128KiB", "1MiB", "8MiB")))
     ]
+    bss, skipped_sizes = _fitting_block_sizes(bss, size_b, explicit=bool(block_sizes), nvme="nvme" in wanted)
     qds = [int(q) for q in (queue_depths or ((1, 32) if quick else (1, 8, 32)))]
     if any(b < 4096 or b % 4096 for b in bss) or any(q < 1 for q in qds):
         raise ConfigError(f"block sizes must be multiples of 4KiB and queue depths >= 1, got {bss}, {qds}")
@@ -725,6 +758,7 @@ def run_probe(
             "gbps": "decimal GB/s (1e9 bytes/s); DRAM copy counts bytes copied once",
         },
         features={},
+        skipped=skipped_sizes,
     )
 
     plans: list[_Plan] = []
@@ -991,8 +1025,14 @@ def plot_profile(profile: Profile, dest: str | os.PathLike[str]) -> Path:
         ax2.legend(fontsize=8, ncol=2)
     fig.tight_layout()
     out = Path(dest)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    kind = out.suffix.lower().lstrip(".")
+    try:  # written whole or not at all; a path that cannot be written raises TierPathError
+        with atomic_file(out, "plot") as handle:
+            fig.savefig(
+                handle, dpi=110, format=kind if kind in fig.canvas.get_supported_filetypes() else "png"
+            )
+    finally:
+        plt.close(fig)
     return out
 
 
@@ -1070,13 +1110,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             import matplotlib  # noqa: F401
         except ImportError:
             return _fail("--plot needs matplotlib, which is not installed (pip install matplotlib)")
-    for flag, output in (("--plot", args.plot), ("--json", args.json)):
-        if not output:
-            continue
-        if not Path(output).expanduser().resolve().parent.is_dir():
-            return _fail(f"{flag} {output}: its directory does not exist")
-        if Path(output).expanduser().is_dir():
-            return _fail(f"{flag} {output}: is a directory; give a file name")
+    # Outputs are checked before anything is measured; None: the default profile location.
+    for flag, output in ([("--plot", args.plot)] if args.plot else []) + [("--json", args.json)]:
+        problem = _output_problem(flag, output)
+        if problem:
+            return _fail(problem)
     links = [x.strip() for x in args.links.split(",") if x.strip()]
     if not links:
         return _fail(f"--links {args.links!r}: name at least one of dram, nvme, gpu, kvikio")
@@ -1104,11 +1142,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(err))
     print(_header(profile))
     print(profile.table())
-    dest = profile.save(Path(args.json).expanduser() if args.json else None)
-    print(f"\nprofile saved to {dest}")
-    if args.plot:
-        print(f"plot saved to {plot_profile(profile, Path(args.plot).expanduser())}")
+    try:  # checked above; a failure now (the disk filled, a remount) is still one line
+        dest = profile.save(Path(args.json).expanduser() if args.json else None)
+        print(f"\nprofile saved to {dest}")
+        if args.plot:
+            print(f"plot saved to {plot_profile(profile, Path(args.plot).expanduser())}")
+    except TierPathError as err:
+        return _fail(str(err))
     return 0
+
+
+def _output_problem(flag: str, output: str | None) -> str | None:
+    """Why the file ``output`` (given by ``flag``; None: the default profile location) cannot be
+    written, or None: checked before anything is measured, by creating a file beside it."""
+    path = Path(output).expanduser() if output is not None else default_profile_path()
+    named = (
+        f"{flag} {output}" if output is not None else f"the profile's default location {path} (give --json)"
+    )
+    if path.is_dir():
+        return f"{named}: is a directory; give a file name"
+    directory = path.resolve().parent
+    if output is not None and not directory.is_dir():
+        return f"{named}: its directory does not exist"
+    while not directory.exists():  # the default location's directories are made when it is saved
+        directory = directory.parent
+    test = directory / f".tierrt-probe-check-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        os.close(os.open(test, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except OSError as err:
+        return f"{named}: cannot write in {directory}: {err.strerror} (errno {err.errno})"
+    os.unlink(test)
+    return None
 
 
 def _header(profile: Profile) -> str:
