@@ -227,3 +227,74 @@ def test_cli_prints_description() -> None:
         check=True,
     ).stdout
     assert "CXL candidate" in out and "nvme0n1p1" in out and "PCIe gen5 x16" in out
+
+
+# -- the cxl tier resolved against the NUMA nodes --------------------------------------------------
+
+
+def test_cxl_without_a_node_binds_to_the_cpu_less_nodes(caplog: pytest.LogCaptureFixture) -> None:
+    import tierrt
+    from tierrt.tiers import resolve_cxl
+
+    with caplog.at_level("INFO", logger="tierrt"):
+        spec = resolve_cxl(tierrt.cxl("256GiB"), topology.numa_nodes(TWO_SOCKET))
+    assert spec.nodes == (2,) and spec.name == "cxl"  # the arena is bound there; the name is as given
+    assert spec.describe() == "cxl(256GiB, CPU-less NUMA node(s) 2)"
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_cxl_without_cxl_memory_falls_back_to_dram_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    import tierrt
+    from tierrt.tiers import resolve_cxl
+
+    with caplog.at_level("WARNING", logger="tierrt"):
+        spec = resolve_cxl(tierrt.cxl("8MiB"), topology.numa_nodes(LAPTOP))
+    assert spec.nodes == () and spec.name == "cxl"
+    assert spec.describe() == "cxl(8MiB, ordinary DRAM: this machine has no CPU-less NUMA node)"
+    (record,) = caplog.records
+    assert record.name == "tierrt" and record.levelname == "WARNING"
+    assert "no CPU-less NUMA node" in record.message and "ordinary DRAM arena" in record.message
+
+
+def test_cxl_on_named_nodes(caplog: pytest.LogCaptureFixture) -> None:
+    import tierrt
+    from tierrt.tiers import resolve_cxl
+
+    two_socket, laptop = topology.numa_nodes(TWO_SOCKET), topology.numa_nodes(LAPTOP)
+    assert (
+        resolve_cxl(tierrt.cxl("1GiB", node=2), two_socket).describe()
+        == "cxl2(1GiB, CPU-less NUMA node(s) 2)"
+    )
+    with pytest.raises(tierrt.ConfigError, match=r"node\(s\) 5 do not exist .* CPU-less \(CXL\) ones 2"):
+        resolve_cxl(tierrt.cxl("1GiB", node=[2, 5]), two_socket)
+    # a node with CPUs is used as asked (CXL emulated with a remote socket), said in its description;
+    # a warning where the machine has CPU-less nodes that were not named, a note otherwise
+    with caplog.at_level("INFO", logger="tierrt"):
+        spec = resolve_cxl(tierrt.cxl("1GiB", node=1), two_socket)
+        assert spec.nodes == (1,) and "which have CPUs: ordinary DRAM" in spec.describe()
+        assert (
+            caplog.records[-1].levelname == "WARNING" and "CPU-less (CXL) nodes are 2" in caplog.messages[-1]
+        )
+        spec = resolve_cxl(tierrt.cxl("1GiB", node=0), laptop)
+        assert spec.nodes == (0,) and caplog.records[-1].levelname == "INFO"
+
+
+def test_offload_with_a_cxl_tier_and_no_cxl_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import torch
+    from torch import nn
+
+    import tierrt
+    import tierrt.tiers
+
+    monkeypatch.setattr(tierrt.tiers, "numa_nodes", lambda: topology.numa_nodes(LAPTOP))
+    model = nn.Sequential(*(nn.Linear(64, 64) for _ in range(4)))
+    tiers = [tierrt.dram("256KiB"), tierrt.cxl("8MiB"), tierrt.nvme(str(tmp_path))]
+    with caplog.at_level("WARNING", logger="tierrt"):
+        with tierrt.offload(model, tiers=tiers) as rt:
+            model(torch.randn(2, 64))
+            assert "ordinary DRAM" in rt.tier_specs[1].describe()
+    assert any("no CPU-less NUMA node" in m for m in caplog.messages)
+    with pytest.raises(tierrt.ConfigError, match="do not exist"):  # from offload(), nothing moved
+        tierrt.offload(model, tiers=[tierrt.dram("256KiB"), tierrt.cxl("8MiB", node=3)])

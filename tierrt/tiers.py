@@ -13,12 +13,17 @@ Without a GPU the compute device is the CPU; the DRAM tier then holds the blocks
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from .errors import ConfigError, ConfigTypeError
 from .sizes import Size, format_size, parse_size
+from .topology import NumaNode, numa_nodes
+
+log = logging.getLogger("tierrt")
 
 __all__ = [
     "TierSpec",
@@ -31,6 +36,7 @@ __all__ = [
     "cxl",
     "nvme",
     "validate_tiers",
+    "resolve_cxl",
     "NUMA_POLICIES",
     "MAX_STRIPE",
 ]
@@ -87,21 +93,36 @@ class DramTier(TierSpec):
 
 @dataclass(frozen=True)
 class CxlTier(TierSpec):
-    """CPU-less NUMA node(s) (CXL memory expanders), one arena bound there."""
+    """CPU-less NUMA node(s) (CXL memory expanders), one arena bound there.
+
+    ``node`` is what the user gave; :func:`resolve_cxl` (run by :func:`validate_tiers`) fills
+    ``found`` (the CPU-less nodes picked for ``node=None``) and ``memory`` (what memory the tier
+    really is, in words, e.g. "ordinary DRAM: this machine has no CPU-less NUMA node")."""
 
     kind: str = field(init=False, default="cxl")
     node: int | tuple[int, ...] | None = None
+    found: tuple[int, ...] = ()
+    memory: str = ""
 
     @property
-    def nodes(self) -> tuple[int, ...]:
+    def named_nodes(self) -> tuple[int, ...]:
+        """The nodes the user named (none for ``node=None``)."""
         if self.node is None:
             return ()
         return (self.node,) if isinstance(self.node, int) else tuple(self.node)
 
     @property
+    def nodes(self) -> tuple[int, ...]:
+        """The nodes the arena is bound to: those named, else those found (none: not bound)."""
+        return self.named_nodes or self.found
+
+    @property
     def name(self) -> str:
-        nodes = self.nodes
-        return "cxl" + ("" if not nodes else "".join(str(n) for n in nodes))
+        return "cxl" + "".join(str(n) for n in self.named_nodes)
+
+    def describe(self) -> str:
+        budget = "auto" if self.budget is None else format_size(self.budget)
+        return f"{self.name}({budget}" + (f", {self.memory})" if self.memory else ")")
 
 
 @dataclass(frozen=True)
@@ -138,9 +159,67 @@ def dram(
 
 
 def cxl(budget: Size | None = None, node: int | Sequence[int] | None = None) -> CxlTier:
-    """Memory on CPU-less NUMA node(s) (CXL expanders) under ``budget``. ``node=None`` picks the
-    CPU-less nodes the topology reports."""
+    """Memory on CPU-less NUMA node(s) (CXL expanders) under ``budget``: one arena bound there.
+
+    ``node=None`` picks the CPU-less nodes the topology reports (``python -m tierrt.topology`` lists
+    them). On a machine without any, the tier falls back to an ordinary DRAM arena, not bound to a
+    node and outside the dram tier's budget: ``offload()`` logs a warning through
+    ``logging.getLogger("tierrt")`` saying so, and the tier's ``describe()`` (``rt.tier_specs``) says
+    "ordinary DRAM". ``node=N`` (or a list) binds the arena to those nodes: a node that does not
+    exist, or has no memory, raises :class:`~tierrt.ConfigError` from ``offload()``; a node with CPUs
+    is used as asked (emulating CXL with a remote socket's memory), with a warning when the machine
+    has CPU-less nodes that were not named.
+    """
     return CxlTier(budget=_budget(budget, "cxl budget"), node=_nodes(node, "cxl"))
+
+
+def resolve_cxl(spec: CxlTier, nodes: Sequence[NumaNode] | None = None) -> CxlTier:
+    """``spec`` with the memory it will really use, against this machine's NUMA ``nodes`` (read from
+    sysfs when None): see :func:`cxl`. Logs what it falls back to; raises :class:`ConfigError` for
+    named nodes that do not exist or have no memory."""
+    nodes = numa_nodes() if nodes is None else nodes
+    cpuless = [n.id for n in nodes if n.is_cxl_candidate]
+    named = spec.named_nodes
+    if not named:
+        if cpuless:
+            return dataclasses.replace(
+                spec, found=tuple(cpuless), memory=f"CPU-less NUMA node(s) {_ids(cpuless)}"
+            )
+        log.warning(
+            "tierrt: %s: this machine has no CPU-less NUMA node (no CXL memory): the cxl tier is an "
+            "ordinary DRAM arena, not bound to a node and outside the dram tier's budget. Remove it "
+            "(and give dram() its budget), or name a node with cxl(..., node=N) to use that node's memory",
+            spec.describe(),
+        )
+        return dataclasses.replace(spec, memory="ordinary DRAM: this machine has no CPU-less NUMA node")
+    by_id = {n.id: n for n in nodes}
+    missing = [n for n in named if n not in by_id]
+    if missing:
+        raise ConfigError(
+            f"cxl(node={spec.node!r}): NUMA node(s) {_ids(missing)} do not exist on this machine; its nodes "
+            f"are {_ids(sorted(by_id))}"
+            + (f", CPU-less (CXL) ones {_ids(cpuless)}" if cpuless else ", none CPU-less")
+        )
+    empty = [n for n in named if not by_id[n].mem_total]
+    if empty and any(n.mem_total for n in nodes):  # (all 0: the sizes could not be read)
+        raise ConfigError(f"cxl(node={spec.node!r}): NUMA node(s) {_ids(empty)} have no memory")
+    with_cpus = [n for n in named if by_id[n].cpus]
+    if not with_cpus:
+        return dataclasses.replace(spec, memory=f"CPU-less NUMA node(s) {_ids(named)}")
+    unnamed = [n for n in cpuless if n not in named]
+    note = (
+        f"tierrt: {spec.describe()}: NUMA node(s) {_ids(with_cpus)} have CPUs (ordinary DRAM of a socket); "
+        "the cxl tier uses them as asked"
+    )
+    if unnamed:
+        log.warning("%s, although this machine's CPU-less (CXL) nodes are %s", note, _ids(unnamed))
+    else:
+        log.info("%s (this machine has no CPU-less node)", note)
+    return dataclasses.replace(spec, memory=f"NUMA node(s) {_ids(named)}, which have CPUs: ordinary DRAM")
+
+
+def _ids(ids: Iterable[int]) -> str:
+    return ", ".join(str(i) for i in ids)
 
 
 # The largest stripe unit nvme() takes: SSDs run at full speed from 64KiB-4MiB; a unit is also one
@@ -218,7 +297,8 @@ def validate_tiers(tiers: Sequence[TierSpec]) -> list[TierSpec]:
 
     Rules: every element is a tier spec; fastest first (gpu, dram, cxl, nvme); at most one GPU and
     one DRAM tier; a DRAM tier is present (it holds the blocks being computed on, or staged for the
-    GPU); NVMe appears at most once (give it several paths to stripe).
+    GPU); NVMe appears at most once (give it several paths to stripe). A cxl tier is returned
+    resolved against this machine's NUMA nodes (:func:`resolve_cxl`).
     """
     if isinstance(tiers, TierSpec):
         tiers = [tiers]
@@ -251,6 +331,9 @@ def validate_tiers(tiers: Sequence[TierSpec]) -> list[TierSpec]:
             "tiers: a dram tier is required (it holds the blocks being computed on, or staged for the "
             "GPU); add tierrt.dram(budget)"
         )
+    if any(isinstance(t, CxlTier) for t in tiers):
+        nodes = numa_nodes()
+        tiers = [resolve_cxl(t, nodes) if isinstance(t, CxlTier) else t for t in tiers]
     return tiers
 
 
