@@ -8,9 +8,11 @@ context and makes each such use read (or write) the parameter's current value:
 
 - During the first two forwards, a parameter used outside a call of the module that holds it
   (``F.linear(x, self.embed.weight)`` in a parent's forward) has its block fetched on the spot and
-  kept resident for every whole forward from then on (:meth:`HookSet._used`). Later forwards of the
-  model are not watched: the mode leaves the stack while they run (:meth:`ParameterAccess.suspend`),
-  so they cost nothing.
+  kept resident for every whole forward from then on (:meth:`HookSet._used`), and through each
+  backward pass (:meth:`HookSet._hold_root_for_backward`). Backward needs the hooks for that: the
+  autograd engine runs it without the thread's torch-function modes, so this mode sees nothing of
+  a checkpointed layer's recomputation. Later forwards of the model are not watched: the mode
+  leaves the stack while they run (:meth:`ParameterAccess.suspend`), so they cost nothing.
 - Anywhere else (between steps: a weight norm logged, an EMA or an L2 penalty written by hand,
   ``nn.init`` or ``p.mul_()`` under ``no_grad``), the parameter's block is held resident for that one
   call, its pending optimizer update applied first, and released after. The call runs on the real

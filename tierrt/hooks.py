@@ -11,7 +11,10 @@ each hooked module's output also acquires its blocks when backward reaches that 
 activation checkpointing works whether it recomputes the module through its hooks
 (``checkpoint(layer, x)``) or not (``checkpoint(layer.forward, x)``, as transformers does). A block
 acquired for backward is released once every trainable parameter in it has received its gradient,
-or when later blocks show backward has moved on, and in any case when the backward pass ends.
+or when later blocks show backward has moved on, and in any case when the backward pass ends. The
+blocks a forward holds throughout (parameters used outside a call of their module) are held from
+when backward reaches the model until the pass ends, since a recomputation reads them as the
+forward did (DeBERTa hands ``rel_embeddings.weight`` to every checkpointed layer).
 
 Gradients: ``register_post_accumulate_grad_hook`` moves each parameter's gradient to its block's
 gradient buffer (adding to what earlier micro-batches left there) and frees it, so gradients never
@@ -31,7 +34,7 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -213,6 +216,10 @@ class HookSet:
         self.watching = 0  # > 0: forwards are watched (a functional_call given p.detach() stand-ins)
         self._root_blocks: list[BlockState] = []  # learned: acquired for the whole model forward
         self._root_held: list[BlockState] = []
+        # The same blocks held through a backward pass, which may recompute forward code (see
+        # _hold_root_for_backward), and the graph task that took them
+        self._root_bwd_held: list[BlockState] = []
+        self._root_bwd_task = -1
         self._warned: set[int] = set()
         self._autocast_warned = False
         self._internal = 0  # > 0 while tierrt's own hooks run
@@ -307,6 +314,7 @@ class HookSet:
             )
         if self._root_held:
             self._root_post(self._model(), (), None)
+        self._release_root_backward()
         if self._access is not None:
             self._access.pop(own_thread)
             self.standins_left = self._access.left
@@ -345,6 +353,7 @@ class HookSet:
     # ---- forward -------------------------------------------------------------------------------
     def _root_pre(self, module: nn.Module, args: Any) -> None:
         if torch._C._current_graph_task_id() >= 0:
+            self._hold_root_for_backward()  # the whole model recomputed (checkpoint(model, x))
             return
         if threading.get_ident() != self._thread or os.getpid() != self._pid:
             self._refuse_thread(module)
@@ -356,6 +365,7 @@ class HookSet:
             self.on_forward_start()
         if self._root_held:  # a previous forward raised before its post-hook: start clean
             self._root_post(module, args, None)
+        self._release_root_backward()  # held by a backward pass that raised (no end callback ran)
         self._root_running = True
         self.quiet_forward = self._forwards_to_watch <= 0 and not self.watching
         self._forwards_to_watch -= 1
@@ -372,6 +382,52 @@ class HookSet:
             self._access.resume()
         while self._root_held:
             self.pipeline.release(self._root_held.pop())
+        if self._root_blocks and torch.is_grad_enabled() and torch._C._current_graph_task_id() < 0:
+            self._hold_root_when_backward_reaches(output)
+
+    def _hold_root_when_backward_reaches(self, output: Any) -> None:
+        """Hold the blocks this forward held throughout as soon as backward reaches the model's
+        output (any of its tensors), before any node of the model's graph runs backward: a
+        recomputation that reads them before it calls a hooked module is covered too."""
+
+        def on_model_output_grad(grad: torch.Tensor) -> None:
+            self._hold_root_for_backward()
+
+        for tensor in _tensors_requiring_grad(output):
+            tensor.register_hook(on_model_output_grad)
+
+    def _hold_root_for_backward(self) -> None:
+        """Make the blocks held for the whole forward (parameters used outside a call of their
+        module, see :meth:`_used`) resident until this backward pass ends.
+
+        Backward may run forward code again: activation checkpointing recomputes a layer (reentrant
+        or not, through the module's hooks or around its raw ``forward``, as transformers'
+        ``GradientCheckpointingLayer`` does), and that code reads those parameters as the forward
+        did, often handed in as arguments (DeBERTa passes ``rel_embeddings.weight`` to every layer).
+        No root hook runs for it, and neither does the torch-function mode that caught those uses
+        in forward (the autograd engine runs backward without the thread's torch-function modes),
+        so nothing else would fetch them: the recomputation would read the evicted placeholder.
+        The recomputed tensors saved for backward view the blocks' memory until their nodes have
+        run, so the blocks stay held until the pass ends, taken and counted against the budget as
+        the forward takes them, and released by :meth:`end_backward`."""
+        task = torch._C._current_graph_task_id()
+        if not self._root_blocks or self._root_bwd_held or task < 0:
+            return
+        self._note_backward()
+        self._root_bwd_task = task
+        self._internal += 1  # tierrt's own work (e.g. a deferred update) is not a user's use
+        try:
+            for bs in self._root_blocks:
+                self.pipeline.acquire(bs, "bwd")  # a synchronous fetch if it was evicted
+                self._root_bwd_held.append(bs)
+        finally:
+            self._internal -= 1
+
+    def _release_root_backward(self) -> None:
+        """Give back the blocks :meth:`_hold_root_for_backward` took."""
+        while self._root_bwd_held:
+            self.pipeline.release(self._root_bwd_held.pop())
+        self._root_bwd_task = -1
 
     def _refuse_in_grad_transform(self, module: nn.Module, recurse: bool) -> None:
         """Inside a ``torch.func`` gradient transform, refuse a forward that reads offloaded
@@ -447,9 +503,9 @@ class HookSet:
                 self._warned.add(id(value))
                 log.warning(
                     "parameter %s is used outside a call of the module that holds it (by %s); tierrt "
-                    "now keeps its block %s resident for the whole forward. To stream it with its "
-                    "module instead, use it inside that module's forward, or share the Parameter "
-                    "object with the module that uses it (e.g. head.weight = embed.weight).",
+                    "now keeps its block %s resident for the whole forward and backward. To stream it "
+                    "with its module instead, use it inside that module's forward, or share the "
+                    "Parameter object with the module that uses it (e.g. head.weight = embed.weight).",
                     name,
                     getattr(func, "__name__", func),
                     bs.name,
@@ -484,6 +540,7 @@ class HookSet:
                 phase = "bwd" if in_backward else "fwd"
                 if in_backward:
                     self._note_backward()
+                    self._hold_root_for_backward()  # a recomputation (activation checkpointing)
                 elif in_grad_transform():
                     self._refuse_in_grad_transform(module, recurse=True)
                 self._internal += 1  # tierrt's own work (e.g. a deferred update) is not a user's use
@@ -589,6 +646,7 @@ class HookSet:
             return
 
         def on_output_grad(grad: torch.Tensor) -> None:
+            self._hold_root_for_backward()
             for bs in needed:
                 self._backward_acquire(bs)
 
@@ -699,7 +757,7 @@ class HookSet:
 
         def on_backward_end(task: int = task) -> None:
             self._callback_tasks.discard(task)
-            self.end_backward()
+            self.end_backward(task)
 
         torch.autograd.Variable._execution_engine.queue_callback(on_backward_end)
 
@@ -719,10 +777,14 @@ class HookSet:
             self._bwd_held.remove(bs)
             self.pipeline.release(bs)
 
-    def end_backward(self) -> None:
-        """Release what backward held and send the finished gradients home."""
+    def end_backward(self, task: int | None = None) -> None:
+        """Release what backward held and send the finished gradients home. ``task`` is the graph
+        task that ended: the blocks held for recomputation stay until the pass that took them ends
+        (a reentrant checkpoint runs a nested pass inside each recomputation)."""
         while self._bwd_held:
             self.pipeline.release(self._bwd_held.pop())
+        if task is None or task == self._root_bwd_task:
+            self._release_root_backward()
         self._grad_counts.clear()
         if self.grads is not None:
             self.grads.end_backward()
@@ -809,16 +871,20 @@ def _weak_saved_tensors_hooks(hooks: HookSet) -> torch.autograd.graph.saved_tens
     return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
 
-def _first_tensor_requiring_grad(value: Any, depth: int = 0) -> torch.Tensor | None:
-    """The first tensor requiring grad in a module's output (tensors, tuples, lists, dicts and
-    transformers' ModelOutput, which is a dict)."""
+def _tensors_requiring_grad(value: Any, depth: int = 0) -> Iterator[torch.Tensor]:
+    """The tensors requiring grad (with a ``grad_fn``) in a module's output (tensors, tuples, lists,
+    dicts and transformers' ModelOutput, which is a dict), looked through three levels deep."""
     if isinstance(value, torch.Tensor):
-        return value if value.requires_grad and value.grad_fn is not None else None
+        if value.requires_grad and value.grad_fn is not None:
+            yield value
+        return
     if depth > 3:
-        return None
+        return
     items = value.values() if isinstance(value, dict) else value if isinstance(value, list | tuple) else ()
     for item in items:
-        found = _first_tensor_requiring_grad(item, depth + 1)
-        if found is not None:
-            return found
-    return None
+        yield from _tensors_requiring_grad(item, depth + 1)
+
+
+def _first_tensor_requiring_grad(value: Any) -> torch.Tensor | None:
+    """The first tensor requiring grad in a module's output (see :func:`_tensors_requiring_grad`)."""
+    return next(_tensors_requiring_grad(value), None)
