@@ -8,11 +8,13 @@ kernels step out of place) and the optimizer state copied or read from NVMe into
 writes the results to fresh NVMe extents. Nothing current is touched.
 
 ``optimizer.step()`` then *commits* each speculative update whose inputs are still what the step
-would use — the same hyperparameters, the same gradients (no further backward, no ``zero_grad``,
-no clipping since), the same parameters with gradients — by switching the block's state to the new
-extents; every other block gets an ordinary update. The result is therefore exactly that of the
-synchronous step. A speculation that cannot be committed is discarded (its extents freed). A block
-whose buffers do not fit in the DRAM budget at the time is simply not speculated.
+would use — the same hyperparameters, the same gradients (no further backward, no ``zero_grad``, no
+clipping since), the same parameters with gradients, the same weights and optimizer state (none
+written since: ``p.mul_()`` under no_grad, ``optimizer.load_state_dict()``, an edit of
+``optimizer.state``) — by switching the block's state to the new extents; every other block gets an
+ordinary update. The result is therefore exactly that of the synchronous step. A speculation that
+cannot be committed is discarded (its extents freed). A block whose buffers do not fit in the DRAM
+budget at the time is simply not speculated.
 """
 
 from __future__ import annotations
@@ -48,6 +50,9 @@ class Speculation:
     grad_generation: int
     buffers: dict[str, HostBuffer]  # the updated copies (plus "grad": the gradients it used)
     extents: dict[str, int] = field(default_factory=dict)  # NVMe extents holding the results
+    # The version of each kind it updates when it started: a kind changed since (weights written
+    # by hand between backward and step(), optimizer state loaded or edited) makes it stale.
+    versions: dict[str, int] = field(default_factory=dict)
     job: Transfer | None = None  # reads the inputs and runs the update kernel
     write: Transfer | None = None  # then writes the results to ``extents`` (on its own thread)
     changes: dict[int, Any] = field(default_factory=dict)
@@ -151,7 +156,16 @@ class Speculator:
                     return
                 extents[kind] = extent
         buffers["grad"] = gks.host
-        spec = Speculation(bs.index, slots, self._hyper, grads.generation(bs.index), buffers, extents)
+        versions = {kind: bs.kinds[kind].version for kind in kinds}
+        spec = Speculation(
+            bs.index,
+            slots,
+            self._hyper,
+            grads.generation(bs.index),
+            buffers,
+            extents=extents,
+            versions=versions,
+        )
         spec.job = self._submit(bs, spec, kinds)
         self.specs[bs.index] = spec
 
@@ -266,6 +280,7 @@ class Speculator:
             and grads.generation(index) == spec.grad_generation
             and owner.updatable(index) == spec.slots
             and not any(key[0] == index for key in grads.muls)
+            and self._inputs_unchanged(spec)
         )
         if not valid:
             self._discard(spec)
@@ -322,6 +337,16 @@ class Speculator:
         if pipeline.compute == "dram" and "dram" in bs.kinds["weight"].valid:
             pipeline.attach(bs)
         return True
+
+    def _inputs_unchanged(self, spec: Speculation) -> bool:
+        """Whether every kind the update read is still as it was when it started (nothing wrote
+        the weights or the optimizer state since: ``p.mul_()`` under no_grad between backward and
+        step(), ``optimizer.load_state_dict()``, an edit of ``optimizer.state``)."""
+        bs = self.pipeline.blocks[spec.block]
+        changed = [kind for kind, version in spec.versions.items() if bs.kinds[kind].version != version]
+        if changed:
+            log.debug("%s: speculative update discarded, its %s changed since", bs.name, ", ".join(changed))
+        return not changed
 
     @staticmethod
     def _finish(spec: Speculation) -> None:

@@ -24,6 +24,8 @@ context and makes each such use read (or write) the parameter's current value:
   as a copy (reading it is exact; writing into it does not reach the parameter), and ``p.data`` and
   ``p.detach()`` return a stand-in tied to the parameter: every later call on the stand-in reads or
   writes the parameter's current value, as the alias would in plain torch.
+- Optimizer state read through ``optimizer.state`` is a copy too; a change made in place to it (or
+  to a view of it) is written into the tiers (:meth:`ParameterAccess.watch_copy`).
 - Calls that only read metadata (``p.shape``, ``p.numel()``, ``p.requires_grad_()``) and calls made by
   tierrt itself pass straight through. ``_foreach_`` calls over many blocks run block by block, so a
   hand-written EMA over the whole model holds one block at a time.
@@ -191,6 +193,9 @@ class ParameterAccess(torch.overrides.TorchFunctionMode):
         # a view of a parameter taken between steps is a copy; a change made in place to the copy
         # (or to a view of it: ``p.view(-1)[:4].zero_()``) is written into the parameter's view
         self._view_copies: dict[int, tuple[weakref.ref, Callable[[], torch.Tensor], BlockState, int]] = {}
+        # storage address of a copy -> (weak reference, what writes it): other copies whose in-place
+        # changes tierrt writes into the tiers (optimizer state read through ``optimizer.state``)
+        self._watched: dict[int, tuple[weakref.ref, Callable[[torch.Tensor], None]]] = {}
 
     # ---- dispatch ------------------------------------------------------------------------------------
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
@@ -211,10 +216,17 @@ class ParameterAccess(torch.overrides.TorchFunctionMode):
         found = self._find(args, kwargs)
         grads_changed: list[int] = []
         views_changed: list[int] = []
-        if self._grad_copies or self._view_copies:
+        if self._grad_copies or self._view_copies or self._watched:
             changed = self._changed(name, args, kwargs)
             grads_changed = [id(tensor) for tensor in changed if id(tensor) in self._grad_copies]
-            views_changed = [ptr for ptr in map(_storage_address, changed) if ptr in self._view_copies]
+            addresses = [_storage_address(tensor) for tensor in changed]
+            views_changed = [ptr for ptr in addresses if ptr in self._view_copies]
+            watched = [ptr for ptr in addresses if ptr in self._watched]
+            if watched and not hooks.in_forward():
+                result = func(*args, **kwargs)
+                for ptr in dict.fromkeys(watched):
+                    self._write_watched(ptr)
+                return result
         if views_changed and not hooks.in_forward():
             result = func(*args, **kwargs)
             for ptr in dict.fromkeys(views_changed):
@@ -522,6 +534,27 @@ class ParameterAccess(torch.overrides.TorchFunctionMode):
                 del copies[ptr]
 
         copies[ptr] = (weakref.ref(copy, forget), retake, bs, slot_index)
+
+    def watch_copy(self, copy: torch.Tensor, write: Callable[[torch.Tensor], None]) -> None:
+        """Call ``write(copy)`` after each call that changes ``copy`` (or a view of it) in place,
+        for as long as ``copy`` lives."""
+        ptr = _storage_address(copy)
+        if ptr is None:
+            return
+        watched = self._watched
+
+        def forget(_: Any, ptr: int = ptr) -> None:
+            entry = watched.get(ptr)
+            if entry is not None and entry[0]() is None:
+                del watched[ptr]
+
+        watched[ptr] = (weakref.ref(copy, forget), write)
+
+    def _write_watched(self, ptr: int) -> None:
+        ref, write = self._watched[ptr]
+        copy = ref()
+        if copy is not None:
+            write(copy)
 
     def _write_view(self, ptr: int) -> None:
         """A copy of a view of a parameter was changed in place: write it into the parameter (the

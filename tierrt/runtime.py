@@ -34,7 +34,7 @@ import shutil
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -351,7 +351,7 @@ class Runtime(PlacingAgain, GivingBack):
             # (that error stays attached as the context of this one).
             if exc is None or getattr(close_error, "lost_parameters", None):
                 raise
-            log.exception("tierrt: restoring the model after an error in the with-block failed")
+            self._note_failed_leaving(exc, close_error)  # told on the block's error, not only logged
         return False
 
     # ---- start -----------------------------------------------------------------------------------
@@ -906,9 +906,17 @@ class Runtime(PlacingAgain, GivingBack):
         assert blockwise.updates is not None
         blockwise.updates.speculator.allowed = self.overlap_backward
         blockwise.on_zero_grad = weak_callback(self.after_zero_grad)  # the optimizer holds it
+        blockwise.watch_copy = weak_callback(self._watch_copy)
         if not getattr(self, "_step_atomic", False):
             blockwise.updates.transactional = False
         blockwise.install()
+
+    def _watch_copy(self, copy: torch.Tensor, write: Callable[[torch.Tensor], None]) -> None:
+        """Call ``write(copy)`` whenever ``copy`` changes in place on this thread (a copy of
+        optimizer state read through ``optimizer.state``: see :mod:`tierrt.access`)."""
+        access = self.hooks._access if self.hooks is not None else None
+        if access is not None:
+            access.watch_copy(copy, write)
 
     def _on_forward_start(self) -> None:
         if self.blockwise is None:

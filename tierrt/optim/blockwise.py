@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import types
+from collections import defaultdict
 from collections.abc import Callable
 from itertools import chain
 from typing import TYPE_CHECKING, Any
@@ -90,6 +91,9 @@ class BlockwiseOptimizer:
         self._installed = False
         self.stepping_unmanaged = False  # torch's step() for parameters outside the model runs
         self._previous: dict[str, Any] = {}  # the optimizer's own attributes that install() replaced
+        # Set by the runtime: calls write(copy) whenever ``copy`` (of optimizer state read through
+        # ``optimizer.state``) is changed in place (see tierrt.access)
+        self.watch_copy: Callable[[torch.Tensor, Callable[[torch.Tensor], None]], None] | None = None
         # id(param) -> (block, slot) of every offloaded parameter with a gradient buffer (it required
         # grad on entry); known once the blocks exist (bind)
         self._slots: dict[int, tuple[BlockState, int]] = {}
@@ -370,6 +374,7 @@ class BlockwiseOptimizer:
     def _step(self, closure: Callable[[], Any] | None) -> Any:
         assert self.updates is not None and self.pipeline is not None
         self.check_trainable()
+        self._take_replaced_state()
         opt = self.optimizer
         loss = None
         if closure is not None:
@@ -396,6 +401,27 @@ class BlockwiseOptimizer:
         if self.on_step_end is not None:
             self.on_step_end()
         return loss
+
+    def _take_replaced_state(self) -> None:
+        """``optimizer.state`` replaced by a new dict since the last step (``opt.state =
+        defaultdict(dict)``, a reset as torch knows it): the new dict is the state from now on, its
+        entries for offloaded parameters moved into the tiers (the others start fresh)."""
+        from .state import TieredState, check_torch_state, import_torch_state, release_torch_state
+
+        opt = self.optimizer
+        current = opt.__dict__.get("state")
+        if not self._installed or not self.updater.state_in_tiers or isinstance(current, TieredState):
+            return
+        replacement = current if isinstance(current, defaultdict) else defaultdict(dict, current or {})
+        self.updates.apply_all()
+        self.updates.commit()
+        self.updates.speculator.discard_all()
+        opt.state = replacement
+        check_torch_state(self, self.holds_state_of, self.name_of)  # ConfigError: nothing changed yet
+        self.updater.forget_counters()
+        release_torch_state(opt, import_torch_state(self))
+        opt.state = TieredState(self, replacement)
+        log.info("tierrt: optimizer.state was replaced: the new state is used from this step on")
 
     def _record(self) -> None:
         """One pending update per offloaded block with gradients, with the hyperparameters of now.
@@ -478,6 +504,9 @@ class BlockwiseOptimizer:
         assert self.updates is not None
         self.updates.apply_all()
         self.updates.commit()
+        # Updates computed during the last backward started from the state being replaced (and
+        # from its step counts, which no version records): the next step() recomputes them.
+        self.updates.speculator.discard_all()
         opt = self.optimizer
         if not self.updater.state_in_tiers:
             from .state import CurrentState

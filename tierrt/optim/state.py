@@ -276,8 +276,13 @@ class TieredState(defaultdict):
 
     Reading a parameter's entry (``opt.state[p]``, ``.get``, ``.items()``, ``len``) gives what torch's
     own optimizer would hold (``step``, ``exp_avg``, ``exp_avg_sq``, ``momentum_buffer``), read from
-    the tiers as CPU copies (changing them changes nothing; ``load_state_dict`` does). Every other
-    parameter's entry, and every write, is the optimizer's own ``state`` as torch keeps it."""
+    the tiers as CPU copies. Writes reach the tiers, so the next ``step()`` uses them as torch's
+    would: a change made in place to such a copy (``opt.state[p]["exp_avg"].zero_()``, also through a
+    view of it), a value assigned into an entry (``opt.state[p]["exp_avg"] = t``), a whole entry
+    assigned (``opt.state[p] = {...}``), and ``del opt.state[p]`` / ``pop`` / ``clear()``, after which
+    the parameter starts from fresh state at its next step. Every other parameter's entry is the
+    optimizer's own ``state`` as torch keeps it, and so is an offloaded parameter's entry still
+    there (torch-side state not moved into the tiers yet, see :func:`import_torch_state`)."""
 
     def __init__(self, bw: BlockwiseOptimizer, original: defaultdict) -> None:
         super().__init__(dict)
@@ -293,20 +298,30 @@ class TieredState(defaultdict):
         if bw.updates is not None and not bw.updater.applying and not bw.stepping_unmanaged:
             bw.updates.apply_all()
 
+    def _holds(self, p: Any) -> bool:
+        return isinstance(p, torch.Tensor) and self.bw.holds_state_of(p)
+
     def _tiered(self, p: Any) -> Entry | None:
         bw = self.bw
-        if not isinstance(p, torch.Tensor) or not bw.holds_state_of(p):
+        if not self._holds(p):
             return None
         self._current()
         if not bw.updater.has_state(p):
             return None
         assert bw.pipeline is not None
-        group = next(g for g in bw.optimizer.param_groups if any(q is p for q in g["params"]))
         bs, slot = bw.slot_of(p)
-        entry = bw.updater.counters_of(p)
-        for kind in bw.updater.state_keys(group):
-            entry[kind] = bw.pipeline.read_slot(bs, kind, slot, torch.device("cpu"))
+        entry = TieredEntry(self, p)
+        values = bw.updater.counters_of(p)
+        for kind in bw.updater.state_keys(self._group_of(p)):
+            values[kind] = bw.pipeline.read_slot(bs, kind, slot, torch.device("cpu"))
+        for key, value in values.items():
+            dict.__setitem__(entry, key, value)
+            if isinstance(value, torch.Tensor) and bw.watch_copy is not None:
+                bw.watch_copy(value, lambda copy, p=p, key=key: self._write_value(p, key, copy))
         return entry
+
+    def _group_of(self, p: torch.Tensor) -> dict[str, Any]:
+        return next(g for g in self.bw.optimizer.param_groups if any(q is p for q in g["params"]))
 
     def _tiered_params(self) -> list[torch.nn.Parameter]:
         self._current()
@@ -315,7 +330,11 @@ class TieredState(defaultdict):
 
     def __getitem__(self, p: Any) -> Any:
         entry = self._tiered(p)
-        return entry if entry is not None else self.original[p]
+        if entry is not None:
+            return entry
+        if self._holds(p) and p not in self.original:
+            return TieredEntry(self, p)  # no state yet: an empty entry, which a complete assignment fills
+        return self.original[p]
 
     def get(self, p: Any, default: Any = None) -> Any:
         entry = self._tiered(p)
@@ -347,23 +366,49 @@ class TieredState(defaultdict):
     def __repr__(self) -> str:
         return f"TieredState({len(self)} entries, those of offloaded parameters read from the tiers)"
 
-    # writes: the optimizer's own state
+    # writes
     def __setitem__(self, p: Any, value: Any) -> None:
-        self.original[p] = value
+        if not self._holds(p) or p in self.original:
+            self.original[p] = value
+            return
+        if not value:
+            self._forget(p)
+            return
+        self._store(p, dict(value))
 
     def __delitem__(self, p: Any) -> None:
-        del self.original[p]
+        if not self._holds(p) or p in self.original:
+            del self.original[p]
+            return
+        if not self.bw.updater.has_state(p):
+            raise KeyError(p)
+        self._forget(p)
 
     def pop(self, p: Any, *default: Any) -> Any:
-        return self.original.pop(p, *default)
+        if not self._holds(p) or p in self.original:
+            return self.original.pop(p, *default)
+        entry = self._tiered(p)
+        if entry is None:
+            if default:
+                return default[0]
+            raise KeyError(p)
+        self._forget(p)
+        return dict(entry)
 
     def setdefault(self, p: Any, default: Any = None) -> Any:
-        return self.original.setdefault(p, default)
+        if not self._holds(p) or p in self.original:
+            return self.original.setdefault(p, default)
+        if p not in self:
+            self[p] = default if default is not None else {}
+        return self[p]
 
     def update(self, *args: Any, **kwargs: Any) -> None:
-        self.original.update(*args, **kwargs)
+        for p, value in dict(*args, **kwargs).items():
+            self[p] = value
 
     def clear(self) -> None:
+        for p in self._tiered_params():
+            self._forget(p)
         self.original.clear()
 
     def copy(self) -> defaultdict:
@@ -374,6 +419,123 @@ class TieredState(defaultdict):
     def __reduce__(self) -> Any:
         return (defaultdict, (dict,), None, None, iter(self.items()))
 
+    # ---- writing into the tiers ----------------------------------------------------------------
+    def _before_write(self, p: torch.Tensor) -> tuple[BlockState, int]:
+        """Pending updates applied, and no update computed during backward from the state about to
+        change kept for the next step (it recomputes)."""
+        bw = self.bw
+        self._current()
+        bs, slot = bw.slot_of(p)
+        if bw.updates is not None:
+            bw.updates.speculator.discard(bs.index)
+        return bs, slot
+
+    def _forget(self, p: torch.Tensor) -> None:
+        """``p`` starts from fresh state at its next step, as torch's optimizer does for a parameter
+        without an entry."""
+        self._before_write(p)
+        self.bw.updater.forget_param(p)
+        self.original.pop(p, None)
+
+    def _store(self, p: torch.Tensor, entry: Entry) -> None:
+        """A whole entry assigned: checked as a loaded one (:func:`check_entry`), then stored."""
+        bw = self.bw
+        check_entry(bw.updater, p, self._group_of(p), entry, bw.name_of(p))
+        self._before_write(p)
+        _store_entries(bw, {p: entry})
+
+    def _write_value(self, p: torch.Tensor, key: str, value: Any) -> None:
+        """One value of ``p``'s entry changed (assigned, or a copy read from it changed in place)."""
+        bw = self.bw
+        if not bw.updater.has_state(p):
+            raise ConfigError(
+                f"optimizer state of {bw.name_of(p)} was reset since this value was read; assign the "
+                "whole entry (optimizer.state[p] = {...}) to give it state again"
+            )
+        bs, slot = self._before_write(p)
+        if key in bw.updater.state_keys(self._group_of(p)):
+            _check_state_value(p, key, value, bw.name_of(p))
+            assert bw.pipeline is not None
+            _write_kind(bw.pipeline, bs, key, [(slot, value)])
+            bw.pipeline.drain()  # a failed write is reported here, not at some later step
+            return
+        entry = bw.updater.counters_of(p)
+        entry[key] = value
+        if key == "step":
+            step_count(value)  # ConfigError for a step that is not a whole number >= 0
+        bw.updater.load_counters(p, entry)
+
+
+class TieredEntry(dict):
+    """One parameter's entry of :class:`TieredState`: a dict of copies read from the tiers, whose
+    assignments and deletions are written into the tiers (``opt.state[p]["exp_avg"] = t``). An
+    entry of a parameter without state collects the values assigned to it and is stored once it
+    holds every key the optimizer needs (``step`` and its state tensors)."""
+
+    def __init__(self, owner: TieredState, param: torch.Tensor) -> None:
+        super().__init__()
+        self._owner = owner
+        self._param = param
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        owner, p = self._owner, self._param
+        if owner.bw.updater.has_state(p):
+            owner._write_value(p, key, value)
+            dict.__setitem__(self, key, value)
+            return
+        dict.__setitem__(self, key, value)
+        required = owner.bw.updater.required_keys(owner._group_of(p))
+        if all(k in self for k in required):
+            owner._store(p, dict(self))
+
+    def __delitem__(self, key: str) -> None:
+        if key not in self:
+            raise KeyError(key)
+        owner = self._owner
+        dict.__delitem__(self, key)
+        if not self:
+            owner._forget(self._param)
+        elif owner.bw.updater.has_state(self._param):
+            raise ConfigError(
+                f"del optimizer.state[p][{key!r}] for {owner.bw.name_of(self._param)}: torch's step "
+                "would fail without it. Delete the whole entry (del optimizer.state[p]) to start "
+                "the parameter from fresh state"
+            )
+
+    def update(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = value
+
+    def setdefault(self, key: str, default: Any = None) -> Any:
+        if key not in self:
+            self[key] = default
+        return dict.__getitem__(self, key)
+
+    def pop(self, key: str, *default: Any) -> Any:  # type: ignore[override]
+        if key not in self:
+            if default:
+                return default[0]
+            raise KeyError(key)
+        value = dict.__getitem__(self, key)
+        del self[key]
+        return value
+
+    def clear(self) -> None:
+        dict.clear(self)
+        self._owner._forget(self._param)
+
+    def __reduce__(self) -> Any:
+        return (dict, (dict(self),))
+
+
+def _check_state_value(p: torch.Tensor, key: str, value: Any, name: str) -> None:
+    if not isinstance(value, torch.Tensor) or value.shape != p.shape:
+        got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ConfigError(
+            f"optimizer.state[{name}][{key!r}] must be a tensor shaped like the parameter "
+            f"{tuple(p.shape)}, got {got}"
+        )
+
 
 class CurrentState(TieredState):
     """``optimizer.state`` while tierrt steps the optimizer with its state in process memory (torch
@@ -381,6 +543,9 @@ class CurrentState(TieredState):
     state tensor shaped like the parameters): the optimizer's own ``state``, read as the last
     ``step()`` left it (pending block updates are applied first), as torch's own optimizer would
     hold it."""
+
+    def _holds(self, p: Any) -> bool:
+        return False  # every entry, and every write, is the optimizer's own
 
     def _tiered(self, p: Any) -> Entry | None:
         self._current()

@@ -217,6 +217,9 @@ class Updater:
     def forget_counters(self) -> None:
         """Every parameter starts from fresh state again (before loading a whole state dict)."""
 
+    def forget_param(self, param: torch.nn.Parameter) -> None:
+        """``param`` starts from fresh state again at its next step (``del optimizer.state[p]``)."""
+
     def refuses_group(self, group: dict[str, Any]) -> str | None:
         """Why a param group added after entering cannot be stepped here (None when it can)."""
         return None
@@ -504,6 +507,9 @@ class TieredTorchUpdater(TorchUpdater):
     def forget_counters(self) -> None:
         self.counters.clear()
 
+    def forget_param(self, param: torch.nn.Parameter) -> None:
+        self.counters.pop(id(param), None)
+
     def snapshot(self) -> Any:
         return {key: _copied(entry) for key, entry in self.counters.items()}
 
@@ -648,6 +654,9 @@ class NativeAdamUpdater(Updater):
 
     def forget_counters(self) -> None:
         self.steps.clear()
+
+    def forget_param(self, param: torch.nn.Parameter) -> None:
+        self.steps.pop(id(param), None)
 
     def refuses_group(self, group: dict[str, Any]) -> str | None:
         if group.get("amsgrad", False) and "max_exp_avg_sq" not in self.state_kinds:
@@ -803,6 +812,9 @@ class NativeSGDUpdater(Updater):
 
     def forget_counters(self) -> None:
         self.has_buffer.clear()
+
+    def forget_param(self, param: torch.nn.Parameter) -> None:
+        self.has_buffer.discard(id(param))
 
     def refuses_group(self, group: dict[str, Any]) -> str | None:
         if float(group.get("momentum", 0.0)) != 0.0 and not self.momentum:
