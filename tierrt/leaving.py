@@ -10,7 +10,10 @@ keeps to entering and reading values inside the context; this one holds what ``c
   the others from coming back (:meth:`GivingBack._give_back`); a parameter whose value cannot be read
   back holds NaN and the error names it;
 - a runtime whose model was dropped without ``close()`` frees everything and gives nothing back
-  (:meth:`GivingBack._discard`).
+  (:meth:`GivingBack._discard`);
+- when the with-block's own error is propagating, an error of giving the model back (the last
+  step rolled back because its state could not be written home) is added to it as a note
+  (:meth:`GivingBack._note_failed_leaving`), so that what the model holds is not told in a log only.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .errors import HookError, listed, restated
+from .errors import HookError, listed, noted, restated
 from .interrupts import HeldInterrupts
 from .loading import LoadPatch
 from .sizes import format_size
@@ -50,6 +53,19 @@ class GivingBack:
         with HeldInterrupts("giving the model back"):
             self._give_back()
 
+    def _note_failed_leaving(self, error: BaseException, close_error: BaseException) -> None:
+        """Leaving the with-block after ``error`` (the block's own, which goes on propagating) met
+        ``close_error`` while giving the model back, which does not propagate: e.g. the last step,
+        whose ``step()`` had returned, rolled back because its state could not be written home
+        (its message says which step's values the model holds). Called from ``__exit__``; the
+        model is back as far as ``close_error`` says (lost parameters raise instead)."""
+        log.exception("tierrt: restoring the model after an error in the with-block failed")
+        told = _told(close_error)
+        noted(
+            error,
+            f"tierrt: leaving the with-block after this error, giving the model back met another: {told}",
+        )
+
     def _discard(self) -> None:
         """Free everything of a runtime whose model was dropped without ``close()``: hooks and
         patches, threads, the I/O engine, files and tier memory. Nothing is given back (the values
@@ -66,6 +82,7 @@ class GivingBack:
         # kept from inside the context): what does not fit in the arena goes outside the budget.
         self.store.overflow = True  # type: ignore[union-attr]
         self._settle(errors, keep_assigned=self._restores_values())
+        self._end_open_step(errors)
         self._take_down()
         for restore in (
             self._restore_buffers,
@@ -97,11 +114,7 @@ class GivingBack:
         self.active = False
         self.closed = True
         if errors:
-            # Lost parameters first: what the user must act on (the others are logged).
-            errors.sort(key=lambda error: not getattr(error, "lost_parameters", None))
-            for other in errors[1:]:
-                log.error("tierrt: while giving the model back: %s", other)
-            raise errors[0]
+            raise _first_of(errors)
 
     def _settle(self, errors: list[BaseException], keep_assigned: bool) -> None:
         """Apply the last step's pending updates, let every transfer land, and take gradients
@@ -118,6 +131,22 @@ class GivingBack:
                 self.grads.take_assigned(drop=not keep_assigned)
         except BaseException as exc:  # noqa: BLE001
             errors.append(exc)
+
+    def _end_open_step(self, errors: list[BaseException]) -> None:
+        """After :meth:`_settle` failed part way (e.g. the writes that make room for the last step's
+        pending updates failed): finish that step once more, and when it stays open, roll it back
+        (the wording of a step rolled back on a failed write), so that every value is whole before
+        anything is read to be given back. Otherwise the first read that applies a pending update
+        could roll the step back half way through giving back: the value it was reading, or the
+        optimizer state being exported, would be lost though the rollback left it whole."""
+        updates = self.blockwise.updates if self.blockwise is not None else None
+        if updates is None or self._discarding or not (updates.pending or updates.step_open):
+            return
+        try:
+            self.blockwise.finish()  # type: ignore[union-attr]
+            self.pipeline.drain()
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(updates.rollback(exc))  # exc itself when no step is open (any more)
 
     def _take_down(self) -> None:
         """Remove what :meth:`_install` put on the model, its optimizer and torch (hooks, method
@@ -288,3 +317,28 @@ class GivingBack:
                         and value.device != p.device
                     ):
                         state[key] = value.to(p.device)
+
+
+def _rolled_back(error: BaseException) -> bool:
+    """Whether ``error`` is a step's rollback (:mod:`tierrt.scheduler.optimizer` words every one so:
+    "Step N (...) was rolled back ..."), which says which step's values the model holds."""
+    return ") was rolled back " in str(error)
+
+
+def _told(error: BaseException) -> str:
+    """``error`` for a note: its class, message and notes."""
+    return "\n".join([f"{type(error).__name__}: {error}", *getattr(error, "__notes__", [])])
+
+
+def _first_of(errors: list[BaseException]) -> BaseException:
+    """The error to raise of those giving the model back met: lost parameters first (what the user
+    must act on), then a step rolled back (which step's values the model holds), with each other
+    one added to it as a note (and logged), so that none is told in a log only."""
+    errors.sort(key=lambda error: (not getattr(error, "lost_parameters", None), not _rolled_back(error)))
+    first = errors[0]
+    for other in errors[1:]:
+        if other is first:
+            continue
+        log.error("tierrt: while giving the model back: %s", other)
+        noted(first, f"tierrt: giving the model back also met: {_told(other)}")
+    return first

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from . import _native
-from .errors import ConfigError, HookError, IOEngineError, TierCapacityError, TierrtError
+from .errors import ConfigError, HookError, IOEngineError, TierCapacityError, TierrtError, noted
 from .interrupts import HeldInterrupts
 from .optim.blockwise import BlockwiseOptimizer
 from .optim.updaters import native_refusal, torch_state_in_tiers
@@ -114,6 +114,8 @@ class PlacingAgain:
             self._place_again()
         except TierrtError as error:
             if not self.active:
+                if not self.closed:
+                    noted(error, self._given_back_note())
                 raise
             log.warning(
                 "tierrt: the model could not be placed again (%s): it has no room for gradients; "
@@ -136,9 +138,14 @@ class PlacingAgain:
         current placement block by block (:meth:`_relocate`). When the nvme tier has no room for
         the new swap files beside the old ones, fall back to giving the model back into memory and
         placing it from there (``close()`` then ``start()``), where its values can come back; else
-        raise :class:`~tierrt.errors.TierCapacityError` with the model placed as it was."""
+        raise :class:`~tierrt.errors.TierCapacityError` with the model placed as it was. A runtime
+        that fallback left given back (its ``start()`` failed: see :meth:`_given_back_note`) is placed
+        from process memory directly: its old placement is gone."""
         self._placing_again = True
         try:
+            if not self.active:  # given back by this fallback before, and its start() failed
+                self.start()
+                return
             try:
                 self._relocate()
                 return
@@ -542,7 +549,32 @@ class PlacingAgain:
                 name,
             )
             if not placed:
-                self._place_again()
+                self._place_again_without(name)
+
+    def _place_again_without(self, name: str) -> None:
+        """Placing the model again with ``name`` (the optimizer) failed and left it without a usable
+        placement: given back into process memory by the fallback of :meth:`_place_again` (whose
+        ``start()`` then failed), or still placed without room for gradients. Place it again without
+        that optimizer's state; when even that fails the error says where every value is."""
+        try:
+            self._place_again()
+        except BaseException as error:
+            if not self.active and not self.closed:
+                noted(error, self._given_back_note(name))
+            raise
+
+    def _given_back_note(self, optimizer: str | None = None) -> str:
+        """What a failure to place the model again means once the fallback of :meth:`_place_again`
+        gave it back into process memory (``close()``) and placing it from there failed: nothing is
+        lost, and nothing is offloaded any more."""
+        state = f", {optimizer}'s state in its state" if optimizer is not None else ""
+        return (
+            "tierrt: placing the model again had given it back into process memory first (no room "
+            "on the nvme tier for a second placement beside the first), and placing it from there "
+            "failed: the model is no longer offloaded, and nothing is lost (its parameters hold their "
+            f"current values on their own devices{state}). Leave the with-block, and enter "
+            "tierrt.offload() again once the tiers have room"
+        )
 
     # ---- adopting an optimizer not passed to offload() ----------------------------------------------
     def adopt_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
