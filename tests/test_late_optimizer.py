@@ -245,3 +245,41 @@ def test_a_new_optimizer_takes_over_from_an_adopted_one(nvme_dir):
         phases(ours)
     for (name, a), b in zip(reference.named_parameters(), ours.parameters(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_two_optimizers_taking_turns_are_stepped_without_placing_again(nvme_dir, caplog):
+    """Muon for the hidden matrices and AdamW for the rest, both built inside the context and
+    stepped one after the other each iteration: each takes over from the other at every step. Their
+    results equal plain torch's bit for bit, and once they are seen taking turns (warned once) the
+    model is not placed again at every step (one pass over its weights each time)."""
+    data = models.token_batches(5)
+
+    def two_optimizers(model):
+        matrices = [p for n, p in model.named_parameters() if p.ndim == 2 and "layers" in n]
+        rest = [p for n, p in model.named_parameters() if not (p.ndim == 2 and "layers" in n)]
+        return torch.optim.Muon(matrices, lr=1e-2), torch.optim.AdamW(rest, lr=1e-3)
+
+    def train(model):
+        muon, adamw = two_optimizers(model)
+        losses = []
+        for ids in data:
+            loss = models.lm_loss(model, ids)
+            loss.backward()
+            muon.step()
+            adamw.step()
+            muon.zero_grad()
+            adamw.zero_grad()
+            losses.append(loss.detach().clone())
+        return losses, muon, adamw
+
+    reference = models.llama()
+    ours = copy.deepcopy(reference)
+    ref_losses, ref_muon, ref_adamw = train(reference)
+    with caplog.at_level(logging.INFO, logger="tierrt"):
+        with tierrt.offload(ours, tiers=tiers(ours, nvme_dir)):
+            losses, muon, adamw = train(ours)
+    assert_same(reference, ours, ref_losses, losses)
+    assert_state_equal(ref_muon.state_dict(), muon.state_dict())
+    assert_state_equal(ref_adamw.state_dict(), adamw.state_dict())
+    assert caplog.text.count("take turns stepping") == 1
+    assert caplog.text.count("placing the model again") <= 2  # before the turns were seen, not after

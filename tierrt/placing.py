@@ -591,6 +591,8 @@ class PlacingAgain:
             "Trainer: build opt first, Trainer(..., optimizers=(opt, None)))"
         )
         if self.optimizer is not None and self._adopted:
+            if optimizer in self._handed_back and self._stepped_once_since_adopted():
+                self._take_turns(optimizer, self.optimizer)
             self._let_go_of_adopted(name)
         if self.optimizer is not None:
             raise HookError(
@@ -661,6 +663,33 @@ class PlacingAgain:
                     ):
                         entry[key] = value.to(slot.dtype)
 
+    def _stepped_once_since_adopted(self) -> bool:
+        """Whether the adopted optimizer has made one step at most since it was adopted (it took
+        over from another one just for that step, rather than starting a training phase)."""
+        updates = self.blockwise.updates if self.blockwise is not None else None
+        return updates is not None and updates.step_number <= 1
+
+    def _take_turns(self, optimizer: torch.optim.Optimizer, other: torch.optim.Optimizer) -> None:
+        """``optimizer``, handed back when ``other`` took over, steps again: the two take turns
+        (two optimizers over parts of the model, e.g. Muon for the matrices and AdamW for the rest,
+        both built inside the context). Each takes over from the other at every step; placing the
+        model again for either (one pass over its weights) would then happen at every step, so
+        neither is placed with: both keep their state in process memory. Warned once."""
+        if optimizer in self._kept_in_memory and other in self._kept_in_memory:
+            return
+        self._kept_in_memory.add(optimizer)
+        self._kept_in_memory.add(other)
+        log.warning(
+            "tierrt: %s and %s take turns stepping this model's parameters; tierrt steps an offloaded "
+            "model with one optimizer at a time, so each takes over from the other at every step "
+            "(pending updates applied first). Their state stays in process memory, outside the "
+            "tiers' budgets, and no update overlaps backward. To keep optimizer state in the tiers, "
+            "use one optimizer with a param group per part (e.g. AdamW with two groups) and pass it "
+            "to tierrt.offload(model, ..., optimizer=opt)",
+            type(optimizer).__name__,
+            type(other).__name__,
+        )
+
     def _let_go_of_adopted(self, successor: str) -> None:
         """Another optimizer steps the model after one adopted earlier (a second ``Trainer``, a new
         training phase): the earlier one's pending updates are applied, it is handed back to torch
@@ -672,6 +701,7 @@ class PlacingAgain:
         self.blockwise.finish()
         self.blockwise.remove()
         self.blockwise.export_state()  # state kept in the tiers: into optimizer.state (close()'s order)
+        self._handed_back.add(self.optimizer)
         self.optimizer, self.blockwise, self._adopted = None, None, False
         log.info(
             "tierrt: %s steps the model now; %s, adopted earlier, is handed back to torch",

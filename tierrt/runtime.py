@@ -303,6 +303,8 @@ class Runtime(PlacingAgain, GivingBack):
         self._noted: weakref.ref[torch.optim.Optimizer] | None = None
         # optimizers whose state did not fit the tiers: adopted with their state in memory, not retried
         self._kept_in_memory: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
+        # adopted optimizers another one took over from (see PlacingAgain._let_go_of_adopted)
+        self._handed_back: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
         self._placing_again = False
         # the placement being replaced while placing again streams from it (tierrt.relocation)
         self._relocation: Relocation | None = None
