@@ -30,7 +30,7 @@ import torch
 
 from . import _native
 from .blocks import SLOT_ALIGN, BlockSpec, ParamSlot
-from .errors import ConfigError, CorruptStoreError, TierCapacityError, TierPathError
+from .errors import ConfigError, CorruptStoreError, TierCapacityError, TierPathError, listed
 from .extents import ExtentPool
 from .sizes import format_size
 from .tiers import CxlTier, DramTier, GpuTier, NvmeTier
@@ -38,6 +38,7 @@ from .tiers import CxlTier, DramTier, GpuTier, NvmeTier
 log = logging.getLogger("tierrt.store")
 
 __all__ = [
+    "ExtentOwner",
     "KindLayout",
     "HostBuffer",
     "HostTier",
@@ -237,6 +238,9 @@ class NvmeTierStore:
         self.allocator = ExtentPool(self.size, 4096, "nvme")  # recycled by size: no fragmentation
         # offset -> (bytes, checksum) of the last write there (see verify)
         self._checksums: dict[int, tuple[int, int]] = {}
+        # Which block's state an extent holds, for the message of a failed check (set by the
+        # TensorStore over this tier: a weak reference to its lookup, so no cycle keeps it alive).
+        self.owner_of: Callable[[], Callable[[int], ExtentOwner | None] | None] = lambda: None
 
     @property
     def budget(self) -> int:
@@ -264,16 +268,41 @@ class NvmeTierStore:
         found = _native.checksum(host.address, nbytes)
         if found == written[1]:
             return
+        raise self._corrupt(offset, nbytes, found, written[1])
+
+    def _corrupt(self, offset: int, nbytes: int, found: int, written: int) -> CorruptStoreError:
+        """The error for a failed check of the ``nbytes`` at ``offset``: where they are (file and
+        offset in it), whose they are (block, parameters, kind of state) and what to do."""
         path, file_offset = self.locate(offset)
-        raise CorruptStoreError(
-            f"swap data failed its integrity check: the {format_size(nbytes)} read at offset "
-            f"{file_offset} of {path} are not what tierrt wrote there (checksum {found:#010x}, written "
-            f"{written[1]:#010x}). The swap file was changed outside tierrt, or the device returned "
-            "damaged data; the value stored there is lost",
-            path=path,
-            offset=file_offset,
-            nbytes=nbytes,
+        owner = self._owner(offset)
+        where = f"the {format_size(nbytes)} read at offset {file_offset} of {path}"
+        what = "the value stored there is lost"
+        details: dict[str, Any] = {"path": path, "offset": file_offset, "nbytes": nbytes}
+        if owner is not None:
+            where += f", {owner.describe()},"
+            what = (
+                f"tierrt cannot read back the {owner.kind_name} of block {owner.block}. Load the model "
+                "and its optimizer state from your last checkpoint to go on"
+            )
+            details.update(block=owner.block, kind=owner.kind, parameters=list(owner.parameters))
+        return CorruptStoreError(
+            f"swap data failed its integrity check: {where} are not what tierrt wrote there "
+            f"(checksum {found:#010x}, written {written:#010x}). The swap file was changed outside "
+            f"tierrt, or the device returned damaged data: {what}",
+            **details,
         )
+
+    def _owner(self, offset: int) -> ExtentOwner | None:
+        """Whose state the extent at ``offset`` holds, or None when that is not known. Runs on the
+        transfer thread while the model's thread may change the blocks: a lookup that trips over a
+        change says nothing rather than fail the error it describes."""
+        lookup = self.owner_of()
+        if lookup is None:
+            return None
+        try:
+            return lookup(offset)
+        except Exception:  # noqa: BLE001 - only the message's detail is lost
+            return None
 
     def locate(self, offset: int) -> tuple[str, int]:
         """The swap file and the offset in it that hold the tier's byte ``offset`` (striping as the
@@ -298,6 +327,28 @@ class NvmeTierStore:
                 self.engine.close()
             finally:
                 self._remove_created()
+
+
+# How a message names each kind of state; the others are optimizer state (exp_avg, momentum_buffer).
+_KIND_NAMES = {"weight": "weights", "master": "fp32 master weights", "grad": "gradients"}
+
+
+@dataclass(frozen=True)
+class ExtentOwner:
+    """What an NVMe extent holds: one kind of one block's state, for the parameters it covers."""
+
+    block: str
+    kind: str
+    parameters: tuple[str, ...]
+
+    @property
+    def kind_name(self) -> str:
+        """``kind`` in words: "weights", "gradients", "exp_avg (optimizer state)", ..."""
+        return _KIND_NAMES.get(self.kind, f"{self.kind} (optimizer state)")
+
+    def describe(self) -> str:
+        """E.g. "the weights of block layers.3 (layers.3.weight, layers.3.bias)"."""
+        return f"the {self.kind_name} of block {self.block} ({listed(list(self.parameters), 4)})"
 
 
 class _CheckedRead:
@@ -562,7 +613,19 @@ class TensorStore:
         self.gpu = gpu
         self.blocks: list[BlockState] = []
         self._h2d_stream = None
+        if nvme is not None:
+            nvme.owner_of = weakref.WeakMethod(self.extent_owner)
         self._d2h_stream = None
+
+    def extent_owner(self, offset: int) -> ExtentOwner | None:
+        """The block state the NVMe extent at ``offset`` holds (its current value or the previous
+        step's, kept until the step commits), or None when no block's state is there."""
+        for bs in list(self.blocks):
+            for kind, ks in list(bs.kinds.items()):
+                if offset in (ks.extent, ks.step_undo):
+                    names = tuple(bs.spec.slots[index].name for index in ks.layout.slots)
+                    return ExtentOwner(bs.name, kind, names)
+        return None
 
     # ---- allocation --------------------------------------------------------------------------
     def tier_names(self) -> list[str]:
