@@ -28,7 +28,7 @@ import torch
 from tierrt.errors import TierCapacityError
 from tierrt.report import Counters
 from tierrt.sizes import format_size
-from tierrt.store import BlockState, KindState, TensorStore
+from tierrt.store import BlockState, HostBuffer, KindState, TensorStore
 
 from .trace import Event, SuccessorTrace
 from .transfer import Span, SpanLog, Transfer, TransferShare, TransferWorker
@@ -430,8 +430,9 @@ class Pipeline:
             return True
         if demand and tier == "dram" and self._collect_unreachable() and alloc(ks):
             return True
-        if tier == "dram" and self.store.overflow and demand:
-            self.store.alloc_overflow(ks)  # giving the model back: outside the budget, never failing
+        if tier == "dram" and self.store.may_overflow() and demand:
+            # giving the model back: outside the budget, never failing
+            self.store.alloc_overflow(ks, self._held_outside())
             return True
         if demand:
             self._raise_no_room(tier, ks)
@@ -547,9 +548,15 @@ class Pipeline:
         )
 
     def _held_outside(self) -> int:
-        """Bytes of the DRAM arena in use that no copy of a block (nor a speculative update's
-        buffer) accounts for: ranges kept alive by tensors outside tierrt that still view them."""
-        buffers = {id(ks.host): ks.host for bs in self.blocks for ks in bs.kinds.values() if ks.host}
+        """Bytes of the DRAM arena in use that no copy of a block (nor an undo copy of its state,
+        nor a speculative update's buffer) accounts for: ranges kept alive by tensors outside
+        tierrt that still view them."""
+        buffers: dict[int, HostBuffer] = {}
+        for bs in self.blocks:
+            for ks in bs.kinds.values():
+                for buf in (ks.host, ks.dram_undo):
+                    if buf is not None and buf.tier is self.store.dram:  # not one outside the budget
+                        buffers[id(buf)] = buf
         if self.updates is not None:
             for spec in self.updates.speculator.specs.values():
                 buffers.update((id(buf), buf) for buf in spec.buffers.values())

@@ -121,8 +121,8 @@ class GivingBack:
         assigned by hand into the tiers (dropped unless ``keep_assigned``). Failures are added to
         ``errors``: what follows goes on regardless."""
         try:
-            if self.blockwise is not None and not self._discarding:
-                self.blockwise.finish()  # pending updates of the last step
+            if self.blockwise is not None and not self._discarding:  # pending updates of the last step
+                self.store.within_budget_first(self.blockwise.finish)  # type: ignore[union-attr]
             self.pipeline.drain()
         except BaseException as exc:  # noqa: BLE001
             errors.append(exc)

@@ -16,13 +16,14 @@ write (EIO, ENOSPC, a full tier) never damages what was stored before.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import secrets
 import shutil
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -606,9 +607,12 @@ class TensorStore:
         self.host_tiers = host_tiers
         self.dram = host_tiers["dram"]
         # Set while the model is given back: a DRAM buffer the arena has no room for is allocated
-        # outside its budget instead of failing; ``overflowed`` counts the bytes that took.
+        # outside its budget instead of failing (unless ``within_budget_first`` holds it back for a
+        # first try); ``overflowed`` counts the bytes that took.
         self.overflow = False
         self.overflowed = 0
+        self._kept_to_budget = False
+        self._overflow_told: set[bool] = set()  # whether each reason for it was logged yet
         self.nvme = nvme
         self.gpu = gpu
         self.blocks: list[BlockState] = []
@@ -664,20 +668,80 @@ class TensorStore:
         ks.host = buf
         return True
 
-    def alloc_overflow(self, ks: KindState) -> None:
-        """Give ``ks`` a one-off DRAM buffer outside every tier's budget (see ``overflow``)."""
+    def may_overflow(self) -> bool:
+        """Whether a DRAM buffer the arena has no room for may now be allocated outside the budget:
+        while the model is given back, outside a first try within the budget."""
+        return self.overflow and not self._kept_to_budget
+
+    @contextlib.contextmanager
+    def kept_to_budget(self) -> Iterator[None]:
+        """Within this block no buffer is allocated outside the DRAM budget, even while the model is
+        given back: a lack of room raises TierCapacityError as it does inside the context."""
+        before, self._kept_to_budget = self._kept_to_budget, True
+        try:
+            yield
+        finally:
+            self._kept_to_budget = before
+
+    def within_budget_first(self, action: Callable[[], None]) -> None:
+        """Run ``action`` within the DRAM budget, also while the model is given back, so that what
+        tierrt does when it finds no room (a pending update lets go of its block's own copies and
+        places them again, where they had split the free room) runs before anything is read
+        outside the budget. Only when that still fails for want of DRAM room is ``action`` run
+        again, with buffers outside the budget allowed. ``action`` must leave things as they were
+        when it raises TierCapacityError (as applying pending updates does)."""
+        if not self.may_overflow():
+            action()
+            return
+        try:
+            with self.kept_to_budget():
+                action()
+            return
+        except TierCapacityError as error:
+            if getattr(error, "tier", None) != self.dram.name:
+                raise
+            log.debug("giving the model back: retrying outside the %s budget: %s", self.dram.name, error)
+        action()  # outside the except block: the first try's traceback is gone
+
+    def alloc_overflow(self, ks: KindState, held_outside: int = 0) -> None:
+        """Give ``ks`` a one-off DRAM buffer outside every tier's budget (see ``overflow``).
+
+        ``held_outside`` is how much of the arena tensors outside tierrt still view (kept from inside
+        the context): a warning names it, since letting go of them avoids this. Without any, the
+        arena's own buffers left no room in one piece: that is logged (info) only."""
         assert ks.host is None
-        if not self.overflowed:
-            log.warning(
-                "tierrt: giving the model back with the %s tier full (its memory still viewed by tensors "
-                "kept from inside the context): reading the values outside its budget",
-                self.dram.name,
-            )
+        self._tell_overflow(ks, held_outside)
         self.overflowed += ks.nbytes
         arena = _native.HostArena(
             _align(max(ks.nbytes, 1), 4096), hugepages=False, lock=False, populate=False, name="overflow"
         )
         ks.host = HostBuffer(None, arena.alloc(ks.nbytes))
+
+    def _tell_overflow(self, ks: KindState, held_outside: int) -> None:
+        """Log, once per reason, why giving the model back reads values outside the DRAM budget."""
+        held = held_outside > 0
+        if held in self._overflow_told:
+            return
+        self._overflow_told.add(held)
+        stats = self.dram.stats()
+        if held:
+            log.warning(
+                "tierrt: giving the model back with %s of the %s tier still viewed by tensors kept from "
+                "inside the context (param.detach(), param.data, a hook's stash): reading the values "
+                "that do not fit outside its budget (let go of such tensors before leaving to avoid it)",
+                format_size(held_outside),
+                self.dram.name,
+            )
+            return
+        log.info(
+            "tierrt: giving the model back: no room in one piece for %s of %s in the %s tier (%s free, "
+            "largest piece %s, the rest held by tierrt's own buffers): reading it outside the budget",
+            format_size(ks.nbytes),
+            ks.layout.kind,
+            self.dram.name,
+            format_size(int(stats.get("free", 0))),
+            format_size(int(stats.get("largest_free", 0))),
+        )
 
     def try_gpu(self, ks: KindState) -> bool:
         if ks.gpu is not None:
