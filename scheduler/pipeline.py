@@ -108,6 +108,9 @@ class Pipeline:
         self._step_first: Event | None = None  # the first block acquired in the current step
         self._new_step = True
         self.closed = False
+        # True until the model is first used (a block acquired for compute or held for an access):
+        # until then waits are the placement's (see _waited).
+        self.placing = True
         # Called after a block's parameters are attached / before they are detached (the saved-tensor
         # hooks keep an index of which storage belongs to which block).
         self.on_attach: Callable[[BlockState], None] | None = None
@@ -189,10 +192,7 @@ class Pipeline:
                 return False
             start = time.perf_counter()
             transfer._done.wait()
-            end = time.perf_counter()
-            self.counters.stall_seconds += end - start
-            self.counters.stall_events += 1
-            self.spans.add(Span(f"wait {bs.name}.{kind}", "wait", "compute", start, end))
+            self._waited(f"{bs.name}.{kind}", start, time.perf_counter())
         ks.inflight = None
         on_reap, ks.on_reap = ks.on_reap, None
         self._inflight.pop(id(ks), None)
@@ -207,6 +207,23 @@ class Pipeline:
                 raise replacement from transfer.error
             raise transfer.error
         return True
+
+    def _waited(self, what: str, start: float, end: float) -> None:
+        """Count a wait for a transfer of ``what``: a stall of compute while the model is in use;
+        while it is placed or given back, a wait of that phase (no step's stall), on its own lane
+        of the trace."""
+        seconds, counters = end - start, self.counters
+        if self.store.overflow:  # set while the model is given back
+            counters.leaving_wait_seconds += seconds
+            lane = "giving back"
+        elif self.placing:
+            counters.placing_wait_seconds += seconds
+            lane = "placing"
+        else:
+            counters.stall_seconds += seconds
+            counters.stall_events += 1
+            lane = "compute"
+        self.spans.add(Span(f"wait {what}", "wait", lane, start, end))
 
     def reap_all(self) -> None:
         """Apply every finished transfer (cheap; called at each acquisition)."""
@@ -242,6 +259,7 @@ class Pipeline:
     @_outside_inference_mode
     def acquire(self, bs: BlockState, phase: str) -> None:
         """Make ``bs`` resident and attached; count a hit or a miss; prefetch what comes next."""
+        self.placing = False
         self._apply_pending(bs)
         event: Event = (phase, bs.index)
         self.trace.observe(event)
@@ -268,6 +286,7 @@ class Pipeline:
         read or written between steps): as :meth:`acquire` (pending update applied first, a
         synchronous fetch if it is not resident), but nothing is traced, counted or prefetched and
         the block keeps its place in the eviction order. Give it back with :meth:`release`."""
+        self.placing = False
         self._apply_pending(bs)
         self._attach_held(bs)
 

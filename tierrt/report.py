@@ -12,7 +12,15 @@
       nvme      9.2GiB    9.2GiB    8.1GiB    8.3GiB
 
 ``reserved`` is what the tier holds: a host tier's arena (the budget, or less when the placement
-needs less), the NVMe tier's swap files.
+needs less), the NVMe tier's swap files. Once the model is given back the tiers are closed: they
+hold nothing (``reserved`` and ``in use`` are 0; ``budget`` and ``peak`` stay), except a host arena
+whose memory tensors kept from inside the context still view.
+
+"compute waited on I/O" counts only waits while the model was in use (from its first forward or
+parameter access inside the context until leaving began), a fraction of the steps' wall time.
+Waits while the model was placed (entering, placing it again) and while it was given back are no
+step's stall: they are shown on a line of their own (``placing_wait_seconds``,
+``leaving_wait_seconds``).
 
 ``rt.trace("run.json")`` writes the spans as a Chrome/Perfetto trace (chrome://tracing, ui.perfetto.dev).
 """
@@ -41,8 +49,10 @@ class Counters:
     bytes_by_kind: Counter = field(default_factory=Counter)  # "grad nvme->dram" -> bytes
     prefetch_hits: int = 0
     prefetch_misses: int = 0
-    stall_seconds: float = 0.0
+    stall_seconds: float = 0.0  # compute waited on I/O while the model was in use
     stall_events: int = 0
+    placing_wait_seconds: float = 0.0  # waits while the model was placed (entering, placing again)
+    leaving_wait_seconds: float = 0.0  # waits while the model was given back
     transfers: int = 0
     evictions: int = 0
     optimizer_seconds: float = 0.0
@@ -77,6 +87,8 @@ class Counters:
             "stall_seconds": self.stall_seconds,
             "stall_fraction": self.stall_seconds / self.wall_seconds if self.wall_seconds else None,
             "stall_events": self.stall_events,
+            "placing_wait_seconds": self.placing_wait_seconds,
+            "leaving_wait_seconds": self.leaving_wait_seconds,
             "transfers": self.transfers,
             "evictions": self.evictions,
             "optimizer_seconds": self.optimizer_seconds,
@@ -96,6 +108,9 @@ class Report:
     total: Counters
     tiers: dict[str, dict[str, Any]]
     native_overhead: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.tiers = {name: _held(stats) for name, stats in self.tiers.items()}
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -151,6 +166,9 @@ class Report:
                     f"{counters.block_updates_in_backward} of {counters.block_updates} block updates "
                     "ran during backward"
                 )
+        outside = _outside_steps(total)
+        if outside:
+            lines.append(f"  outside the steps: {outside}")
         lines.append(f"  {'tier':<8}{'budget':>10}{'reserved':>10}{'in use':>10}{'peak':>10}")
         for name, stats in self.tiers.items():
             lines.append(
@@ -162,6 +180,25 @@ class Report:
             extra = ", ".join(f"{k} {format_size(v)}" for k, v in self.native_overhead.items())
             lines.append(f"  memory: {extra}")
         return "\n".join(lines)
+
+
+def _outside_steps(counters: Counters) -> str:
+    """The waits for I/O that are no step's stall, in words ("" when there were none)."""
+    parts = []
+    if counters.placing_wait_seconds:
+        parts.append(f"placing the model waited on I/O {counters.placing_wait_seconds:.3f}s")
+    if counters.leaving_wait_seconds:
+        parts.append(f"giving it back {counters.leaving_wait_seconds:.3f}s")
+    return "; ".join(parts)
+
+
+def _held(stats: dict[str, Any]) -> dict[str, Any]:
+    """A tier's figures with ``reserved`` at most what is in use or free there: a closed tier (the
+    model given back) reports neither, so it reserves nothing."""
+    reserved, in_use, free = (stats.get(key) for key in ("reserved", "in_use", "free"))
+    if not all(isinstance(value, int) for value in (reserved, in_use, free)):
+        return stats
+    return {**stats, "reserved": min(reserved, in_use + free)}
 
 
 def write_chrome_trace(path: str | os.PathLike, spans: list[Any], origin: float | None = None) -> str:

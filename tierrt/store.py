@@ -186,13 +186,18 @@ class HostTier:
 
     def close(self) -> None:
         """Unregister the arena and let it go: its memory returns to the system once no tensor
-        views it any more. ``stats()`` keeps answering with the figures of this moment."""
+        views it any more. ``stats()`` keeps answering with the figures of this moment: nothing free
+        or reserved when nothing views it (what tensors kept from inside the context still view
+        stays in use, and with it the whole arena)."""
         if self.arena is None:
             return
         if self.registered_cuda:
             torch.cuda.cudart().cudaHostUnregister(self.arena.address)
             self.registered_cuda = False
-        self._final_stats = self.stats()
+        stats = self.stats()
+        if not stats.get("in_use"):  # nothing views the arena: its memory goes back to the system now
+            stats.update(free=0, largest_free=0, reserved=0)
+        self._final_stats = stats
         self.arena = None
 
 
@@ -242,6 +247,7 @@ class NvmeTierStore:
         # Which block's state an extent holds, for the message of a failed check (set by the
         # TensorStore over this tier: a weak reference to its lookup, so no cycle keeps it alive).
         self.owner_of: Callable[[], Callable[[int], ExtentOwner | None] | None] = lambda: None
+        self._final_stats: dict[str, Any] | None = None  # the figures once closed (see stats)
 
     @property
     def budget(self) -> int:
@@ -313,7 +319,13 @@ class NvmeTierStore:
         return self.files[unit % count], (unit // count) * stripe + offset % stripe
 
     def stats(self) -> dict[str, Any]:
+        """The extents' figures (``in_use``, ``free``, ``peak_in_use``, ...), ``reserved`` (the swap
+        files' size), the files and whether I/O is direct. Once closed: the figures of that moment
+        with nothing in use, free or reserved (the files are gone), the peak kept."""
+        if self._final_stats is not None:
+            return dict(self._final_stats)
         stats = dict(self.allocator.stats())
+        stats["reserved"] = self.size
         stats["files"] = list(self.files)
         stats["direct"] = bool(self.fileset.direct)
         return stats
@@ -321,6 +333,8 @@ class NvmeTierStore:
     def close(self) -> None:
         """Close the swap files and the I/O engine made for them (its thread, ring and eventfd go
         now, not when the last reference to a runtime kept for its report goes)."""
+        if self._final_stats is None:
+            self._final_stats = {**self.stats(), "in_use": 0, "free": 0, "largest_free": 0, "reserved": 0}
         try:
             self.fileset.close(remove=True)
         finally:
