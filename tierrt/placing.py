@@ -594,6 +594,7 @@ class PlacingAgain:
             if optimizer in self._handed_back and self._stepped_once_since_adopted():
                 self._take_turns(optimizer, self.optimizer)
             self._let_go_of_adopted(name)
+            self._steps_since_takeover = 0
         if self.optimizer is not None:
             raise HookError(
                 f"{name} steps parameters offloaded by a tierrt.offload() that steps them with another "
@@ -666,8 +667,7 @@ class PlacingAgain:
     def _stepped_once_since_adopted(self) -> bool:
         """Whether the adopted optimizer has made one step at most since it was adopted (it took
         over from another one just for that step, rather than starting a training phase)."""
-        updates = self.blockwise.updates if self.blockwise is not None else None
-        return updates is not None and updates.step_number <= 1
+        return self._steps_since_takeover <= 1
 
     def _take_turns(self, optimizer: torch.optim.Optimizer, other: torch.optim.Optimizer) -> None:
         """``optimizer``, handed back when ``other`` took over, steps again: the two take turns

@@ -305,6 +305,7 @@ class Runtime(PlacingAgain, GivingBack):
         self._kept_in_memory: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
         # adopted optimizers another one took over from (see PlacingAgain._let_go_of_adopted)
         self._handed_back: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
+        self._steps_since_takeover = 0  # optimizer steps since an adopted one took over from another
         self._placing_again = False
         # the placement being replaced while placing again streams from it (tierrt.relocation)
         self._relocation: Relocation | None = None
@@ -926,6 +927,7 @@ class Runtime(PlacingAgain, GivingBack):
 
     def _on_step_end(self) -> None:
         self._trained = True
+        self._steps_since_takeover += 1
         self._step_boundary()
         if self.pipeline is not None:
             self.pipeline.step_boundary()
