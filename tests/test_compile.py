@@ -71,3 +71,22 @@ def test_compiled_model_inside(nvme_dir):
         losses = train(torch.compile(ours, backend="eager"), opt, data)
     assert all(torch.equal(a, b) for a, b in zip(ref_losses, losses))
     assert all(torch.equal(a, b) for a, b in zip(reference.parameters(), ours.parameters()))
+
+
+def test_compiled_model_offloaded(nvme_dir):
+    """``tierrt.offload(torch.compile(model))``: the compiled wrapper is what the user holds. It
+    trains like the plain run, and leaving gives it back whole (the wrapper forwards ``len()`` to a
+    model that has none: leaving must not ask a module for its truth value)."""
+    torch._dynamo.reset()
+    reference = models.llama(layers=2)
+    ours = torch.compile(copy.deepcopy(reference), backend="eager")
+    data = models.token_batches(3)
+    ref_losses = train(reference, torch.optim.AdamW(reference.parameters(), lr=1e-3), data[:2])
+    opt = torch.optim.AdamW(ours.parameters(), lr=1e-3)
+    with tierrt.offload(ours, tiers=tiers(ours, nvme_dir), optimizer=opt) as rt:
+        losses = train(ours, opt, data[:2])
+    assert rt.closed
+    assert all(torch.equal(a, b) for a, b in zip(ref_losses, losses))
+    assert all(torch.equal(a, b) for a, b in zip(reference.parameters(), ours.parameters()))
+    assert "__deepcopy__" not in ours.__dict__ and "__deepcopy__" not in ours._orig_mod.__dict__
+    assert torch.equal(models.lm_loss(ours, data[2]), models.lm_loss(reference, data[2]))

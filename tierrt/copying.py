@@ -104,7 +104,9 @@ class DeepcopyPatch:
             self.modules.append(weakref.ref(module))
 
     def remove(self) -> None:
-        for module in filter(None, (ref() for ref in self.modules)):
+        # ``is not None``, not truthiness: a module may define ``__len__`` (torch.compile's
+        # OptimizedModule forwards it to a model that has none, raising TypeError)
+        for module in (m for ref in self.modules if (m := ref()) is not None):
             if isinstance(module.__dict__.get("__deepcopy__"), _PlainCopy):
                 del module.__dict__["__deepcopy__"]
             if isinstance(module.__dict__.get("__reduce_ex__"), _PlainPickle):

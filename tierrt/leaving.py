@@ -83,7 +83,7 @@ class GivingBack:
         self.store.overflow = True  # type: ignore[union-attr]
         self._settle(errors, keep_assigned=self._restores_values())
         self._end_open_step(errors)
-        self._take_down()
+        self._take_down(errors)
         for restore in (
             self._restore_buffers,
             self._export_optimizer_state,
@@ -148,31 +148,36 @@ class GivingBack:
         except BaseException as exc:  # noqa: BLE001
             errors.append(updates.rollback(exc))  # exc itself when no step is open (any more)
 
-    def _take_down(self) -> None:
+    def _take_down(self, errors: list[BaseException]) -> None:
         """Remove what :meth:`_install` put on the model, its optimizer and torch (hooks, method
-        patches, the optimizer's replaced methods); the values stay where they are, in the tiers."""
-        if self.hooks is not None:
-            self.hooks.remove()
-        if self.blockwise is not None:
-            self.blockwise.remove()
-        self._unpatch_model()
-        self._deepcopy_patch.remove()
-        from .clip import ClipPatch
-
-        ClipPatch.remove(self)
-        from .amp import AmpPatch
-
-        AmpPatch.remove(self)
-        from .averaging import AveragingPatch
-
-        AveragingPatch.remove(self)
-        LoadPatch.remove(self)
+        patches, the optimizer's replaced methods); the values stay where they are, in the tiers.
+        Each removal on its own: one that fails (added to ``errors``) does not keep the others, or
+        the model's values, from coming back."""
         from .adopt import OptimizerAdoption
-
-        OptimizerAdoption.remove(self)
+        from .amp import AmpPatch
+        from .averaging import AveragingPatch
+        from .clip import ClipPatch
         from .functional import FunctionalPatch
 
-        FunctionalPatch.remove(self)
+        removals = [
+            self.hooks.remove if self.hooks is not None else None,
+            self.blockwise.remove if self.blockwise is not None else None,
+            self._unpatch_model,
+            self._deepcopy_patch.remove,
+            lambda: ClipPatch.remove(self),
+            lambda: AmpPatch.remove(self),
+            lambda: AveragingPatch.remove(self),
+            lambda: LoadPatch.remove(self),
+            lambda: OptimizerAdoption.remove(self),
+            lambda: FunctionalPatch.remove(self),
+        ]
+        for remove in removals:
+            if remove is None:
+                continue
+            try:
+                remove()
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
 
     def _let_go_of_updates(self) -> None:
         """Once the model is back and the pipeline closed: the pipeline and the gradient store let go

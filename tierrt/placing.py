@@ -317,7 +317,9 @@ class PlacingAgain:
         self._settle(errors, keep_assigned=False)
         if errors:
             raise errors[0]  # nothing taken down yet: the runtime goes on as it was
-        self._take_down()
+        self._take_down(errors)
+        if errors:
+            raise errors[0]
         relocation = Relocation(before.store, before.pipeline)
         new_store = None
         try:
