@@ -73,7 +73,8 @@ class OptimizerPipeline:
         self.members: set[int] | None = None  # id() of the optimizer's parameters (None: all)
         # Step transaction: NVMe-homed state changed by the open step keeps its previous extent until
         # every block's update is home (commit), so a failed write can restore the previous step.
-        self.transactional = updater.transactional and pipeline.store.nvme is not None
+        # Without an nvme tier every home is in memory: a step is undone from undo copies alone.
+        self.transactional = updater.transactional
         self.step_open = False
         self.step_kinds: list[tuple[BlockState, str]] = []
         # Blocks of the open step whose changed state lives off NVMe in part (a DRAM or CXL home):
@@ -365,8 +366,7 @@ class OptimizerPipeline:
         nvme_kinds = [(bs, kind) for bs, kind in kinds if bs.kinds[kind].home == "nvme"]
         # Speculated blocks wrote their results already; the others need room to write copy-on-write.
         need = sum(bs.kinds[kind].nbytes for bs, kind in nvme_kinds if bs.index not in self.speculator.specs)
-        assert store.nvme is not None
-        free = int(store.nvme.allocator.stats()["free"])
+        free = int(store.nvme.allocator.stats()["free"]) if store.nvme is not None else 0
         if need > free:
             self.pending.clear()
             self.order.clear()

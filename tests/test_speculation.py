@@ -226,3 +226,17 @@ def test_update_write_failing_just_as_step_takes_it_rolls_the_step_back(nvme_dir
         opt.zero_grad()
         losses += loop(ours, opt, data[2:])  # the batch redone
     assert_same_run(reference, ref, ours, losses)
+
+
+def test_a_model_whose_state_fits_in_dram_overlaps_backward(nvme_dir):
+    """With every home in DRAM (no swap file at all) a step is undone from undo copies alone, so
+    updates overlap backward there too (they did not: only a step with NVMe homes was
+    transactional), with the synchronous step's results."""
+    reference, ref, ours, opt, data = plain_run(6)
+    budget = 8 * models.model_bytes(ours) + (4 << 20)
+    with tierrt.offload(ours, tiers=[tierrt.dram(budget), tierrt.nvme(nvme_dir)], optimizer=opt) as rt:
+        assert rt.pipeline.store.nvme is None
+        got = loop(ours, opt, data)
+        speculator = rt.blockwise.updates.speculator
+    assert_same_run(reference, ref, ours, got)
+    assert speculator.committed > 0

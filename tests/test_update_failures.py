@@ -42,9 +42,14 @@ def plain_after(steps: int, batches, **options) -> tuple[torch.nn.Module, torch.
     return model, opt
 
 
-def offload(model, opt, nvme_dir, **options):
-    tiers = [tierrt.dram(streaming_budget(model)), tierrt.nvme(nvme_dir)]
+def offload(model, opt, nvme_dir, budget=None, **options):
+    tiers = [tierrt.dram(budget or streaming_budget(model)), tierrt.nvme(nvme_dir)]
     return tierrt.offload(model, tiers=tiers, optimizer=opt, **options)
+
+
+def fits_in_dram(model) -> int:
+    """A DRAM budget that homes the whole training state in memory (nothing on the nvme tier)."""
+    return 8 * models.model_bytes(model) + (4 << 20)
 
 
 def assert_same(reference, ours, what: str) -> None:
@@ -154,11 +159,11 @@ class KernelFault:
 
 
 @pytest.mark.parametrize(
-    ("deferred", "overlap"),
-    [(True, True), (True, False), (False, False)],
-    ids=["deferred_overlapped", "deferred", "synchronous"],
+    ("deferred", "overlap", "in_dram"),
+    [(True, True, False), (True, False, False), (False, False, False), (True, True, True)],
+    ids=["deferred_overlapped", "deferred", "synchronous", "all_in_dram_overlapped"],
 )
-def test_exception_inside_the_update_rolls_the_step_back(deferred, overlap, nvme_dir):
+def test_exception_inside_the_update_rolls_the_step_back(deferred, overlap, in_dram, nvme_dir):
     """The update of the third block of step 3 raises (as a kernel's argument check or torch's own
     optimizer code could): the exception keeps its type and says the step was rolled back, every
     parameter and the optimizer hold step 2's values, nothing stays pinned, and redoing the batch
@@ -169,7 +174,9 @@ def test_exception_inside_the_update_rolls_the_step_back(deferred, overlap, nvme
 
     model = models.mlp()
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
-    with offload(model, opt, nvme_dir, deferred_step=deferred, overlap_backward=overlap) as rt:
+    budget = fits_in_dram(model) if in_dram else None
+    with offload(model, opt, nvme_dir, budget, deferred_step=deferred, overlap_backward=overlap) as rt:
+        assert (rt.pipeline.store.nvme is None) == in_dram  # all_in_dram: undo copies alone
         train(model, opt, batches[:2])
         opt.state_dict()  # step 2's deferred updates run now: the kernel calls counted are step 3's
         updater = rt.blockwise.updater

@@ -75,7 +75,8 @@ _OWNERS_LOCK = threading.RLock()
 class NvmeSizing:
     """The swap files a placement asks for: ``size`` bytes (0: no nvme tier needed), of which
     ``step_bytes`` keep a step's previous optimizer state until the new one is home; ``atomic``
-    when that room is there."""
+    when that room is there, or when nothing is homed on NVMe (a step's state homed in memory tiers
+    is kept by undo copies: see :class:`tierrt.scheduler.optimizer.OptimizerPipeline`)."""
 
     size: int
     step_bytes: int
@@ -436,7 +437,7 @@ class Runtime(PlacingAgain, GivingBack):
         one is home. Raises TierCapacityError when an nvme budget is below the minimum."""
         need_nvme = placement.needed.get("nvme", 0)
         if not need_nvme:
-            return NvmeSizing(0, 0, False)
+            return NvmeSizing(0, 0, True)
         nvme_spec = self._nvme_spec()
         assert nvme_spec is not None
         largest = max(k.layout.nbytes for kinds in placement.kinds for k in kinds.values())
@@ -467,7 +468,8 @@ class Runtime(PlacingAgain, GivingBack):
             free = min(shutil.disk_usage(_existing_ancestor(p)).free for p in nvme_spec.paths)
             if (free * len(nvme_spec.paths) - reserved) < size * 1.02 and step_bytes:
                 size = minimal
-        return NvmeSizing(size, step_bytes, step_bytes > 0 and size >= minimal + step_bytes)
+        # Atomic when the previous step's state homed on NVMe has room (none homed there: always).
+        return NvmeSizing(size, step_bytes, size >= minimal + step_bytes)
 
     def _make_store(
         self,
@@ -554,6 +556,7 @@ class Runtime(PlacingAgain, GivingBack):
         compute = store.gpu.name if store.gpu is not None else "dram"
         self.pipeline = Pipeline(store, compute, compute_device, placement.depth, self.counters, self.spans)
         self.pipeline.update_reserve = placement.update_reserve
+        self.pipeline.placement = placement
         self._place(store, partition, placement, compute_device)
         return self._import_optimizer_state(blockwise)
 
