@@ -188,7 +188,7 @@ def native_state_dict(bw: BlockwiseOptimizer, opt: torch.optim.Optimizer) -> dic
         if bw.holds_state_of(p) and updater.has_state(p):
             bs, slot = bw.slot_of(p)
             entry = updater.counters_of(p)
-            for kind in updater.state_keys(group):
+            for kind in updater.state_keys(group, p):
                 entry[kind] = pipeline.read_slot(bs, kind, slot, cpu)
             state[index] = entry
         elif opt.state.get(p):  # not offloaded, or frozen on entry: torch's own state
@@ -312,7 +312,7 @@ class TieredState(defaultdict):
         bs, slot = bw.slot_of(p)
         entry = TieredEntry(self, p)
         values = bw.updater.counters_of(p)
-        for kind in bw.updater.state_keys(self._group_of(p)):
+        for kind in bw.updater.state_keys(self._group_of(p), p):
             values[kind] = bw.pipeline.read_slot(bs, kind, slot, torch.device("cpu"))
         for key, value in values.items():
             dict.__setitem__(entry, key, value)
@@ -453,7 +453,7 @@ class TieredState(defaultdict):
                 "whole entry (optimizer.state[p] = {...}) to give it state again"
             )
         bs, slot = self._before_write(p)
-        if key in bw.updater.state_keys(self._group_of(p)):
+        if key in bw.updater.state_keys(self._group_of(p), p):
             _check_state_value(p, key, value, bw.name_of(p))
             assert bw.pipeline is not None
             _write_kind(bw.pipeline, bs, key, [(slot, value)])

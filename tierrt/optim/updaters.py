@@ -199,8 +199,9 @@ class Updater:
         pass
 
     # ---- torch's per-parameter state format (updaters with the state in the tiers) ---------------
-    def state_keys(self, group: dict[str, Any]) -> list[str]:
-        """The state kinds torch keeps per parameter of ``group`` (tensors shaped like it)."""
+    def state_keys(self, group: dict[str, Any], param: torch.Tensor | None = None) -> list[str]:
+        """The state kinds torch keeps per parameter of ``group`` (tensors shaped like it); with
+        ``param``, those its state holds (a kind made at its first step stays, as in torch)."""
         return []
 
     def required_keys(self, group: dict[str, Any]) -> list[str]:
@@ -492,7 +493,7 @@ class TieredTorchUpdater(TorchUpdater):
     def has_state(self, param: torch.nn.Parameter) -> bool:
         return id(param) in self.counters
 
-    def state_keys(self, group: dict[str, Any]) -> list[str]:
+    def state_keys(self, group: dict[str, Any], param: torch.Tensor | None = None) -> list[str]:
         return self.keys.of_group(group)
 
     def required_keys(self, group: dict[str, Any]) -> list[str]:
@@ -625,14 +626,18 @@ class NativeAdamUpdater(Updater):
         if self.amsgrad:
             self.state_kinds["max_exp_avg_sq"] = torch.float32
         self.steps: dict[int, int] = {}  # id(param) -> torch's state["step"]
+        # id(param) of those whose state holds max_exp_avg_sq (torch makes it at the first step with
+        # amsgrad and keeps it when amsgrad is turned off later)
+        self.with_max: set[int] = set()
 
     transactional = True
 
     def snapshot(self) -> Any:
-        return dict(self.steps)
+        return dict(self.steps), set(self.with_max)
 
     def restore(self, snapshot: Any) -> None:
-        self.steps = dict(snapshot)
+        steps, with_max = snapshot
+        self.steps, self.with_max = dict(steps), set(with_max)
 
     def describe(self) -> str:
         return f"native {type(self.optimizer).__name__} (SIMD kernel, states in the tiers)"
@@ -640,8 +645,9 @@ class NativeAdamUpdater(Updater):
     def has_state(self, param: torch.nn.Parameter) -> bool:
         return id(param) in self.steps
 
-    def state_keys(self, group: dict[str, Any]) -> list[str]:
-        return ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if group.get("amsgrad", False) else [])
+    def state_keys(self, group: dict[str, Any], param: torch.Tensor | None = None) -> list[str]:
+        kept = param is not None and id(param) in self.with_max
+        return ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if group.get("amsgrad", False) or kept else [])
 
     def required_keys(self, group: dict[str, Any]) -> list[str]:
         return ["step", *self.state_keys(group)]
@@ -651,12 +657,18 @@ class NativeAdamUpdater(Updater):
 
     def load_counters(self, param: torch.nn.Parameter, entry: dict[str, Any]) -> None:
         self.steps[id(param)] = step_count(entry["step"])
+        if "max_exp_avg_sq" in entry and "max_exp_avg_sq" in self.state_kinds:
+            self.with_max.add(id(param))
+        else:
+            self.with_max.discard(id(param))
 
     def forget_counters(self) -> None:
         self.steps.clear()
+        self.with_max.clear()
 
     def forget_param(self, param: torch.nn.Parameter) -> None:
         self.steps.pop(id(param), None)
+        self.with_max.discard(id(param))
 
     def refuses_group(self, group: dict[str, Any]) -> str | None:
         if group.get("amsgrad", False) and "max_exp_avg_sq" not in self.state_kinds:
@@ -740,13 +752,16 @@ class NativeAdamUpdater(Updater):
                 param_in=weights_in.get(slot_index),
                 **args,
             )
-            changes[id(param)] = step
+            changes[id(param)] = (step, args["amsgrad"])
         if advance:
             self.advance(changes)
         return changes
 
     def advance(self, changes: dict[int, Any]) -> None:
-        self.steps.update(changes)
+        for key, (step, amsgrad) in changes.items():
+            self.steps[key] = step
+            if amsgrad:
+                self.with_max.add(key)
 
 
 class NativeSGDUpdater(Updater):
@@ -803,7 +818,7 @@ class NativeSGDUpdater(Updater):
     def has_state(self, param: torch.nn.Parameter) -> bool:
         return id(param) in self.has_buffer
 
-    def state_keys(self, group: dict[str, Any]) -> list[str]:
+    def state_keys(self, group: dict[str, Any], param: torch.Tensor | None = None) -> list[str]:
         return ["momentum_buffer"] if self.momentum else []
 
     def load_counters(self, param: torch.nn.Parameter, entry: dict[str, Any]) -> None:
