@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from tierrt.errors import TierCapacityError
+from tierrt.placement import Placement
 from tierrt.report import Counters
 from tierrt.sizes import format_size
 from tierrt.store import BlockState, HostBuffer, KindState, TensorStore
@@ -123,6 +124,8 @@ class Pipeline:
         # DRAM that prefetching leaves free while updates may run during backward (placement's
         # ``update_reserve``): without it, fetches fill the budget and no block is ever speculated.
         self.update_reserve = 0
+        # The plan this pipeline serves: how much room the working set has (see Placement.held_mode)
+        self.placement: Placement | None = None
 
     @property
     def blocks(self) -> list[BlockState]:

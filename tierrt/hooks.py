@@ -14,7 +14,11 @@ acquired for backward is released once every trainable parameter in it has recei
 or when later blocks show backward has moved on, and in any case when the backward pass ends. The
 blocks a forward holds throughout (parameters used outside a call of their module) are held from
 when backward reaches the model until the pass ends, since a recomputation reads them as the
-forward did (DeBERTa hands ``rel_embeddings.weight`` to every checkpointed layer).
+forward did (DeBERTa hands ``rel_embeddings.weight`` to every checkpointed layer). Blocks held so
+take room the placement gave the working set: when the rest of it no longer fits next to them with
+the optimizer's pending updates running in the forward, those updates are applied before the blocks
+are taken; when it does not fit even so, the forward that learns of them raises a
+:class:`~tierrt.errors.TierCapacityError` with the budget that would fit (see :meth:`HookSet._learn_root`).
 
 Gradients: ``register_post_accumulate_grad_hook`` moves each parameter's gradient to its block's
 gradient buffer (adding to what earlier micro-batches left there) and frees it, so gradients never
@@ -42,13 +46,15 @@ import torch
 from torch import nn
 
 from .access import ParameterAccess, pop_inert_modes
-from .errors import HookError, listed
+from .errors import HookError, TierCapacityError, listed
 from .functional import grad_transform_error, in_grad_transform
+from .sizes import format_size
 
 if TYPE_CHECKING:
     from tierrt.scheduler.pipeline import Pipeline
 
     from .grads import GradientStore
+    from .placement import HeldMode
     from .store import BlockState
 
 log = logging.getLogger("tierrt.hooks")
@@ -215,6 +221,11 @@ class HookSet:
         self.quiet_forward = False  # a forward of the model is running and is not watched
         self.watching = 0  # > 0: forwards are watched (a functional_call given p.detach() stand-ins)
         self._root_blocks: list[BlockState] = []  # learned: acquired for the whole model forward
+        # How pending updates run next to them (see Placement.held_mode): "defer" (in the pass),
+        # "apply_first" (before they are taken), or None: they do not fit, and every forward raises
+        # (a copy of) _root_error, which says so
+        self._root_mode: HeldMode | None = "defer"
+        self._root_error: TierCapacityError | None = None
         self._root_held: list[BlockState] = []
         # The same blocks held through a backward pass, which may recompute forward code (see
         # _hold_root_for_backward), and the graph task that took them
@@ -371,6 +382,7 @@ class HookSet:
         self._forwards_to_watch -= 1
         if self.quiet_forward and self._access is not None:
             self._access.suspend()  # no Python call per torch call in the model's forward
+        self._before_root_blocks()
         for bs in self._root_blocks:
             self.pipeline.acquire(bs, "fwd")
             self._root_held.append(bs)
@@ -511,13 +523,91 @@ class HookSet:
                     bs.name,
                 )
             if bs not in self._root_blocks:
-                self._root_blocks.append(bs)
+                self._learn_root(bs, name)
             self._internal += 1
             try:
                 self.pipeline.acquire(bs, "fwd")  # a synchronous fetch if it was evicted
             finally:
                 self._internal -= 1
             self._root_held.append(bs)
+
+    def _learn_root(self, bs: BlockState, name: str) -> None:
+        """Block ``bs`` (parameter ``name`` used outside a call of its module) is held for every
+        forward and backward from now on. Decide how pending optimizer updates run next to the held
+        blocks (:meth:`Placement.held_mode`); in this forward, which may have updates pending for
+        blocks it has not reached yet, those are applied now, before ``bs`` is taken, as far as room
+        allows. When the budget cannot hold the working set next to the held blocks at all, raise
+        the :class:`TierCapacityError` that says so, before anything is changed (every later
+        forward raises it too: no forward may run with those blocks evicted under it)."""
+        self._root_blocks.append(bs)
+        placement = self.pipeline.placement
+        if placement is None:
+            return
+        held = {b.index for b in self._root_blocks}
+        mode = self._root_mode = placement.held_mode(held)
+        if mode is None:
+            self._root_error = self._held_error(bs, name, held)
+            self._raise_root_error()
+        if mode == "apply_first":
+            try:
+                self._apply_pending_updates()
+            except TierCapacityError as error:  # still pending: each runs when its block is acquired
+                log.debug("tierrt: pending updates not applied before holding %s: %s", bs.name, error)
+
+    def _held_error(self, bs: BlockState, name: str, held: set[int]) -> TierCapacityError:
+        """The error for blocks ``held`` (the latest ``bs``, for parameter ``name``) that the compute
+        tier's budget cannot hold through each pass next to the working set."""
+        placement = self.pipeline.placement
+        assert placement is not None
+        tier, held_bytes = placement.compute, placement.held_bytes(held)
+        need = placement.held_need(held, deferred=False)
+        budget = placement.budget_for_held(held)
+        names = ", ".join(self.pipeline.blocks[i].name for i in sorted(held))
+        raise_to = f"raise the {tier} budget" + (f" to {format_size(budget)}" if budget else "")
+        module = name.rpartition(".")[0] or "the model"
+        return TierCapacityError(
+            f"parameter {name} is used outside a call of its module {module}, so tierrt keeps its block "
+            f"{bs.name} resident through every forward and backward (blocks held so: {names}, "
+            f"{format_size(held_bytes)}); the {tier} budget {format_size(placement.budget)} leaves "
+            f"{format_size(placement.room)} for the working set, which needs {format_size(need)} next to "
+            f"them. Either {raise_to}, or use {name} inside {module}'s forward (call the module), or share "
+            "the Parameter object with the module that uses it (e.g. head.weight = embed.weight). Nothing "
+            "was changed: the model's weights, gradients and optimizer state (pending updates included) "
+            "are as they were, and leaving the with-block gives them back",
+            tier=tier,
+            requested=need,
+            budget=placement.budget,
+            needed_budget=budget,
+            block=bs.name,
+            held_blocks=names.split(", "),
+            parameter=name,
+        )
+
+    def _before_root_blocks(self) -> None:
+        """At the start of a forward, before the blocks held for all of it are taken: raise the
+        error that says they do not fit, or apply the pending updates first when only that fits
+        (:meth:`_learn_root`)."""
+        if self._root_blocks and self._root_mode is None:
+            self._raise_root_error()
+        if self._root_blocks and self._root_mode == "apply_first":
+            self._apply_pending_updates()
+
+    def _raise_root_error(self) -> None:
+        """Raise a fresh copy of the error saying the held blocks do not fit (see :meth:`_learn_root`)."""
+        error = self._root_error
+        assert error is not None
+        raise TierCapacityError(error.message, **error.details)
+
+    def _apply_pending_updates(self) -> None:
+        """Apply every pending optimizer update now (tierrt's own work: not a user's use)."""
+        updates = self.pipeline.updates
+        if updates is None:
+            return
+        self._internal += 1
+        try:
+            updates.apply_all()
+        finally:
+            self._internal -= 1
 
     def check_untrained(self) -> None:
         """Raise :class:`HookError` when a parameter frozen on entry requires grad now: it has no

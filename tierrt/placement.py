@@ -8,11 +8,19 @@ neighbours. Everything else is homed in the next tiers down (DRAM, CXL, NVMe), f
 
 A budget too small for the working set of the largest block fails here, before anything moves, with
 the budget that would fit.
+
+A parameter used outside a call of its module keeps its block resident for every forward and backward
+(learned in the first forwards, see :mod:`tierrt.hooks`): :meth:`Placement.held_mode` says whether the
+working set still fits next to such blocks, and :meth:`Placement.budget_for_held` the budget at which
+it would.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 
@@ -21,7 +29,11 @@ from .errors import TierCapacityError
 from .sizes import format_size
 from .store import KindLayout, make_layout
 
-__all__ = ["KindPlan", "Placement", "plan_placement"]
+__all__ = ["HeldMode", "KindPlan", "Placement", "plan_placement"]
+
+# How pending optimizer updates run next to blocks held through a whole pass (see Placement.held_mode)
+HeldMode = Literal["defer", "apply_first"]
+_ALIGN = 4096
 
 
 @dataclass
@@ -46,6 +58,73 @@ class Placement:
     compute: str = "dram"
     # with a GPU: DRAM that stages the blocks moving between the lower tiers and the GPU
     staging: int = 0
+    # What the working set on the compute tier is made of: the room a forward or backward pass
+    # streams through (the largest acquisition and, with DRAM compute, a gradient buffer), the room
+    # one block's optimizer update takes (DRAM compute: it runs there), the slack against
+    # fragmentation, and the room the compute tier has for them (its budget less what is homed or
+    # pinned there for good)
+    pass_need: int = 0
+    update_need: int = 0
+    slack: int = 0
+    room: int = 0
+    budget: int = 0  # the compute tier's
+    weights: list[int] = field(default_factory=list)  # per block, on the compute tier
+    # plan_placement's arguments, to plan the same model at another compute budget (at_budget)
+    inputs: Callable[[int], Placement] | None = field(default=None, repr=False, compare=False)
+
+    def held_need(self, held: set[int], deferred: bool) -> int:
+        """The room a pass needs on the compute tier when blocks ``held`` (indices) stay resident
+        through it (blocks of parameters used outside a call of their module). ``deferred``: a
+        block's pending optimizer update runs in the pass (when the block is first acquired), next
+        to the held blocks; otherwise every pending update is applied before they are taken. Each
+        held block may split the free room once more: it adds a block's slack where it is held."""
+        held_bytes = self.held_bytes(held)
+        if not held_bytes:
+            return max(self.pass_need, self.update_need) + self.slack
+        held_slack = self.slack * sum(1 for i in held if i not in self.pinned)
+        if deferred:
+            return max(self.pass_need, self.update_need) + held_bytes + held_slack + self.slack
+        return max(self.pass_need + held_bytes + held_slack, self.update_need) + self.slack
+
+    def held_mode(self, held: set[int]) -> HeldMode | None:
+        """Whether the working set fits next to blocks ``held`` (indices), kept resident through
+        each pass: "defer" (pending updates run in the pass, as without them), "apply_first" (every
+        pending update is applied before the held blocks are taken, while they can still be
+        evicted; a pass then needs room for the held blocks only next to its streaming), or None
+        when neither fits the compute tier's room."""
+        if self.room >= self.held_need(held, deferred=True):
+            return "defer"
+        if self.room >= self.held_need(held, deferred=False):
+            return "apply_first"
+        return None
+
+    def held_bytes(self, held: set[int]) -> int:
+        """Bytes blocks ``held`` (indices) add to the compute tier: pinned ones are there anyway."""
+        return sum(self.weights[i] for i in held if i not in self.pinned)
+
+    def at_budget(self, budget: int) -> Placement | None:
+        """The placement of the same model with ``budget`` on the compute tier (None when that
+        budget cannot place it)."""
+        if self.inputs is None:
+            return None
+        try:
+            return self.inputs(budget)
+        except TierCapacityError:
+            return None
+
+    def budget_for_held(self, held: set[int]) -> int | None:
+        """About the smallest compute budget (rounded up to a step of a few KiB at most a
+        32nd of the shortfall) with which ``offload()`` places the same model so that blocks ``held``
+        (indices) fit through each pass next to the working set; None when none was found."""
+        shortfall = max(self.held_need(held, deferred=False) - self.room, 0)
+        step = _aligned(max(_ALIGN, shortfall // 32))
+        start = _aligned(self.budget + shortfall)
+        for k in range(1024):
+            budget = start + k * step
+            plan = self.at_budget(budget)
+            if plan is not None and plan.held_mode(held) is not None:
+                return budget
+        return None
 
     def host_bytes(self, tier: str, budget: int) -> int:
         """What host tier ``tier`` (with ``budget``) is made with: its homes, the working set (CPU
@@ -110,6 +189,16 @@ def plan_placement(
     DRAM compute the working set then keeps room for one such update, when the budget allows.
     """
     state_kinds = dict(state_kinds or {})
+    arguments: dict[str, Any] = {
+        "partition": partition,
+        "compute": compute,
+        "budgets": budgets,
+        "compute_dtype": compute_dtype,
+        "depth": depth,
+        "train": train,
+        "state_kinds": state_kinds,
+        "speculate": speculate,
+    }
     layouts = _kinds_for(partition, compute_dtype, train, state_kinds)
     weights = [k["weight"].nbytes for k in layouts]
     grads = [k["grad"].nbytes if "grad" in k else 0 for k in layouts]
@@ -123,13 +212,14 @@ def plan_placement(
     assert compute_budget is not None
     # In backward a block's weights and gradient buffer are both in DRAM; the optimizer holds a
     # block's master weights and gradients with its compute weights.
+    pass_need, update_need, slack = max_acq, 0, 0
     if compute == "dram":
-        minimum = max(max_acq + max_g, max_w + max_g + max_m + max_s + (max_w if max_m else 0))
+        pass_need = max_acq + max_g
+        update_need = max_w + max_g + max_m + max_s + (max_w if max_m else 0)
         if max_g:
             # Slack so that buffers of different lifetimes cannot fragment the working set out of room.
-            minimum += max(max_w, max_g, max_m)
-    else:
-        minimum = max_acq
+            slack = max(max_w, max_g, max_m)
+    minimum = max(pass_need, update_need) + slack
     wanted_depth = 2 if depth is None else max(0, depth)
     if compute_budget < minimum:
         biggest = max(range(len(layouts)), key=lambda i: weights[i] + grads[i])
@@ -139,7 +229,9 @@ def plan_placement(
             f"block {name} holds {format_size(weights[biggest])} of weights"
             + (f" and {format_size(grads[biggest])} of gradients" if grads[biggest] else "")
             + f"; a {compute} budget of at least {format_size(minimum)} would fit "
-            f"({format_size(minimum + wanted_depth * max_w)} to prefetch {wanted_depth} blocks ahead)",
+            f"({format_size(minimum + wanted_depth * max_w)} to prefetch {wanted_depth} blocks ahead; "
+            "more when a parameter is used outside a call of its module, whose block then stays resident "
+            "through each pass: the first forward says how much)",
             tier=compute,
             requested=minimum,
             budget=compute_budget,
@@ -236,6 +328,7 @@ def plan_placement(
         {kind: KindPlan(layout, homes[i][kind]) for kind, layout in kinds.items()}
         for i, kinds in enumerate(layouts)
     ]
+    permanent = needed[compute] if compute == "dram" else sum(weights[i] for i in pinned)
     return Placement(
         plans,
         pinned,
@@ -245,7 +338,24 @@ def plan_placement(
         reserve,
         compute=compute,
         staging=0 if compute == "dram" else staging,
+        pass_need=pass_need,
+        update_need=update_need,
+        slack=slack,
+        room=compute_budget - permanent,
+        budget=compute_budget,
+        weights=weights,
+        inputs=functools.partial(_plan_at, arguments),
     )
+
+
+def _plan_at(arguments: dict[str, Any], budget: int) -> Placement:
+    """:func:`plan_placement` with ``arguments`` and ``budget`` on the compute tier."""
+    budgets = {**arguments["budgets"], arguments["compute"]: budget}
+    return plan_placement(**{**arguments, "budgets": budgets})
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // _ALIGN) * _ALIGN
 
 
 def _count_fitting(sorted_sizes: list[int], room: int) -> int:
