@@ -52,3 +52,27 @@ def test_demo_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
         errors = [line for line in stderr.splitlines() if "error" in line]
         assert status == 2, (args, stderr)
         assert len(errors) == 1 and words in errors[0], (args, stderr)
+
+
+def test_demo_leaves_nothing_behind_on_sigterm_and_in_a_new_nvme_path(tmp_path):
+    """--nvme naming directories that do not exist yet: they are created and removed again. A SIGTERM
+    (``timeout``) while training exits through Python (status 143), giving the model back and
+    removing the swap directory."""
+    import os
+    import signal
+    import time
+
+    parent = tmp_path / "a" / "b"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tierrt.cli", "demo", "--steps", "100000", "--layers", "1", "--width", "64",
+         "--heads", "2", "--seq", "16", "--dram", "1MiB", "--nvme", str(parent)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not (parent.exists() and any(parent.iterdir())) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(2.0)  # into the training loop
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, out
+    assert not (tmp_path / "a").exists(), os.listdir(tmp_path / "a")

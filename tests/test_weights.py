@@ -127,3 +127,62 @@ def test_init_refuses_parameters_without_an_initializer(nvme_dir):
     with pytest.raises(tierrt.HookError, match="reset_parameters"):
         with tierrt.offload(model, tiers=[tierrt.dram("4MiB"), tierrt.nvme(nvme_dir)], init=True):
             pass
+
+
+def _sharded_gpt2(directory) -> tuple[object, str]:
+    """A GPT-2 config and a checkpoint of it in several shards with transformers' index."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(
+        vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0
+    )
+    GPT2LMHeadModel(cfg).save_pretrained(directory, max_shard_size="100KB")
+    return cfg, str(directory)
+
+
+def _empty_gpt2(cfg):
+    from accelerate import init_empty_weights
+    from transformers import GPT2LMHeadModel
+
+    with init_empty_weights():
+        return GPT2LMHeadModel(cfg)
+
+
+@pytest.mark.parametrize("damage", ["missing_shard", "index_not_json"])
+def test_broken_sharded_checkpoint_is_a_tierrt_error(damage, nvme_dir, tmp_path):
+    """A shard the index names but that is gone, or an index that is not JSON: a tierrt error
+    naming the file (they were a raw FileNotFoundError / JSONDecodeError), nothing placed."""
+    cfg, checkpoint = _sharded_gpt2(tmp_path / "ckpt")
+    index = os.path.join(checkpoint, "model.safetensors.index.json")
+    if damage == "missing_shard":
+        shard = sorted(f for f in os.listdir(checkpoint) if f.endswith(".safetensors"))[-1]
+        os.remove(os.path.join(checkpoint, shard))
+        expected, match = tierrt.TierPathError, f"do not exist: {shard}"
+    else:
+        with open(index, "w") as handle:
+            handle.write("{not json")
+        expected, match = tierrt.CorruptStoreError, "is not a valid index"
+    model = _empty_gpt2(cfg)
+    with pytest.raises(expected, match=match):
+        with tierrt.offload(model, tiers=[tierrt.dram("8MiB"), tierrt.nvme(nvme_dir)], weights=checkpoint):
+            pass
+    assert all(p.is_meta for p in model.parameters())
+    assert os.listdir(nvme_dir) == []
+
+
+def test_untied_head_of_an_empty_model_names_tie_weights(nvme_dir, tmp_path):
+    """accelerate's init_empty_weights() leaves GPT-2's lm_head apart from the embedding it is tied
+    to (from_pretrained ties them): the checkpoint stores the embedding only, and the error says to
+    call model.tie_weights(); after it the model loads and trains."""
+    cfg, checkpoint = _sharded_gpt2(tmp_path / "ckpt")
+    model = _empty_gpt2(cfg)
+    if model.lm_head.weight is model.transformer.wte.weight:
+        pytest.skip("this transformers ties the weights under init_empty_weights already")
+    tiers = [tierrt.dram("8MiB"), tierrt.nvme(nvme_dir)]
+    with pytest.raises(tierrt.HookError, match=r"call model.tie_weights\(\) before tierrt.offload"):
+        with tierrt.offload(model, tiers=tiers, weights=checkpoint):
+            pass
+    model.tie_weights()
+    with tierrt.offload(model, tiers=tiers, weights=checkpoint):
+        ids = torch.randint(0, 256, (1, 16))
+        assert torch.isfinite(model(input_ids=ids, labels=ids).loss)

@@ -12,11 +12,15 @@ Run ``tierrt demo --help`` for the knobs; the defaults finish in a few minutes o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -176,10 +180,42 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
 
     args = args or build_parser().parse_args(argv)
     try:
-        return _run(args)
+        with _terminated_as_exit():
+            return _run(args)
     except (ConfigError, TierCapacityError, TierPathError) as error:
         print(f"tierrt demo: error: {error}", file=sys.stderr)
         return 2
+
+
+@contextlib.contextmanager
+def _terminated_as_exit() -> Iterator[None]:
+    """SIGTERM (``timeout``, ``kill``) while the demo runs exits through Python (status 143), so the
+    model is given back and the swap directory removed, as on Ctrl-C. Only on the main thread (the
+    only one a signal handler can be set on); the previous handler is put back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def exit_now(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, exit_now)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _swap_directory(parent: str | None) -> Iterator[str]:
+    """Where the demo's swap files go: a temporary directory, under ``parent`` (``--nvme``) when
+    given. tierrt.nvme() creates a directory that does not exist yet (and the levels above it) and
+    removes what it created on leaving, so nothing the demo made is left behind."""
+    if parent is None:
+        with tempfile.TemporaryDirectory(prefix="tierrt-demo-") as swap:
+            yield swap
+        return
+    yield os.path.join(parent, f"tierrt-demo-{os.getpid()}")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -203,16 +239,7 @@ def _run(args: argparse.Namespace) -> int:
         f"  training state {tierrt.format_size(state)} = {state / budget:.1f}x the DRAM budget "
         f"{tierrt.format_size(budget)}; compute on {'the GPU' if use_gpu else 'the CPU'}"
     )
-    if args.nvme is not None:
-        try:
-            os.makedirs(args.nvme, exist_ok=True)  # as tierrt.nvme() creates its directories
-        except OSError as error:
-            raise tierrt.TierPathError(
-                f"tierrt demo --nvme {args.nvme}: cannot create the directory ({error.strerror})",
-                path=args.nvme,
-                errno=error.errno,
-            ) from error
-    with tempfile.TemporaryDirectory(prefix="tierrt-demo-", dir=args.nvme) as swap:
+    with _swap_directory(args.nvme) as swap:
         tiers = ([tierrt.gpu(0)] if use_gpu else []) + [tierrt.dram(budget), tierrt.nvme(swap)]
         if use_gpu:
             model = model.cuda()

@@ -563,7 +563,8 @@ class HookSet:
         need = placement.held_need(held, deferred=False)
         budget = placement.budget_for_held(held)
         names = ", ".join(self.pipeline.blocks[i].name for i in sorted(held))
-        raise_to = f"raise the {tier} budget" + (f" to {format_size(budget)}" if budget else "")
+        wanted = f" to {format_size(budget, round_up=True)}" if budget else ""
+        raise_to = f"raise the {tier} budget{wanted}"
         module = name.rpartition(".")[0] or "the model"
         return TierCapacityError(
             f"parameter {name} is used outside a call of its module {module}, so tierrt keeps its block "

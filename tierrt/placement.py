@@ -228,8 +228,9 @@ def plan_placement(
             f"{compute} budget {format_size(compute_budget)} is below what the largest block needs: "
             f"block {name} holds {format_size(weights[biggest])} of weights"
             + (f" and {format_size(grads[biggest])} of gradients" if grads[biggest] else "")
-            + f"; a {compute} budget of at least {format_size(minimum)} would fit "
-            f"({format_size(minimum + wanted_depth * max_w)} to prefetch {wanted_depth} blocks ahead; "
+            + f"; a {compute} budget of at least {format_size(minimum, round_up=True)} would fit "
+            f"({format_size(minimum + wanted_depth * max_w, round_up=True)} to prefetch {wanted_depth} "
+            "blocks ahead; "
             "more when a parameter is used outside a call of its module, whose block then stays resident "
             "through each pass: the first forward says how much)",
             tier=compute,
@@ -262,7 +263,8 @@ def plan_placement(
         dram_budget = budgets.get("dram")
         if dram_budget is not None and dram_budget < staging:
             raise TierCapacityError(
-                f"dram budget {format_size(dram_budget)} is below the {format_size(staging)} needed to stage "
+                f"dram budget {format_size(dram_budget)} is below the "
+                f"{format_size(staging, round_up=True)} needed to stage "
                 f"the largest blocks between the tiers and the GPU",
                 tier="dram",
                 requested=staging,

@@ -659,7 +659,8 @@ def _fitting_block_sizes(
         these = f"block sizes {shown} are" if len(too_large) > 1 else f"block size {shown} is"
         raise ConfigError(
             f"{these} larger than the NVMe test file ({format_size(size)}), so nothing "
-            f"could be measured with them: give --size of at least {format_size(max(too_large))} or "
+            "could be measured with them: give --size of at least "
+            f"{format_size(max(too_large), round_up=True)} or "
             "smaller --block-sizes"
         )
     skipped = {

@@ -457,7 +457,8 @@ class Runtime(PlacingAgain, GivingBack):
             if nvme_spec.budget < minimal:
                 raise TierCapacityError(
                     f"nvme budget {format_size(nvme_spec.budget)} is below the "
-                    f"{format_size(minimal)} the placement needs there ({format_size(need_nvme)} of "
+                    f"{format_size(minimal, round_up=True)} the placement needs there "
+                    f"({format_size(need_nvme)} of "
                     "state plus room to write blocks copy-on-write)",
                     tier="nvme",
                     requested=minimal,
@@ -724,7 +725,8 @@ class Runtime(PlacingAgain, GivingBack):
             )
             raise HookError(
                 f"{len(missing)} parameters are on the meta device (no values) and {where}: {shown}. "
-                "Pass weights= a safetensors checkpoint, init=True to initialise them, or build the model "
+                + (_untied_advice(model, missing) if index is not None else "")
+                + "Pass weights= a safetensors checkpoint, init=True to initialise them, or build the model "
                 "on the CPU"
             )
         for name, buf in model.named_buffers():
@@ -1429,6 +1431,25 @@ def _free_dropped(runtime_ref: weakref.ref[Runtime], model_name: str) -> None:
         runtime._discard()
     except BaseException:  # noqa: BLE001 - a weakref callback has nobody to raise to
         log.exception("tierrt: freeing a runtime whose model was dropped")
+
+
+def _untied_advice(model: nn.Module, missing: list[str]) -> str:
+    """For a transformers model whose tied weights are missing from its checkpoint because the model
+    was built without tying them (``accelerate.init_empty_weights()`` leaves ``lm_head.weight``
+    apart from the embedding; ``from_pretrained`` ties it): what to call first. Empty otherwise."""
+    tied = getattr(model, "_tied_weights_keys", None)
+    if not callable(getattr(model, "tie_weights", None)) or not tied:
+        return ""
+    sources = tied if isinstance(tied, dict) else {}
+    untied = [name for name in missing if name in tied]
+    if not untied:
+        return ""
+    pairs = ", ".join(f"{name} to {sources[name]}" if name in sources else name for name in untied[:3])
+    return (
+        f"The model ties {pairs}, but they are separate tensors now (built without tying, e.g. under "
+        "accelerate.init_empty_weights()): call model.tie_weights() before tierrt.offload(), as "
+        "from_pretrained does, and build the optimizer after it. "
+    )
 
 
 def _check_dense_gradients(model: nn.Module) -> None:

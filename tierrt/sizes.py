@@ -111,15 +111,22 @@ def _checked(nbytes: int, value: Size, what: str) -> int:
     return nbytes
 
 
-def format_size(nbytes: int | float) -> str:
-    """Format bytes with binary units, trimming needless decimals: 1536 -> "1.5KiB"."""
+def format_size(nbytes: int | float, round_up: bool = False) -> str:
+    """Format bytes with binary units, trimming needless decimals: 1536 -> "1.5KiB".
+
+    ``round_up``: round up to the two decimals shown, for a size that must be at least ``nbytes``
+    when the text is given back (a budget an error says would fit): 20478670 -> "19.53MiB", which
+    :func:`parse_size` reads as at least 20478670.
+    """
     value = float(nbytes)
     sign = "-" if value < 0 else ""
     value = abs(value)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
         if value < 1024 or unit == "PiB":
             if unit == "B":
-                return f"{sign}{int(value)}B"
+                return f"{sign}{math.ceil(value) if round_up else int(value)}B"
+            if round_up:
+                value = math.ceil(round(value * 100, 6)) / 100
             text = f"{value:.2f}".rstrip("0").rstrip(".")
             return f"{sign}{text}{unit}"
         value /= 1024

@@ -72,9 +72,7 @@ class SafetensorsIndex:
             return [source]
         index = os.path.join(source, "model.safetensors.index.json")
         if os.path.exists(index):
-            with open(index) as handle:
-                weight_map = json.load(handle).get("weight_map", {})
-            return [os.path.join(source, f) for f in sorted(set(weight_map.values()))]
+            return SafetensorsIndex._shards(source, index)
         single = os.path.join(source, "model.safetensors")
         if os.path.exists(single):
             return [single]
@@ -83,9 +81,39 @@ class SafetensorsIndex:
             raise TierPathError(f"weights: no .safetensors files in {source}", path=source)
         return files
 
+    @staticmethod
+    def _shards(source: str, index: str) -> list[str]:
+        """The shard files a transformers index json names (each checked to exist)."""
+        try:
+            with open(index) as handle:
+                weight_map = json.load(handle).get("weight_map", {})
+        except (ValueError, AttributeError) as exc:  # not JSON, or not an object
+            raise CorruptStoreError(f"weights: {index} is not a valid index: {exc}", path=index) from None
+        except OSError as exc:
+            raise TierPathError(
+                f"weights: cannot read {index}: {exc.strerror or exc}", path=index, errno=exc.errno
+            ) from None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise CorruptStoreError(f"weights: {index} has no valid weight_map", path=index)
+        files = [os.path.join(source, f) for f in sorted(set(weight_map.values()))]
+        absent = [f for f in files if not os.path.isfile(f)]
+        if absent:
+            raise TierPathError(
+                f"weights: {index} names {len(absent)} shard file(s) that do not exist: "
+                f"{', '.join(os.path.basename(f) for f in absent[:3])}{' ...' if len(absent) > 3 else ''}",
+                path=absent[0],
+            )
+        return files
+
     def _read_header(self, path: str) -> None:
-        size = os.path.getsize(path)
-        with open(path, "rb") as handle:
+        try:
+            size = os.path.getsize(path)
+            handle = open(path, "rb")  # noqa: SIM115 - closed by the with-block below
+        except OSError as exc:
+            raise TierPathError(
+                f"weights: cannot read {path}: {exc.strerror or exc}", path=path, errno=exc.errno
+            ) from None
+        with handle:
             raw = handle.read(8)
             if len(raw) != 8:
                 raise CorruptStoreError(f"weights: {path} is too short to be a safetensors file", path=path)
