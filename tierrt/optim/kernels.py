@@ -371,8 +371,10 @@ def adam_step_(
     _bump_versions(param, exp_avg, exp_avg_sq, max_exp_avg_sq, out)
 
 
-#: Elements per chunk of a step run in halves: its arrays stay in the caches between the halves.
-HALVES_CHUNK = 1 << 20
+#: Elements per chunk of a step run in halves: its arrays stay in the caches between the halves
+#: (1MiB per array: 256Ki elements measured fastest on an AMD EPYC, 1 and 2 threads, against 64Ki to
+#: 1Mi: 15% faster than 1Mi).
+HALVES_CHUNK = 1 << 18
 
 
 def _adam_in_halves(
