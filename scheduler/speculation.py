@@ -117,9 +117,11 @@ class Speculator:
             self._hyper = HyperSnapshot.take(owner.updater.optimizer)
         if not self._usable(self._hyper):
             return
+        kinds = owner.changed_kinds(bs)
+        if not self._worth_it(bs, kinds):
+            return
         owner.try_commit()  # the previous step's extents are free once it is wholly home
         self.reap()  # earlier updates already home give their DRAM buffers back
-        kinds = owner.changed_kinds(bs)
         store = pipeline.store
         buffers: dict[str, Any] = {}
         extents: dict[str, int] = {}
@@ -168,6 +170,20 @@ class Speculator:
         )
         spec.job = self._submit(bs, spec, kinds)
         self.specs[bs.index] = spec
+
+    def _worth_it(self, bs: BlockState, kinds: list[str]) -> bool:
+        """Whether updating ``bs`` during backward can gain anything. With the CPU computing, a
+        block whose state is all in memory gains nothing: backward keeps every core busy, and the
+        update would only compete with it for them (and copy its state into spare buffers first:
+        1.41x the plain AdamW step against 0.85x when updated at step(), on 2 cores). What an early
+        update overlaps there is the block's I/O (its state read from and written to NVMe). With a
+        GPU computing, the CPU is free during backward: always worth it."""
+        if self.pipeline.compute != "dram":
+            return True
+        if any(bs.kinds[kind].home == "nvme" for kind in kinds):
+            return True
+        log.debug("%s not speculated: its state is in memory and the CPU computes", bs.name)
+        return False
 
     def _usable(self, hyper: HyperSnapshot) -> bool:
         """Whether the update can run with ``hyper``; if not, nothing is speculated and step()

@@ -228,15 +228,17 @@ def test_update_write_failing_just_as_step_takes_it_rolls_the_step_back(nvme_dir
     assert_same_run(reference, ref, ours, losses)
 
 
-def test_a_model_whose_state_fits_in_dram_overlaps_backward(nvme_dir):
-    """With every home in DRAM (no swap file at all) a step is undone from undo copies alone, so
-    updates overlap backward there too (they did not: only a step with NVMe homes was
-    transactional), with the synchronous step's results."""
+def test_a_model_whose_state_fits_in_dram_is_updated_at_step_on_the_cpu(nvme_dir):
+    """With every home in DRAM (no swap file at all) and the CPU computing, no update runs during
+    backward: it would only compete with backward for the cores (and copy its state into spare
+    buffers first), with no I/O to hide. The step is still transactional there (undo copies: see
+    test_update_failures), and the results are the synchronous step's."""
     reference, ref, ours, opt, data = plain_run(6)
     budget = 8 * models.model_bytes(ours) + (4 << 20)
     with tierrt.offload(ours, tiers=[tierrt.dram(budget), tierrt.nvme(nvme_dir)], optimizer=opt) as rt:
         assert rt.pipeline.store.nvme is None
         got = loop(ours, opt, data)
         speculator = rt.blockwise.updates.speculator
+        assert rt.blockwise.updates.transactional
     assert_same_run(reference, ref, ours, got)
-    assert speculator.committed > 0
+    assert speculator.committed == 0
