@@ -23,6 +23,7 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
+from test_outside_use_recompute import _assert_same
 from torch import nn
 
 import tierrt
@@ -99,13 +100,6 @@ def _train(model: nn.Module, opt: torch.optim.Optimizer, batches: list[torch.Ten
         opt.zero_grad()
         losses.append(loss.detach().clone())
     return losses
-
-
-def _assert_same(reference: nn.Module, ours: nn.Module, ref_losses: list, losses: list) -> None:
-    for step, (a, b) in enumerate(zip(ref_losses, losses, strict=True)):
-        assert torch.equal(a, b), f"loss of step {step} differs: {a.item()} vs {b.item()}"
-    for (name, a), b in zip(reference.state_dict().items(), ours.state_dict().values(), strict=True):
-        assert torch.equal(a, b), f"{name} differs"
 
 
 def _spy_updates(monkeypatch) -> list[tuple[str, list[str]]]:
