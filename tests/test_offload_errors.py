@@ -12,6 +12,7 @@ import sys
 import models
 import pytest
 import torch
+from test_offload_numerics import streaming_budget
 from torch import nn
 
 import tierrt
@@ -624,6 +625,17 @@ def test_every_option_is_checked_when_offload_is_called(options, error, words, n
     )
     assert_untouched(model, before)
     assert os.listdir(nvme_dir) == []
+
+
+def test_numpy_integers_are_counts(nvme_dir):
+    """prefetch= and queue_depth= read from a config as numpy integers are taken as ints."""
+    import numpy as np
+
+    model = models.mlp()
+    tiers = [tierrt.dram(streaming_budget(model, adam=False)), tierrt.nvme(nvme_dir)]
+    with tierrt.offload(model, tiers=tiers, prefetch=np.int64(1), queue_depth=np.int32(16)) as rt:
+        assert torch.isfinite(models.mlp_loss(model, models.mlp_batches(1)[0]))
+        assert rt.pipeline.depth == 1
 
 
 def test_io_uring_asked_for_where_it_is_missing_is_refused_up_front(nvme_dir, monkeypatch):

@@ -16,6 +16,7 @@ one where the model first outgrows memory.
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -64,12 +65,13 @@ def check_count(
     if value is None and optional:
         return None
     bounds = f">= {low}" if high is None else f"from {low} to {high}"
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):  # numpy ints are fine
         accepted = f"an int {bounds}" + (" or None" if optional else "")
         raise ConfigTypeError(f"offload({name}=...): expected {accepted}, got {_got(value)}")
-    if value < low or (high is not None and value > high):
-        raise ConfigError(f"offload({name}=...): expected an int {bounds}, got {value}")
-    return value
+    number = int(value)
+    if number < low or (high is not None and number > high):
+        raise ConfigError(f"offload({name}=...): expected an int {bounds}, got {number}")
+    return number
 
 
 def check_io_backend(value: object) -> str:
