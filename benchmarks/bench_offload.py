@@ -212,6 +212,7 @@ def worker(args: argparse.Namespace) -> dict:
             optimizer=opt,
             weights=ckpt,
             progress=False,
+            overlap_backward=not args.no_overlap,
         ) as rt:
             out["loaded"] = rss()
             out["placement"] = rt.describe()
@@ -298,6 +299,7 @@ def run_worker(args: argparse.Namespace, contender: str, mode: str, timeout: int
         ]
         + (["--quick"] if args.quick else [])
         + (["--no-verify"] if args.no_verify else [])
+        + (["--no-overlap"] if args.no_overlap else [])
     )
     print(f"  running {contender} ({mode}) ...", file=sys.stderr, flush=True)
     result = subprocess.run(
@@ -496,6 +498,11 @@ def main() -> None:
     parser.add_argument("--skip", default="", help="comma-separated: forward,train,adamw,accelerate")
     parser.add_argument(
         "--no-verify", action="store_true", help="tierrt.nvme(verify=False): no checksums of swap data"
+    )
+    parser.add_argument(
+        "--no-overlap",
+        action="store_true",
+        help="tierrt.offload(overlap_backward=False): every block updated in step(), not during backward",
     )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="forward", help=argparse.SUPPRESS)
