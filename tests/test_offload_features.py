@@ -434,3 +434,26 @@ def test_two_models_offloaded_at_once(nvme_dir, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(expected, got))
     for a, b in zip(ref_student.parameters(), student.parameters()):
         assert torch.equal(a, b)
+
+
+def test_eval_model_enters_at_a_budget_of_one_block_and_a_half(nvme_dir):
+    """An eval-mode model (no gradients, no optimizer) whose DRAM budget holds its largest block
+    and half another: placing it loads each block into DRAM and sends it home, one after the other.
+    A view of the previous block's buffer kept by the placing loop made it look held by the user
+    ('held by tensors outside tierrt'), and entering failed; now it enters, and evaluates as plain."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=128, n_positions=64, n_embd=64, n_layer=4, n_head=2)
+    reference = GPT2LMHeadModel(cfg).eval()
+    ours = copy.deepcopy(reference)
+    largest = max(
+        sum(p.numel() * p.element_size() for p in block.parameters()) for block in ours.transformer.h
+    )
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+    with tierrt.offload(ours, tiers=[tierrt.dram(int(1.5 * largest)), tierrt.nvme(nvme_dir)]) as rt:
+        with torch.no_grad():
+            logits = ours(ids).logits
+        assert rt.report().total.bytes_by_link["nvme->dram"] > 0  # it streamed
+    with torch.no_grad():
+        assert torch.equal(logits, reference(ids).logits)

@@ -771,6 +771,23 @@ class Runtime(PlacingAgain, GivingBack):
             for ks in bs.kinds.values():
                 store.allocate_home(ks)
 
+    def _place_kind(self, store: TensorStore, bs: BlockState, kind: str, ks: KindState) -> None:
+        """Load ``bs``'s values of ``kind`` into a DRAM buffer and send it home. Its own method so
+        that no view of the buffer outlives it: the next block's room_for() would count a view
+        still held as memory used outside tierrt, which cannot be freed (an eval-mode model at a
+        budget of one block and a half failed to enter so)."""
+        pipeline = self.pipeline
+        if ks.host is None:
+            pipeline.room_for(ks, "dram", True, {bs.index})
+        views = dict(zip(ks.layout.slots, store.host_views(bs, ks)))
+        with torch.no_grad():
+            for slot_index, view in views.items():
+                self._load_value(bs.spec.slots[slot_index], view)
+        ks.valid = {"dram"}
+        if ks.home != "dram":
+            keep = kind == "weight" and pipeline.compute == "dram" and bs.pinned
+            pipeline.flush(bs, kind, drop=not keep)
+
     def _place(
         self, store: TensorStore, partition: Partition, placement: Placement, compute_device: torch.device
     ) -> None:
@@ -799,19 +816,9 @@ class Runtime(PlacingAgain, GivingBack):
                     self._originals.setdefault(id(slot.param), (slot.param.device, slot.param.dtype))
                 initialized = self._init_block(bs) if self.init_meta else []
                 for kind, ks in bs.kinds.items():
-                    if kind == "grad":
-                        continue
-                    if ks.host is None:
-                        pipeline.room_for(ks, "dram", True, {bs.index})
-                    views = dict(zip(ks.layout.slots, store.host_views(bs, ks)))
-                    with torch.no_grad():
-                        for slot_index, view in views.items():
-                            self._load_value(bs.spec.slots[slot_index], view)
-                    ks.valid = {"dram"}
-                    if ks.home != "dram":
-                        keep = kind == "weight" and pipeline.compute == "dram" and bs.pinned
-                        pipeline.flush(bs, kind, drop=not keep)
-                    bar.update(ks.nbytes)
+                    if kind != "grad":
+                        self._place_kind(store, bs, kind, ks)
+                        bar.update(ks.nbytes)
                 for param, shape, dtype in initialized:  # back to no memory: the values are home
                     _swap_tensor(param, torch.empty(shape, dtype=dtype, device="meta"))
             pipeline.drain()
