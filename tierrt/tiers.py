@@ -235,10 +235,11 @@ def nvme(
 ) -> NvmeTier:
     """Swap files in one directory or striped over several (one per SSD).
 
-    ``budget`` caps the space used (default: exactly what the placement needs, checked against the
-    free space). Directories are created if missing. ``stripe`` is the bytes per stripe unit: a
-    multiple of 4KiB, at most 1GiB. Each directory may appear once (compared after resolving
-    symbolic links and trailing slashes).
+    ``budget`` caps the space used (default: what the placement needs, plus room to write four of
+    its largest blocks copy-on-write and 64MiB of headroom, plus the previous step's optimizer state
+    when the disk has room for it; checked against the free space). Directories are created if
+    missing. ``stripe`` is the bytes per stripe unit: a multiple of 4KiB, at most 1GiB. Each
+    directory may appear once (compared after resolving symbolic links and trailing slashes).
 
     ``verify`` (default True) notes a CRC-32C of every block written and checks it on every read, so
     a swap file damaged outside tierrt (or a device returning wrong data) raises
