@@ -79,6 +79,7 @@ def as_tensor(buf: Any, dtype: torch.dtype | None = None, shape: Sequence[int] |
     ``dtype`` defaults to ``torch.uint8``; ``shape`` defaults to 1-D over as many elements as fit.
     The tensor keeps ``buf`` alive, so the arena range stays reserved while the tensor exists.
 
+    >>> import torch
     >>> arena = HostArena("4MiB", lock=False)
     >>> t = as_tensor(arena.alloc(4096), torch.float32, (32, 32))
     >>> t.shape
@@ -152,6 +153,7 @@ class HostArena:
 
     Example::
 
+        >>> import numpy
         >>> arena = HostArena("16MiB", nodes=[0], policy="bind", name="dram")
         >>> buf = arena.alloc(10_000)                      # 12KiB reserved (rounded to 4KiB)
         >>> arr = numpy.frombuffer(buf, dtype=numpy.uint8) # zero copy
@@ -214,6 +216,7 @@ class HostArena:
         :func:`plan_static`. It keeps the arena alive and is bounds-checked.
 
         >>> offsets, peak = plan_static([4096, 8192], [0, 1], [0, 1])
+        >>> arena = HostArena(peak, lock=False)
         >>> arena.buffer_at(offsets[1], 8192).nbytes
         8192
         """
