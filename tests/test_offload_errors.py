@@ -665,3 +665,21 @@ def test_trace_and_save_of_a_non_path_are_config_type_errors(write, nvme_dir):
         for bad in (None, 42, b"/tmp/x", ""):
             with pytest.raises(tierrt.ConfigTypeError, match=rf"rt.{write}\(path\): expected a file path"):
                 getattr(rt, write)(bad)
+
+
+def test_an_unusable_nvme_path_is_refused_also_when_the_model_fits_in_dram(tmp_path):
+    """The nvme tier is not needed by this placement (everything fits the DRAM budget), and its path
+    cannot work (under a file): refused all the same, so a script fails where it is written, not
+    once the model outgrows memory; the model is untouched and nothing is left on disk."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    model = models.mlp()
+    before = snapshot(model)
+    with pytest.raises(tierrt.TierPathError, match="cannot create directory"):
+        with tierrt.offload(model, tiers=[tierrt.dram("64MiB"), tierrt.nvme(blocker / "swap")]):
+            pass
+    assert_untouched(model, before)
+    good = tmp_path / "new" / "swap"
+    with tierrt.offload(model, tiers=[tierrt.dram("64MiB"), tierrt.nvme(good)]) as rt:
+        assert rt.pipeline.store.nvme is None  # not needed: checked, then removed again
+    assert not (tmp_path / "new").exists()

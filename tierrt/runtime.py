@@ -58,7 +58,16 @@ from .placing import PlacingAgain, weak_callback
 from .relocation import Relocation
 from .report import Counters, Report, write_chrome_trace
 from .sizes import format_size
-from .store import BlockState, HostTier, KindState, NvmeTierStore, TensorStore, gpu_device
+from .store import (
+    BlockState,
+    HostTier,
+    KindState,
+    NvmeTierStore,
+    TensorStore,
+    check_nvme_paths,
+    gpu_device,
+    remove_empty_dirs,
+)
 from .tiers import CxlTier, DramTier, GpuTier, NvmeTier, TierSpec, validate_tiers
 
 log = logging.getLogger("tierrt")
@@ -489,6 +498,10 @@ class Runtime(PlacingAgain, GivingBack):
         nvme_store = None
         engine = None
         try:
+            if not sizing.size and nvme_spec is not None:
+                # Not needed by this placement, checked all the same (a path that does not work
+                # fails here, not once the model outgrows the memory tiers); what it made goes again.
+                remove_empty_dirs(check_nvme_paths(nvme_spec.paths, 0))
             if sizing.size:
                 assert nvme_spec is not None
                 engine = _native.IOEngine(self.io_backend, self.queue_depth, 1 << 20)
