@@ -163,6 +163,21 @@ def pop_inert_modes() -> None:
         stack = torch.overrides._get_current_function_mode_stack()
 
 
+def _register_by_storage(registry: dict[int, tuple[Any, ...]], copy: torch.Tensor, *payload: Any) -> None:
+    """``registry[storage address of copy] = (weak reference to copy, *payload)``, the entry removed
+    once the copy is gone (unless a newer copy took the address meanwhile)."""
+    ptr = _storage_address(copy)
+    if ptr is None:
+        return
+
+    def forget(_: Any, ptr: int = ptr) -> None:
+        entry = registry.get(ptr)
+        if entry is not None and entry[0]() is None:
+            del registry[ptr]
+
+    registry[ptr] = (weakref.ref(copy, forget), *payload)
+
+
 def _tensors(value: Any) -> Iterator[torch.Tensor]:
     if isinstance(value, torch.Tensor):
         yield value
@@ -523,32 +538,12 @@ class ParameterAccess(torch.overrides.TorchFunctionMode):
     def _register_view(
         self, copy: torch.Tensor, retake: Callable[[], torch.Tensor], bs: BlockState, slot_index: int
     ) -> None:
-        ptr = _storage_address(copy)
-        if ptr is None:
-            return
-        copies = self._view_copies
-
-        def forget(_: Any, ptr: int = ptr) -> None:
-            entry = copies.get(ptr)
-            if entry is not None and entry[0]() is None:
-                del copies[ptr]
-
-        copies[ptr] = (weakref.ref(copy, forget), retake, bs, slot_index)
+        _register_by_storage(self._view_copies, copy, retake, bs, slot_index)
 
     def watch_copy(self, copy: torch.Tensor, write: Callable[[torch.Tensor], None]) -> None:
         """Call ``write(copy)`` after each call that changes ``copy`` (or a view of it) in place,
         for as long as ``copy`` lives."""
-        ptr = _storage_address(copy)
-        if ptr is None:
-            return
-        watched = self._watched
-
-        def forget(_: Any, ptr: int = ptr) -> None:
-            entry = watched.get(ptr)
-            if entry is not None and entry[0]() is None:
-                del watched[ptr]
-
-        watched[ptr] = (weakref.ref(copy, forget), write)
+        _register_by_storage(self._watched, copy, write)
 
     def _write_watched(self, ptr: int) -> None:
         ref, write = self._watched[ptr]
